@@ -1,0 +1,38 @@
+"""Shared test setup: CPU-only JAX at full float32 precision and the fixture folder."""
+
+import os
+import pathlib
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = pathlib.Path(os.environ.get("UDIT_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> pathlib.Path:
+    if not FIXTURES.is_dir():
+        pytest.fail(f"parity fixtures not found at {FIXTURES}; set UDIT_FIXTURES to the folder")
+    return FIXTURES
+
+
+def load_npz(name: str) -> dict:
+    """Loads `name` from the fixture folder as a dict of numpy arrays."""
+    with np.load(FIXTURES / name) as data:
+        return {k: data[k] for k in data.files}
+
+
+def assert_close_rel(actual, expected, rel=1e-5, what=""):
+    """max|a - e| <= rel * max(1, max|e|): the fixture README's scale-relative criterion."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    err = np.max(np.abs(actual - expected)) if expected.size else 0.0
+    scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
+    assert err <= rel * scale, f"{what}: max abs err {err:.3g} > {rel:g} * {scale:.3g}"

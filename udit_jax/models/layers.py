@@ -1,0 +1,170 @@
+"""Building blocks shared by DiT and U-DiT: embedders, modulation, norms, attention core.
+
+Every parameter carries logical axis names (see `udit_jax.parallel` for the rules that map
+them to mesh axes). The vocabulary used here:
+  'embed'   the residual width of a stage (or an input channel count)
+  'mlp'     an expanded width (FFN hidden, qkv, adaLN outputs)
+  'heads'   one value per attention head
+  'vocab'   label-table rows
+  'freq'    sinusoidal-feature inputs
+  'conv_h', 'conv_w'   convolution kernel taps (never sharded)
+Parameters are float32; `dtype` is the compute dtype. Norms, softmax, L2-normalisation and
+RoPE run in float32 whatever `dtype` is.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Dtype = Any
+
+xavier_uniform = nn.initializers.xavier_uniform()  # == torch xavier_uniform_ on (out, in[, kh, kw])
+zeros = nn.initializers.zeros
+normal_002 = nn.initializers.normal(stddev=0.02)
+
+
+def with_axes(init: Callable, axes: Sequence[str | None]) -> Callable:
+    return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def dense(features: int, axes: tuple[str | None, str | None], *, name: str, dtype: Dtype,
+          kernel_init: Callable = xavier_uniform, bias_init: Callable = zeros,
+          use_bias: bool = True) -> nn.Dense:
+    """nn.Dense with kernel [in, out] annotated `axes` and bias annotated `axes[1]`."""
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=with_axes(kernel_init, axes),
+                    bias_init=with_axes(bias_init, (axes[1],)), name=name)
+
+
+def conv(features: int, kernel: int, axes: tuple[str | None, str | None], *, name: str,
+         dtype: Dtype, groups: int = 1, stride: int = 1, padding: Any = "SAME",
+         use_bias: bool = True, kernel_init: Callable = xavier_uniform,
+         bias_init: Callable = zeros) -> nn.Conv:
+    """nn.Conv with an HWIO kernel annotated ('conv_h', 'conv_w', *axes)."""
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
+                   feature_group_count=groups, use_bias=use_bias, dtype=dtype,
+                   param_dtype=jnp.float32,
+                   kernel_init=with_axes(kernel_init, ("conv_h", "conv_w") + tuple(axes)),
+                   bias_init=with_axes(bias_init, (axes[1],)), name=name)
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """torch.nn.functional.gelu (erf form); flax's nn.gelu defaults to the tanh form."""
+    return nn.gelu(x, approximate=False)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return nn.gelu(x, approximate=True)
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm over the last axis without affine parameters, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """x * (1 + scale) + shift, with shift/scale [B, C] broadcast over x's middle axes.
+
+    x: [B, ..., C] (tokens [B, N, C] or images [B, H, W, C]).
+    """
+    expand = (slice(None),) + (None,) * (x.ndim - 2) + (slice(None),)
+    return x * (1 + scale[expand]) + shift[expand]
+
+
+def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal features [cos | sin] of timesteps, as DiT computes them (float32).
+
+    t: [B] (int or float) -> [B, dim].
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal timestep features -> Linear -> SiLU -> Linear. t: [B] -> [B, hidden]."""
+
+    hidden_size: int
+    frequency_embedding_size: int = 256
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t: jax.Array) -> jax.Array:
+        freq = timestep_embedding(t, self.frequency_embedding_size).astype(self.dtype)
+        h = dense(self.hidden_size, ("freq", "embed"), name="mlp_0", dtype=self.dtype,
+                  kernel_init=normal_002)(freq)
+        h = nn.silu(h)
+        return dense(self.hidden_size, ("embed", "mlp"), name="mlp_2", dtype=self.dtype,
+                     kernel_init=normal_002)(h)
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> vectors, with classifier-free-guidance label dropout.
+
+    The table has num_classes + 1 rows when dropout_prob > 0; row `num_classes` is the null
+    (unconditional) class. Labels are dropped only with `train=True`, drawing the mask from
+    the 'label_dropout' RNG stream (each embedder instance gets its own draw).
+    """
+
+    num_classes: int
+    hidden_size: int
+    dropout_prob: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, labels: jax.Array, train: bool = False,
+                 force_drop_ids: jax.Array | None = None) -> jax.Array:
+        use_cfg_embedding = int(self.dropout_prob > 0)
+        table = self.param("embedding_table", with_axes(normal_002, ("vocab", "embed")),
+                           (self.num_classes + use_cfg_embedding, self.hidden_size),
+                           jnp.float32)
+        if force_drop_ids is not None:
+            labels = jnp.where(force_drop_ids == 1, self.num_classes, labels)
+        elif train and self.dropout_prob > 0:
+            drop = jax.random.uniform(self.make_rng("label_dropout"), labels.shape) < self.dropout_prob
+            labels = jnp.where(drop, self.num_classes, labels)
+        return jnp.take(table, labels, axis=0).astype(self.dtype)
+
+
+def guided_output(out: jax.Array, cfg_scale: float | jax.Array, guided_channels: int | None) -> jax.Array:
+    """Classifier-free guidance mix of a model output on [cond; uncond] halves.
+
+    out: [2B, ..., C] from a batch whose first half is conditional and second half
+    unconditional (same inputs). The first `guided_channels` channels (all when None) become
+    uncond + s * (cond - uncond) in both halves; the rest pass through from their own half,
+    as the official forward_with_cfg does (it guides channels 0-2 only).
+    """
+    n = out.shape[-1] if guided_channels is None else guided_channels
+    eps, rest = out[..., :n], out[..., n:]
+    cond, uncond = jnp.split(eps, 2, axis=0)
+    half = uncond + cfg_scale * (cond - uncond)
+    return jnp.concatenate([jnp.concatenate([half, half], axis=0), rest], axis=-1)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None,
+              implementation: str | None = None) -> jax.Array:
+    """Softmax attention with float32 logits/softmax.
+
+    q, k, v: [B, N, heads, hd] -> [B, N, heads, hd]. `implementation` is passed to
+    jax.nn.dot_product_attention ('cudnn' for the fused GPU kernel, which computes in the
+    input dtype with float32 accumulation); None or 'xla' uses an explicit float32 softmax.
+    """
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
