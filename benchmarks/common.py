@@ -1,0 +1,58 @@
+"""Timing and table printing shared by the benchmark scripts (never used by tests)."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import jax
+
+# Peak dense bf16 TFLOP/s of accelerators we know, for MFU (None: unknown).
+PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5e": 197.0,
+                    "TPU v5p": 459.0, "TPU v6e": 918.0}
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    return getattr(d, "device_kind", d.platform)
+
+
+def peak_tflops() -> float | None:
+    kind = device_name()
+    for key, value in PEAK_TFLOPS_BF16.items():
+        if key.lower() in kind.lower():
+            return value
+    return None
+
+
+def time_fn(fn: Callable[[], object], warmup: int = 2, iters: int = 10) -> float:
+    """Median wall seconds of fn() (its result blocked on); the first call compiles."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def peak_memory_gib() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
+def print_table(rows: Sequence[dict], title: str = "") -> None:
+    if title:
+        print(f"\n{title}  [{device_name()}, {jax.device_count()} device(s)]")
+    if not rows:
+        return
+    cols = list(rows[0])
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("-" if v is None else str(v))
+    widths = [max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in cols]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(fmt(r.get(c)).ljust(w) for c, w in zip(cols, widths)))
