@@ -1,0 +1,45 @@
+"""The embedded demo: a tiny U-DiT learns Fashion-MNIST in pixel space on a laptop CPU.
+
+28x28 grey images padded to 32x32 (1 channel, 10 classes), diffusion straight on pixels
+(no VAE). About 15 minutes on 2 CPU cores; the sample grid (one row per class: T-shirt,
+trouser, pullover, dress, coat, sandal, shirt, sneaker, bag, ankle boot) is written to
+<workdir>/samples/. Needs the four Fashion-MNIST files: Debian/Ubuntu package
+`dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist), or --config.data.path=DIR.
+
+    python -m udit_jax.main --config=configs/demo.py --workdir=/tmp/udit_demo
+"""
+
+from udit_jax import train
+
+
+def get_config():
+    config = train.base_config()
+    config.model.name = "U-DiT"
+    config.model.kwargs = dict(
+        hidden_size=32, depth=(1, 1, 2, 1, 1), num_heads=2, mlp_ratio=2, down_factor=2,
+        ffn_type="rep", rep=1, attn_type="v2", posemb_type="rope2d", downsampler="dwconv5",
+        down_shortcut=1, class_dropout_prob=0.1)
+    config.data.name = "fashion_mnist"
+    config.data.kind = "pixels"
+    config.data.image_size = 32
+    config.data.channels = 1
+    config.data.num_classes = 10
+    config.data.path = ""                 # "" = /usr/share/datasets/fashion-mnist
+    config.data.num_workers = 0
+    config.batch_size = 64
+    config.total_steps = 3000
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.warmup_steps = 100
+    config.optimizer.grad_clip_norm = 1.0
+    config.optimizer.ema_decay = 0.999
+    config.log_every_steps = 100
+    config.checkpoint_every_steps = 1000
+    config.checkpoint.keep = 2
+    config.checkpoint.keep_every = 0
+    config.sample_every_steps = 1000
+    config.sample.classes = list(range(10))
+    config.sample.per_class = 10
+    config.sample.sampler = "ddpm"
+    config.sample.steps = "100"
+    config.sample.cfg_scale = 3.0
+    return config

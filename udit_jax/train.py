@@ -1,0 +1,667 @@
+"""Training: the config schema, the train state, the sharded train step and the loop.
+
+    train.train_and_evaluate(config, workdir)   # what `python -m udit_jax.main` calls
+
+Sections: config -> validation -> model/data/optimizer -> train state and shardings ->
+train step -> sample previews -> the loop. One process per host; every process runs the
+same code (SPMD); only process 0 writes logs, TensorBoard and PNGs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from typing import Any, Callable, Iterator
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+
+from udit_jax import checkpoints, parallel
+
+PyTree = Any
+
+
+# ========================================================================================
+# Config schema (every configs/*.py starts from this and overrides what it needs).
+
+def base_config() -> ml_collections.ConfigDict:
+    """All fields a training config has, with the official DiT/U-DiT recipe as defaults."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 256                # global, across all devices and processes
+    c.total_steps = 400_000
+    c.log_every_steps = 100
+    c.checkpoint_every_steps = 5_000
+    c.sample_every_steps = 20_000     # EMA sample grid; 0 disables
+    c.eval_every_steps = 0            # in-loop evaluation (udit_jax.evaluation); 0 disables
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "U-DiT-B"          # a registry name or the family "DiT" / "U-DiT"
+    c.model.dtype = "float32"         # compute dtype; params and optimizer state stay float32
+    c.model.remat = False             # rematerialise each block in the backward pass
+    # Constructor overrides (official argument names). input_size, in_channels and
+    # num_classes default to what the data implies.
+    c.model.kwargs = ml_collections.ConfigDict()
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.noise_schedule = "linear"
+    c.diffusion.diffusion_steps = 1000
+    c.diffusion.learn_sigma = True
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 1e-4
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.warmup_steps = 0      # linear warmup from 0; 0 = constant lr (official)
+    c.optimizer.grad_clip_norm = 0.0  # 0 = off (official)
+    c.optimizer.grad_accum_steps = 1  # microbatches per step (same update, less memory)
+    c.optimizer.ema_decay = 0.9999
+    c.optimizer.skip_nonfinite = False  # True: skip NaN/Inf updates instead of stopping
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "imagenet"          # see udit_jax.data; "synthetic" for tests/benchmarks
+    c.data.kind = "latents"           # "latents" ({mean, std, label}) or "pixels" ({image, label})
+    c.data.image_size = 256           # pixels; the model sees image_size // 8 for latents
+    c.data.channels = 3               # pixel channels (latents always have 4)
+    c.data.num_classes = 1000
+    c.data.latent_scale = 0.18215
+    c.data.path = ""                  # dataset location (latent cache, folder, ...)
+    c.data.num_workers = 4
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1                  # -1: all devices not used by fsdp
+    c.mesh.fsdp = 1
+    c.mesh.rules = "data_parallel"    # or "fsdp", or [(logical axis, mesh axis), ...]
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.keep = 3             # the last N checkpoints ...
+    c.checkpoint.keep_every = 50_000  # ... plus every K-th step (0: none)
+    c.checkpoint.async_save = True
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.classes = [88, 207, 279, 360, 387, 388, 417, 980]  # rows of the preview grid
+    c.sample.per_class = 8
+    c.sample.sampler = "ddpm"         # "ddpm", "ddim" or "dpm" (DPM-Solver++, ~20 steps)
+    c.sample.steps = "250"            # timestep respacing of the preview sampler
+    c.sample.cfg_scale = 4.0
+    c.sample.seed = 0                 # fixed noise: grids are comparable across steps
+    c.sample.vae = "ema"              # decoder for latent previews (sd-vae-ft-ema / mse)
+    c.sample.vae_weights = ""         # path to the VAE weights; empty: no latent previews
+    return c
+
+
+# ========================================================================================
+# Validation: everything that can be checked before compiling.
+
+def is_latent(config) -> bool:
+    if config.data.kind not in ("latents", "pixels"):
+        raise ValueError(f"data.kind={config.data.kind!r}; use 'latents' or 'pixels'")
+    return config.data.kind == "latents"
+
+
+def model_kwargs(config) -> dict[str, Any]:
+    latent = is_latent(config)
+    kwargs = dict(config.model.kwargs)
+    if latent and config.data.image_size % 8:
+        raise ValueError(f"data.image_size={config.data.image_size} is not a multiple of 8, the "
+                         "VAE's downsampling factor")
+    kwargs.setdefault("input_size", config.data.image_size // 8 if latent else config.data.image_size)
+    kwargs.setdefault("in_channels", 4 if latent else config.data.channels)
+    kwargs.setdefault("num_classes", config.data.num_classes)
+    kwargs.setdefault("learn_sigma", config.diffusion.learn_sigma)
+    if kwargs["in_channels"] < 3:
+        # The official CFG guides channels 0-2 only; with fewer channels guide them all.
+        kwargs.setdefault("cfg_channels", None)
+    kwargs["dtype"] = jnp.dtype(config.model.dtype)
+    kwargs["remat"] = bool(config.model.remat)
+    return kwargs
+
+
+def build_model(config):
+    """The model the config describes; ValueError naming the problem when it cannot exist."""
+    from udit_jax import models
+    kwargs = model_kwargs(config)
+    try:
+        return models.build_model(config.model.name, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"model.name={config.model.name!r} with {kwargs}: {e}") from e
+
+
+def check_workdir(workdir: epath.Path) -> None:
+    probe = workdir / f".write_probe_{jax.process_index()}"
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except Exception as e:  # noqa: BLE001 - the kind of failure differs per filesystem
+        raise ValueError(f"workdir {workdir} is not writable ({type(e).__name__}: {e}); "
+                         "pass a --workdir you can write to") from e
+
+
+def validate(config, workdir: epath.Path):
+    """Raises ValueError for a config that cannot run here; returns the model."""
+    n_dev, n_proc = jax.device_count(), jax.process_count()
+    b, accum = config.batch_size, config.optimizer.grad_accum_steps
+    if b <= 0 or accum <= 0 or b % accum:
+        raise ValueError(f"batch_size={b} must be positive and divisible by "
+                         f"optimizer.grad_accum_steps={accum}")
+    if (b // accum) % n_dev:
+        raise ValueError(f"global batch_size={b} (per microbatch {b // accum}) is not divisible by "
+                         f"the {n_dev} devices; use a multiple of {n_dev * accum}")
+    if b % n_proc:
+        raise ValueError(f"batch_size={b} is not divisible by the {n_proc} processes")
+    if config.total_steps <= 0:
+        raise ValueError(f"total_steps={config.total_steps} must be positive")
+    if not 0.0 <= config.optimizer.ema_decay <= 1.0:
+        raise ValueError(f"optimizer.ema_decay={config.optimizer.ema_decay} must be in [0, 1]")
+    if config.model.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"model.dtype={config.model.dtype!r}; use float32 or bfloat16")
+    for name in ("log_every_steps", "checkpoint_every_steps"):
+        if config[name] <= 0:
+            raise ValueError(f"{name}={config[name]} must be positive")
+    parallel.resolve_rules(config.mesh.rules)
+    parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    model = build_model(config)
+    if config.sample.sampler not in ("ddpm", "ddim", "dpm"):
+        raise ValueError(f"sample.sampler={config.sample.sampler!r}; use ddpm, ddim or dpm")
+    if config.sample_every_steps and not config.sample.classes:
+        raise ValueError("sample.classes is empty; list the class ids of the preview rows")
+    bad = [c for c in config.sample.classes if not 0 <= c < config.data.num_classes]
+    if config.sample_every_steps and bad:
+        raise ValueError(f"sample.classes {bad} are outside [0, {config.data.num_classes})")
+    if config.eval_every_steps:
+        _evaluation_hook()
+    check_workdir(workdir)
+    return model
+
+
+# ========================================================================================
+# Optimizer, diffusion, data.
+
+def make_optimizer(opt) -> tuple[optax.GradientTransformation, Callable]:
+    """AdamW (optionally warmup and global-norm clipping) and its learning-rate schedule."""
+    if opt.warmup_steps > 0:
+        schedule = optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps)
+    else:
+        schedule = optax.constant_schedule(opt.learning_rate)
+    adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
+    if opt.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), adamw), schedule
+    return adamw, schedule
+
+
+def make_diffusion(config):
+    from udit_jax import diffusion
+    return diffusion.create_diffusion("", noise_schedule=config.diffusion.noise_schedule,
+                                      learn_sigma=config.diffusion.learn_sigma,
+                                      diffusion_steps=config.diffusion.diffusion_steps)
+
+
+class SyntheticBatches:
+    """Deterministic learnable fake data for tests and benchmarks (config.data.name='synthetic').
+
+    Batch i is a function of (seed, i) only, so any process count sees the same global
+    batches: each example is its class's fixed random pattern plus a little noise. Pixel
+    batches: {"image": [b, H, W, C] in [-1, 1], "label": [b]}; latent batches: {"mean",
+    "std": [b, h, w, 4], "label"}. `b` is this process's share of the global batch.
+    """
+
+    def __init__(self, config, process_index: int, process_count: int):
+        self.latent = is_latent(config)
+        size = config.data.image_size // (8 if self.latent else 1)
+        self.shape = (size, size, 4 if self.latent else config.data.channels)
+        self.global_batch = config.batch_size
+        self.local = config.batch_size // process_count
+        self.offset = process_index * self.local
+        self.seed = config.seed
+        self.num_classes = config.data.num_classes
+        self.templates = np.random.default_rng([self.seed, 2**31]).uniform(
+            -0.8, 0.8, (self.num_classes,) + self.shape).astype(np.float32)
+        self.index = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.index])
+        self.index += 1
+        labels = rng.integers(0, self.num_classes, self.global_batch)
+        x = self.templates[labels] + 0.1 * rng.standard_normal(
+            (self.global_batch,) + self.shape).astype(np.float32)
+        rows = slice(self.offset, self.offset + self.local)
+        labels = labels[rows].astype(np.int32)
+        if self.latent:
+            return {"mean": x[rows], "std": np.full_like(x[rows], 0.05), "label": labels}
+        return {"image": np.clip(x[rows], -1, 1), "label": labels}
+
+    def get_state(self) -> dict:
+        return {"index": self.index}
+
+    def set_state(self, state: dict) -> None:
+        self.index = int(state["index"])
+
+
+def make_data_iterator(config) -> Iterator[dict[str, np.ndarray]]:
+    """This process's batches: next() -> numpy arrays of batch_size / process_count rows;
+    get_state()/set_state() for checkpoints."""
+    if config.data.name == "synthetic":
+        return SyntheticBatches(config, jax.process_index(), jax.process_count())
+    try:
+        from udit_jax import data
+    except ImportError as e:
+        raise ValueError(f"data.name={config.data.name!r} needs udit_jax.data, which is not "
+                         f"available yet ({e}); use data.name='synthetic'") from e
+    return data.make_train_iterator(config.data, batch_size=config.batch_size // jax.process_count(),
+                                    seed=config.seed, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+
+
+def _evaluation_hook():
+    try:
+        from udit_jax.evaluation import evaluate_during_training
+    except ImportError as e:
+        raise ValueError("eval_every_steps > 0 needs udit_jax.evaluation.evaluate_during_training, "
+                         f"which is not available yet ({e}); set eval_every_steps=0") from e
+    return evaluate_during_training
+
+
+# ========================================================================================
+# Train state and its shardings.
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array        # [] int32, number of updates applied
+    params: PyTree         # float32
+    ema_params: PyTree     # float32, EMA of params (official: a copy at step 0)
+    opt_state: PyTree
+    rng: jax.Array         # [2] uint32 raw key; step keys are fold_in(rng, step)
+
+
+def _init_state_boxed(model, tx, seed: int) -> TrainState:
+    """The initial state with params still boxed by their logical axis names."""
+    params_key, step_rng = jax.random.split(jax.random.PRNGKey(seed))
+    params = model.init(params_key, *model.example_inputs(1))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
+                      rng=step_rng)
+
+
+def state_shardings(model, tx, seed: int, mesh, rules) -> tuple[TrainState, TrainState]:
+    """(abstract unboxed TrainState, its NamedShardings) from the params' logical axes."""
+    boxed = jax.eval_shape(functools.partial(_init_state_boxed, model, tx, seed))
+    logical = nn.get_partition_spec(boxed)
+    abstract = nn.unbox(boxed)
+    return abstract, parallel.logical_to_shardings(logical, abstract, mesh, rules)
+
+
+def init_state(model, tx, seed: int, shardings: TrainState) -> TrainState:
+    init = jax.jit(lambda: nn.unbox(_init_state_boxed(model, tx, seed)), out_shardings=shardings)
+    return init()
+
+
+# ========================================================================================
+# The train step.
+
+def x0_from_batch(batch: dict, key: jax.Array, latent_scale: float) -> jax.Array:
+    """Diffusion targets x0 [B, H, W, C]: images, or posterior samples of latents * scale."""
+    if "image" in batch:
+        return batch["image"]
+    # A fresh posterior sample every step, as the official train.py does with the VAE.
+    eps = jax.random.normal(key, batch["mean"].shape, jnp.float32)
+    return (batch["mean"] + batch["std"] * eps) * latent_scale
+
+
+def make_train_step(model, diffusion, tx, schedule, config, mesh):
+    """train_step(state, batch) -> (state, metrics), pure; jit it with shardings."""
+    opt = config.optimizer
+    accum = opt.grad_accum_steps
+    spec = lambda x: parallel.batch_sharding(mesh, x.ndim)
+    latent_scale = config.data.latent_scale
+
+    def loss_fn(params, batch, key):
+        k_x0, k_t, k_noise, k_drop = jax.random.split(key, 4)
+        x0 = jax.lax.with_sharding_constraint(x0_from_batch(batch, k_x0, latent_scale),
+                                              spec(batch["label"][..., None, None, None]))
+        t = jax.random.randint(k_t, x0.shape[:1], 0, diffusion.num_timesteps)
+        noise = jax.lax.with_sharding_constraint(jax.random.normal(k_noise, x0.shape, x0.dtype),
+                                                 spec(x0))
+
+        def model_fn(x, tt, y):
+            return model.apply({"params": params}, x, tt, y, train=True,
+                               rngs={"label_dropout": k_drop})
+
+        terms = diffusion.training_losses(model_fn, x0, t, noise=noise,
+                                          model_kwargs={"y": batch["label"]})
+        metrics = {k: jnp.mean(terms[k]) for k in ("loss", "mse", "vb") if k in terms}
+        return metrics["loss"], metrics
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def grads_and_metrics(params, batch, key):
+        if accum == 1:
+            (_, metrics), grads = grad_fn(params, batch, key)
+            return grads, metrics
+        # Microbatches in a scan: the same update as one big batch, 1/accum of the activations.
+        micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+        def body(carry, inputs):
+            i, mb = inputs
+            (_, m), g = grad_fn(params, mb, jax.random.fold_in(key, i))
+            return jax.tree.map(jnp.add, carry, (g, m)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, (params, jax.eval_shape(
+            lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), key)[0][1])))
+        (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+        return jax.tree.map(lambda x: x / accum, (grads, metrics))
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(state.rng, state.step)
+        grads, metrics = grads_and_metrics(state.params, batch, key)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        d = opt.ema_decay
+        ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        if opt.skip_nonfinite:
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+            params, ema = keep(params, state.params), keep(ema, state.ema_params)
+            opt_state = keep(opt_state, state.opt_state)
+        new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
+                                  opt_state=opt_state)
+        metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step), finite=finite)
+        return new_state, metrics
+
+    return train_step
+
+
+def jit_train_step(train_step, shardings: TrainState, mesh, example_batch: dict):
+    batch_shardings = {k: parallel.batch_sharding(mesh, np.ndim(v)) for k, v in example_batch.items()}
+    return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
+                   out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+
+
+# ========================================================================================
+# Sample previews: a grid from the EMA model with fixed classes and noise.
+
+def make_sampler(model, config, shardings: TrainState, mesh):
+    """sample(ema_params) -> uint8 grid [rows*H, cols*W, C], rows = sample.classes."""
+    from udit_jax import diffusion as diffusion_lib
+    s = config.sample
+    d = diffusion_lib.create_diffusion(str(s.steps), noise_schedule=config.diffusion.noise_schedule,
+                                       learn_sigma=config.diffusion.learn_sigma,
+                                       diffusion_steps=config.diffusion.diffusion_steps)
+    classes = jnp.repeat(jnp.asarray(list(s.classes), jnp.int32), s.per_class)
+    n = classes.shape[0]
+    size, channels = model.input_size, model.in_channels
+    decode = _latent_decoder(config) if is_latent(config) else None
+    if is_latent(config) and decode is None:
+        return None
+    null = jnp.full_like(classes, config.data.num_classes)
+
+    def sample(ema_params):
+        k_noise = jax.random.PRNGKey(s.seed)
+        if s.cfg_scale > 1.0:
+            y = jnp.concatenate([classes, null])
+            shape = (2 * n, size, size, channels)
+
+            def model_fn(x, t, y):
+                return model.apply({"params": ema_params}, x, t, y, s.cfg_scale,
+                                   method="forward_with_cfg")
+        else:
+            y, shape = classes, (n, size, size, channels)
+
+            def model_fn(x, t, y):
+                return model.apply({"params": ema_params}, x, t, y)
+        loop = {"ddpm": d.p_sample_loop, "ddim": d.ddim_sample_loop,
+                "dpm": d.dpm_solver_sample_loop}[s.sampler]
+        # Pixels are clipped to [-1, 1] at each step; latents are not (official samplers).
+        x = loop(model_fn, shape, key=k_noise, clip_denoised=not is_latent(config),
+                 model_kwargs={"y": y})[:n]
+        if decode is not None:
+            x = decode(x / config.data.latent_scale)
+        return x
+
+    sample = jax.jit(sample, in_shardings=(shardings.ema_params,),
+                     out_shardings=parallel.replicated(mesh))
+
+    def grid(ema_params) -> np.ndarray:
+        x = np.asarray(jax.device_get(sample(ema_params)), np.float32)
+        img = np.clip(127.5 * x + 128.0, 0, 255).astype(np.uint8)   # the official quantisation
+        rows, cols = len(s.classes), s.per_class
+        h, w, c = img.shape[1:]
+        return img.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+
+    return grid
+
+
+def _latent_decoder(config) -> Callable | None:
+    if not config.sample.vae_weights:
+        logging.warning("sample.vae_weights is empty: latent sample previews are disabled "
+                        "(set it to the sd-vae-ft-%s weights to see them)", config.sample.vae)
+        return None
+    from udit_jax import models
+    vae, vae_params = models.load_vae(config.sample.vae_weights)
+    return lambda z: vae.apply({"params": vae_params}, z, method="decode")
+
+
+def save_png(path: epath.Path, img: np.ndarray) -> None:
+    from PIL import Image
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, format="PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+
+
+# ========================================================================================
+# The loop.
+
+class NonFiniteError(FloatingPointError):
+    pass
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    d, rem = divmod(seconds, 86400)
+    return (f"{d}d " if d else "") + time.strftime("%H:%M:%S", time.gmtime(rem))
+
+
+class _Logger:
+    """Console, progress bar and TensorBoard output (process 0 only)."""
+
+    def __init__(self, workdir: epath.Path, config, start_step: int, flops_per_image: float,
+                 peak_tflops: float | None):
+        self.enabled = jax.process_index() == 0
+        self.config = config
+        self.flops_per_image = flops_per_image
+        self.peak = peak_tflops
+        self.window: dict[str, float] = {}
+        self.window_steps = 0
+        self.window_start = time.perf_counter()
+        self.writer = None
+        self.bar = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+            import tqdm
+            self.writer = SummaryWriter(str(workdir / "tensorboard"))
+            self.bar = tqdm.tqdm(total=config.total_steps, initial=start_step, desc="train",
+                                 unit="step", dynamic_ncols=True, mininterval=2.0)
+
+    def restart_clock(self):
+        self.window, self.window_steps = {}, 0
+        self.window_start = time.perf_counter()
+
+    def add(self, metrics: dict) -> None:
+        for k, v in metrics.items():
+            if k != "finite":
+                self.window[k] = self.window.get(k, 0.0) + float(v)
+        self.window_steps += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def flush(self, step: int) -> None:
+        if not self.window_steps:
+            return
+        elapsed = time.perf_counter() - self.window_start
+        means = {k: v / self.window_steps for k, v in self.window.items()}
+        steps_per_s = self.window_steps / elapsed
+        scalars = dict(means, steps_per_sec=steps_per_s,
+                       images_per_sec=steps_per_s * self.config.batch_size)
+        if self.flops_per_image:
+            scalars["tflops_per_sec"] = scalars["images_per_sec"] * self.flops_per_image / 1e12
+            if self.peak:
+                scalars["mfu"] = scalars["tflops_per_sec"] / (self.peak * jax.device_count())
+        if self.enabled:
+            eta = (self.config.total_steps - step) / steps_per_s
+            msg = (f"step {step}/{self.config.total_steps} loss {means['loss']:.4f}"
+                   + (f" (mse {means['mse']:.4f} vb {means['vb']:.4f})" if "vb" in means else "")
+                   + f" | {steps_per_s:.2f} steps/s {scalars['images_per_sec']:.1f} img/s"
+                   + (f" {scalars['tflops_per_sec']:.1f} TFLOP/s" if "tflops_per_sec" in scalars else "")
+                   + (f" MFU {100 * scalars['mfu']:.1f}%" if "mfu" in scalars else "")
+                   + f" | ETA {_format_eta(eta)}")
+            logging.info(msg)
+            self.bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{scalars['images_per_sec']:.0f}")
+            for k, v in scalars.items():
+                self.writer.add_scalar(f"train/{k}", v, step)
+            self.writer.flush()
+        self.restart_clock()
+
+    def image(self, tag: str, img: np.ndarray, step: int) -> None:
+        if self.enabled:
+            self.writer.add_image(tag, img, step, dataformats="HWC")
+            self.writer.flush()
+
+    def scalars(self, prefix: str, values: dict, step: int) -> None:
+        if self.enabled:
+            for k, v in values.items():
+                self.writer.add_scalar(f"{prefix}/{k}", float(v), step)
+            self.writer.flush()
+
+    def close(self):
+        if self.enabled:
+            self.bar.close()
+            self.writer.close()
+
+
+def write_config(workdir: epath.Path, config) -> None:
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains until config.total_steps (resuming from workdir's latest checkpoint).
+
+    Returns the final state; a SIGTERM or a preemption notice saves a checkpoint at the
+    current step and returns early. Raises ValueError for an impossible config (before
+    compiling) and NonFiniteError when the loss or gradients stop being finite.
+    """
+    workdir = epath.Path(workdir)
+    model = validate(config, workdir)
+    write_config(workdir, config)
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    diffusion = make_diffusion(config)
+    tx, schedule = make_optimizer(config.optimizer)
+    abstract, shardings = state_shardings(model, tx, config.seed, mesh, config.mesh.rules)
+    iterator = make_data_iterator(config)
+    ckpt = checkpoints.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                    keep_every=config.checkpoint.keep_every,
+                                    async_save=config.checkpoint.async_save)
+    abstract_with_shardings = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    restored = ckpt.restore_latest(abstract_with_shardings, iterator)
+    if restored is None:
+        state = init_state(model, tx, config.seed, shardings)
+        logging.info("starting from scratch in %s", workdir)
+    else:
+        step, state = restored
+        logging.info("resumed from the checkpoint at step %d in %s", step, workdir)
+    start_step = int(jax.device_get(state.step))
+
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
+    logging.info("model %s: %.2fM params; mesh %s; global batch %d; %d devices, %d processes",
+                 config.model.name, n_params / 1e6, dict(mesh.shape), config.batch_size,
+                 jax.device_count(), jax.process_count())
+    from udit_jax import models
+    flops_per_image = 3 * 2 * models.model_info(model)["gmacs"] * 1e9  # fwd + 2x bwd, 2 FLOPs/MAC
+    log = _Logger(workdir, config, start_step, flops_per_image, parallel.peak_tflops_per_device())
+    sampler = make_sampler(model, config, shardings, mesh) if config.sample_every_steps else None
+    evaluate = _evaluation_hook() if config.eval_every_steps else None
+    sigterm = checkpoints.SigtermFlag() if jax.process_count() == 1 else None
+
+    step_fn = None
+    pending = None   # (step, metrics on device): fetched one step late to keep dispatch async
+
+    def drain():
+        nonlocal pending
+        if pending is None:
+            return
+        at, metrics = pending
+        pending = None
+        metrics = jax.device_get(metrics)
+        if not metrics["finite"]:
+            if not config.optimizer.skip_nonfinite:
+                last = ckpt.latest_step()
+                raise NonFiniteError(
+                    f"loss or gradient is NaN/Inf at step {at} (loss={metrics['loss']}, grad_norm="
+                    f"{metrics['grad_norm']}); stopped without saving, the last good checkpoint "
+                    f"(step {last}) in {ckpt.directory} is intact. Lower optimizer.learning_rate, "
+                    "set optimizer.grad_clip_norm, or set optimizer.skip_nonfinite=True to skip "
+                    "such updates")
+            logging.warning("non-finite loss/gradient at step %d: update skipped", at)
+        log.add(metrics)
+
+    step = start_step
+    try:
+        while step < config.total_steps:
+            local = next(iterator)
+            batch = {k: parallel.global_batch_from_local(mesh, v) for k, v in local.items()}
+            if step_fn is None:
+                step_fn = jit_train_step(make_train_step(model, diffusion, tx, schedule, config, mesh),
+                                         shardings, mesh, local)
+                logging.info("compiling the train step...")
+            state, metrics = step_fn(state, batch)
+            step += 1
+            drain()
+            pending = (step, metrics)
+            if step == start_step + 1:
+                drain()
+                log.restart_clock()  # do not count compilation in the throughput
+                logging.info("first step done (compiled)")
+            preempted = (sigterm is not None and sigterm.received) or ckpt.reached_preemption(step)
+            if step % config.log_every_steps == 0 or step == config.total_steps or preempted:
+                drain()
+                log.flush(step)
+            if step % config.checkpoint_every_steps == 0 or step == config.total_steps or preempted:
+                drain()   # never save a state that went non-finite
+                ckpt.save(step, state, iterator)
+            if preempted:
+                logging.warning("preempted: checkpoint saved at step %d; exiting", step)
+                break
+            if sampler is not None and (step % config.sample_every_steps == 0
+                                        or step == config.total_steps):
+                img = sampler(state.ema_params)
+                if jax.process_index() == 0:
+                    save_png(workdir / "samples" / f"step_{step:08d}.png", img)
+                log.image("samples/ema", img, step)
+            if evaluate is not None and step % config.eval_every_steps == 0:
+                log.scalars("eval", evaluate(config, model, state.ema_params, step), step)
+        drain()
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        log.close()
+        if sigterm is not None:
+            sigterm.restore_handler()
+    return state
