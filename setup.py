@@ -27,6 +27,7 @@ setup(
         "tqdm>=4.60",
         "safetensors>=0.4",
         "tensorboardX>=2.6",
+        "scipy>=1.10",
     ],
     extras_require={
         "test": ["pytest>=8"],

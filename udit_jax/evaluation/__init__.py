@@ -1,0 +1,34 @@
+"""Sample-quality metrics as the papers compute them (ADM's evaluator), in JAX.
+
+    from udit_jax import evaluation
+    metrics = evaluation.evaluate_npz("samples.npz", "VIRTUAL_imagenet256_labeled.npz",
+                                      inception_weights="pt_inception-2015-12-05-6726825d.pth")
+
+    variables = evaluation.load_inception_variables(path)      # pytorch-fid weights
+    feats = evaluation.InceptionFeatures(variables)(images_u8)  # pool3, spatial, probs
+    evaluation.frechet_distance(evaluation.feature_statistics(feats.pool3), ref_stats)
+
+Modules: inception (network), convert_inception (weights), preprocess (ADM / pytorch-fid
+resize), metrics (FID, sFID, IS, precision/recall), features (sharded extraction),
+reference (ADM .npz files), evaluate (end-to-end scoring, `--mode=evaluate`).
+"""
+
+from udit_jax.evaluation.convert_inception import (inception_key_specs,
+                                                   inception_variables_from_torch,
+                                                   load_inception_variables)
+from udit_jax.evaluation.evaluate import Evaluator, evaluate_npz, format_table, run_evaluate
+from udit_jax.evaluation.features import Activations, InceptionFeatures
+from udit_jax.evaluation.inception import InceptionV3
+from udit_jax.evaluation.metrics import (PrecisionRecall, Statistics, feature_statistics,
+                                         frechet_distance, inception_score, manifold_radii,
+                                         precision_recall)
+from udit_jax.evaluation.preprocess import check_images, preprocess
+from udit_jax.evaluation.reference import iter_images, load_statistics, write_reference
+
+__all__ = [
+    "Activations", "Evaluator", "InceptionFeatures", "InceptionV3", "PrecisionRecall",
+    "Statistics", "check_images", "evaluate_npz", "feature_statistics", "format_table",
+    "frechet_distance", "inception_key_specs", "inception_score", "inception_variables_from_torch",
+    "iter_images", "load_inception_variables", "load_statistics", "manifold_radii",
+    "precision_recall", "preprocess", "run_evaluate", "write_reference",
+]

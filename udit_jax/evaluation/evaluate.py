@@ -1,0 +1,207 @@
+"""Scoring samples against a reference batch: IS, FID, sFID, precision, recall (ADM protocol).
+
+    python -m udit_jax.main --mode=evaluate --config=... --workdir=...   (see run_evaluate)
+
+    from udit_jax.evaluation import evaluate_npz
+    metrics = evaluate_npz("samples.npz", "VIRTUAL_imagenet256_labeled.npz",
+                           inception_weights="pt_inception-2015-12-05-6726825d.pth")
+
+`Evaluator` holds the network and the reference side (statistics and pool3 features, computed
+once), so a training loop can score sample sets repeatedly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from udit_jax import parallel
+from udit_jax.evaluation import metrics as M
+from udit_jax.evaluation import reference as R
+from udit_jax.evaluation.convert_inception import load_inception_variables
+from udit_jax.evaluation.features import Activations, InceptionFeatures
+from udit_jax.evaluation.inception import POOL3_DIM
+
+SPATIAL_DIM = 17 * 17 * 7  # Mixed_6d grid at 299x299 input, 7 channels
+METRIC_NAMES = ("inception_score", "fid", "sfid", "precision", "recall")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _check_statistics(stats: tuple[M.Statistics, M.Statistics], path) -> None:
+    pool, spatial = stats
+    if pool.mu.shape != (POOL3_DIM,) or spatial.mu.shape != (SPATIAL_DIM,):
+        raise ValueError(f"{path}: statistics have mu {pool.mu.shape} / mu_s {spatial.mu.shape}; "
+                         f"ADM's layout is mu [{POOL3_DIM}] (pool3) and mu_s [{SPATIAL_DIM}] "
+                         "(mixed_6/conv, 7 channels): this file was made with other features")
+
+
+class Evaluator:
+    """The Inception network plus a reference batch, ready to score sample sets.
+
+    reference_path: ADM-layout .npz (arr_0 images and/or mu/sigma/mu_s/sigma_s).
+    inception_weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or .npz/.safetensors).
+    preprocess: "adm" (the papers' numbers) or "pytorch_fid".
+    pr_distance: "float16" (ADM), "float32" or "float64" (exact).
+    dtype: "float32" (parity) or "bfloat16" (faster, approximate).
+    """
+
+    def __init__(self, reference_path, inception_weights, *, preprocess: str = "adm",
+                 batch_size: int = 256, pr_distance: str = "float16",
+                 is_split_size: int = M.IS_SPLIT_SIZE, dtype: str = "float32",
+                 mesh: jax.sharding.Mesh | None = None, progress: bool = True,
+                 read_batch: int = 1000):
+        if pr_distance not in M.DISTANCE_MODES:
+            raise ValueError(f"unknown pr_distance {pr_distance!r}; use one of {M.DISTANCE_MODES}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {tuple(_DTYPES)}")
+        self.reference_path = str(reference_path)
+        self.pr_distance = pr_distance
+        self.is_split_size = is_split_size
+        self.progress = progress
+        self.read_batch = read_batch
+        # Everything cheap is checked before the network runs.
+        keys = R.npz_keys(reference_path)
+        self.reference_stats = R.load_statistics(reference_path)
+        self.stats_source = "computed" if self.reference_stats is None else "stored"
+        if self.reference_stats is not None:
+            _check_statistics(self.reference_stats, reference_path)
+        self.reference_info = None
+        if R.IMAGES_KEY in keys:
+            self.reference_info = R.image_array_info(reference_path)
+            R.check_image_array(self.reference_info, reference_path)
+        elif self.reference_stats is None:
+            raise ValueError(f"{reference_path} holds neither images (arr_0) nor statistics "
+                             f"(mu, sigma, mu_s, sigma_s); keys: {keys}")
+        variables = load_inception_variables(inception_weights)
+        self.features = InceptionFeatures(variables, preprocess, batch_size, mesh,
+                                          dtype=_DTYPES[dtype],
+                                          precision="highest" if dtype == "float32" else None)
+        self.reference_acts = None
+        if self.reference_info is not None:
+            self.reference_acts = self.features.from_batches(
+                R.iter_images(reference_path, read_batch), self.reference_info.count,
+                "reference", progress)
+        if self.reference_stats is None:
+            self.reference_stats = (M.feature_statistics(self.reference_acts.pool3),
+                                    M.feature_statistics(self.reference_acts.spatial))
+
+    def check_samples(self, count: int, resolution: tuple[int, int] | None = None) -> None:
+        """Raises before any compute when `count` images at `resolution` cannot be scored."""
+        if self.reference_info is not None and resolution is not None \
+                and tuple(resolution) != self.reference_info.resolution:
+            raise ValueError(
+                f"samples are {resolution[0]}x{resolution[1]} but the reference "
+                f"{self.reference_path} is {self.reference_info.resolution[0]}x"
+                f"{self.reference_info.resolution[1]}: use the reference batch of the sample "
+                "resolution (e.g. VIRTUAL_imagenet256_labeled.npz for 256x256 samples)")
+        M.check_split(count, self.is_split_size)
+        if count < 2:
+            raise ValueError(f"FID needs at least 2 samples, got {count}")
+        if self.reference_acts is not None and count < M.PR_NEIGHBOURS + 1:
+            raise ValueError(f"precision/recall needs at least {M.PR_NEIGHBOURS + 1} samples, "
+                             f"got {count}")
+
+    def sample_activations(self, batches: Iterable[np.ndarray], total: int | None = None
+                           ) -> Activations:
+        return self.features.from_batches(batches, total, "samples", self.progress)
+
+    def score(self, samples: Activations, with_pr: bool = True) -> dict:
+        """{inception_score, fid, sfid, precision, recall} of sample activations (precision and
+        recall are None without reference images or when `with_pr` is False)."""
+        self.check_samples(len(samples))
+        pool = M.feature_statistics(samples.pool3)
+        spatial = M.feature_statistics(samples.spatial)
+        out = {"inception_score": M.inception_score(samples.probs, self.is_split_size),
+               "fid": M.frechet_distance(pool, self.reference_stats[0]),
+               "sfid": M.frechet_distance(spatial, self.reference_stats[1]),
+               "precision": None, "recall": None}
+        if with_pr and self.reference_acts is not None:
+            pr = M.precision_recall(self.reference_acts.pool3, samples.pool3, self.pr_distance)
+            out["precision"], out["recall"] = pr.precision, pr.recall
+        return out
+
+
+def format_table(metrics: dict) -> str:
+    rows = [(name, metrics.get(name)) for name in METRIC_NAMES]
+    width = max(len(n) for n, _ in rows)
+    lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  ---------"]
+    lines += [f"{n.ljust(width)}  {'-' if v is None else f'{v:.4f}'}" for n, v in rows]
+    return "\n".join(lines)
+
+
+def evaluate_npz(sample_path, reference_path, inception_weights, *, preprocess: str = "adm",
+                 batch_size: int = 256, pr_distance: str = "float16",
+                 is_split_size: int = M.IS_SPLIT_SIZE, dtype: str = "float32",
+                 mesh: jax.sharding.Mesh | None = None, output_json=None,
+                 progress: bool = True, read_batch: int = 1000) -> dict:
+    """Scores an ADM-layout sample .npz (arr_0 uint8 [N, H, W, 3]) against a reference batch.
+
+    Returns (and, with `output_json`, writes from process 0) a dict with the metrics
+    (inception_score, fid, sfid, precision, recall) and the settings that produced them;
+    prints a table.
+    """
+    t0 = time.time()
+    sample_info = R.image_array_info(sample_path)
+    R.check_image_array(sample_info, sample_path)
+    M.check_split(sample_info.count, is_split_size)
+    evaluator = Evaluator(reference_path, inception_weights, preprocess=preprocess,
+                          batch_size=batch_size, pr_distance=pr_distance,
+                          is_split_size=is_split_size, dtype=dtype, mesh=mesh,
+                          progress=progress, read_batch=read_batch)
+    evaluator.check_samples(sample_info.count, sample_info.resolution)
+    samples = evaluator.sample_activations(R.iter_images(sample_path, read_batch),
+                                           sample_info.count)
+    result = evaluator.score(samples)
+    result.update({
+        "num_samples": sample_info.count,
+        "num_reference": None if evaluator.reference_info is None else evaluator.reference_info.count,
+        "sample_resolution": list(sample_info.resolution),
+        "reference_statistics": evaluator.stats_source,
+        "sample_path": str(sample_path), "reference_path": str(reference_path),
+        "preprocess": preprocess, "pr_distance": pr_distance, "is_split_size": is_split_size,
+        "dtype": dtype, "devices": jax.device_count(), "seconds": round(time.time() - t0, 2),
+    })
+    if jax.process_index() == 0:
+        print(format_table(result))
+        if output_json is not None:
+            output_json = pathlib.Path(output_json)
+            output_json.parent.mkdir(parents=True, exist_ok=True)
+            tmp = output_json.with_name(output_json.name + ".tmp")
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            os.replace(tmp, output_json)
+            print(f"wrote {output_json}")
+    return result
+
+
+def run_evaluate(config, workdir) -> dict:
+    """`--mode=evaluate`: scores config.eval.sample_npz against config.eval.reference_npz.
+
+    config.eval fields (defaults in brackets): sample_npz, reference_npz, inception_weights
+    (required); preprocess ["adm"], batch_size [256], pr_distance ["float16"],
+    is_split_size [5000], dtype ["float32"], output_json [<workdir>/eval/<sample>.json].
+    The mesh comes from config.mesh.data / config.mesh.fsdp when present (else all devices).
+    """
+    ev = config.eval
+    get = lambda name, default=None: ev.get(name, default) if hasattr(ev, "get") else getattr(ev, name, default)
+    missing = [k for k in ("sample_npz", "reference_npz", "inception_weights") if not get(k)]
+    if missing:
+        raise ValueError(f"--mode=evaluate needs config.eval.{', config.eval.'.join(missing)} "
+                         "(sample .npz, ADM reference .npz, pytorch-fid Inception weights)")
+    mesh_cfg = config.get("mesh") if hasattr(config, "get") else getattr(config, "mesh", None)
+    mesh = None
+    if mesh_cfg is not None:
+        mesh = parallel.make_mesh(mesh_cfg.get("data", -1), mesh_cfg.get("fsdp", 1))
+    sample = pathlib.Path(get("sample_npz"))
+    output = get("output_json") or pathlib.Path(workdir) / "eval" / f"{sample.stem}.json"
+    return evaluate_npz(sample, get("reference_npz"), get("inception_weights"),
+                        preprocess=get("preprocess", "adm"), batch_size=get("batch_size", 256),
+                        pr_distance=get("pr_distance", "float16"),
+                        is_split_size=get("is_split_size", M.IS_SPLIT_SIZE),
+                        dtype=get("dtype", "float32"), mesh=mesh, output_json=output)
