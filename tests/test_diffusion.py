@@ -68,9 +68,9 @@ def dit():
 def dit_fn(dit, cfg: bool = False):
     model, params = dit
     if cfg:
-        return lambda x, t, y, cfg_scale: model.apply({"params": params}, x, t, y, cfg_scale,
-                                                      method="forward_with_cfg")
-    return lambda x, t, y: model.apply({"params": params}, x, t, y)
+        return jax.jit(lambda x, t, y, cfg_scale: model.apply({"params": params}, x, t, y, cfg_scale,
+                                                              method="forward_with_cfg"))
+    return jax.jit(lambda x, t, y: model.apply({"params": params}, x, t, y))
 
 
 def stored_output_fn(expected_model_t, output):

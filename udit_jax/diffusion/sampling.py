@@ -8,7 +8,9 @@ Progress is reported from inside the compiled loop with `jax.debug.callback`.
 
 from __future__ import annotations
 
+import operator
 import sys
+import time
 from typing import Any, Callable
 
 import jax
@@ -31,9 +33,10 @@ def noise_like(x, noise: jax.Array | None, key: jax.Array | None, what: str) -> 
 
 
 def _check_shape(shape) -> tuple[int, ...]:
-    if not isinstance(shape, (tuple, list)) or not all(isinstance(s, int) for s in shape):
-        raise ValueError(f"shape must be a tuple of ints such as (B, H, W, C), got {shape!r}")
-    return tuple(shape)
+    try:
+        return tuple(operator.index(s) for s in shape)
+    except TypeError:
+        raise ValueError(f"shape must be a tuple of ints such as (B, H, W, C), got {shape!r}") from None
 
 
 def initial_and_step_noise(shape, num_steps: int, *, noise, step_noise, key, needs_step_noise: bool,
@@ -70,8 +73,19 @@ def initial_and_step_noise(shape, num_steps: int, *, noise, step_noise, key, nee
 
 
 def _report_progress(done: jax.Array, total: int, every: int, label: str) -> None:
+    start = {}  # wall time and step of this run's first report (the callback outlives one run)
+
     def show(d):
-        print(f"{label}: {int(d)}/{total} steps", file=sys.stderr, flush=True)
+        d, now = int(d), time.perf_counter()
+        if jax.process_index() != 0:
+            return
+        if not start or d <= start["step"]:
+            start.update(time=now, step=d)
+            eta = ""
+        else:
+            rate = (d - start["step"]) / (now - start["time"])
+            eta = f", {rate:.2f} steps/s, {(total - d) / rate:.0f} s left"
+        print(f"{label}: {d}/{total} steps{eta}", file=sys.stderr, flush=True)
 
     jax.lax.cond((done % every == 0) | (done == total),
                  lambda: jax.debug.callback(show, done), lambda: None)

@@ -1,0 +1,108 @@
+"""Sampler throughput (images/s) with classifier-free guidance on the current backend.
+
+    python -m benchmarks.bench_sampler                          # small DiT; CPU-sized defaults
+    python -m benchmarks.bench_sampler --model U-DiT-B --batch 32 --dtype bfloat16
+    python -m benchmarks.bench_sampler --model DiT-XL/2 --samplers ddpm250,ddim50,dpm20
+
+Each sampler is one jitted program (the whole loop compiles to one XLA loop); the batch is
+sharded over all devices. CFG follows the official recipe: the latent batch is doubled to
+[z; z] with labels [y; null] and the model's forward_with_cfg is called at every step, so one
+step costs one model forward on 2B examples. Random float32 parameters (throughput does not
+depend on the weights); U-DiT runs in its inference (fused-FFN) form. TFLOP/s counts
+2 x the model's MACs per forward (the papers' "GFLOPs" convention) x forwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import peak_memory_gib, print_table, time_fn
+from udit_jax import diffusion, models, parallel
+
+SAMPLERS = {"ddpm": "DDPM", "ddim": "DDIM (eta 0)", "dpm": "DPM-Solver++(2M)"}
+
+
+def parse_samplers(text: str) -> list[tuple[str, int]]:
+    """'ddpm250,ddim50,dpm20' -> [('ddpm', 250), ('ddim', 50), ('dpm', 20)]."""
+    out = []
+    for item in text.split(","):
+        match = re.fullmatch(r"(ddpm|ddim|dpm)(\d+)", item.strip())
+        if not match:
+            raise SystemExit(f"--samplers: {item!r} is not <ddpm|ddim|dpm><steps>, e.g. ddim50")
+        out.append((match.group(1), int(match.group(2))))
+    return out
+
+
+def make_sampler(kind: str, steps: int, model, cfg_scale: float, shape):
+    d = diffusion.create_diffusion(str(steps))
+    guided = cfg_scale > 1.0
+
+    def model_fn(params, x, t, y):
+        if guided:
+            return model.apply({"params": params}, x, t, y, cfg_scale, method="forward_with_cfg")
+        return model.apply({"params": params}, x, t, y)
+
+    def sample(params, z, y):
+        fn = lambda x, t, y: model_fn(params, x, t, y)
+        kwargs = dict(noise=z, model_kwargs={"y": y})
+        if kind == "ddpm":
+            return d.p_sample_loop(fn, shape, key=jax.random.key(0), clip_denoised=False, **kwargs)
+        if kind == "ddim":
+            return d.ddim_sample_loop(fn, shape, clip_denoised=False, **kwargs)
+        return d.dpm_solver_sample_loop(fn, shape, **kwargs)
+
+    return jax.jit(sample), d.num_timesteps
+
+
+def main() -> None:
+    on_cpu = jax.default_backend() == "cpu"
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="DiT-S/8", help="a model name (DiT-XL/2, U-DiT-B, ...)")
+    parser.add_argument("--image-size", type=int, default=128 if on_cpu else 256,
+                        help="image side in pixels; latents are 1/8 of it with 4 channels")
+    parser.add_argument("--batch", type=int, default=1 if on_cpu else 32,
+                        help="images per batch (the model sees twice as many with CFG)")
+    parser.add_argument("--samplers", default="ddpm250,ddim50,dpm20",
+                        help="comma-separated <ddpm|ddim|dpm><steps>")
+    parser.add_argument("--cfg-scale", type=float, default=4.0, help="1 disables guidance")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--iters", type=int, default=1 if on_cpu else 5)
+    args = parser.parse_args()
+
+    latent = args.image_size // 8
+    model = models.build_model(args.model, input_size=latent, num_classes=args.num_classes,
+                               dtype=jnp.dtype(args.dtype)).inference_form()
+    mesh = parallel.make_mesh()
+    params = jax.device_put(models.init_params(model, jax.random.key(0)), parallel.replicated(mesh))
+
+    guided = args.cfg_scale > 1.0
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((args.batch, latent, latent, model.in_channels)).astype(np.float32)
+    y = rng.integers(0, args.num_classes, args.batch).astype(np.int32)
+    if guided:
+        z = np.concatenate([z, z])
+        y = np.concatenate([y, np.full_like(y, args.num_classes)])
+    z, y = parallel.shard_batch(mesh, z), parallel.shard_batch(mesh, y)
+    flops_per_forward = 2 * model.count_macs() * z.shape[0]
+
+    rows = []
+    for kind, steps in parse_samplers(args.samplers):
+        sample, forwards = make_sampler(kind, steps, model, args.cfg_scale, z.shape)
+        seconds = time_fn(lambda: sample(params, z, y), warmup=1, iters=args.iters)
+        rows.append({"sampler": SAMPLERS[kind], "steps": steps, "images": args.batch,
+                     "s/batch": seconds, "img/s": args.batch / seconds,
+                     "ms/step": 1e3 * seconds / forwards,
+                     "TFLOP/s": flops_per_forward * forwards / seconds / 1e12,
+                     "peak GiB": peak_memory_gib()})
+    print_table(rows, title=f"{args.model} @ {args.image_size}px ({latent}x{latent} latents), "
+                            f"{args.dtype}, CFG {args.cfg_scale if guided else 'off'}")
+
+
+if __name__ == "__main__":
+    main()
