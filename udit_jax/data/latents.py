@@ -18,7 +18,8 @@ Work is split into shards of consecutive source items; shard s belongs to proces
 s % process_count, which encodes it on its local devices. A shard is written to a temporary
 file and renamed when complete, so an interrupted run keeps finished shards and rewrites only
 the unfinished ones (with any number of processes); a re-run of a finished cache does nothing.
-Multi-host: cache_dir must be a filesystem every host sees.
+Multi-host: cache_dir must be a filesystem every host sees (NFS, or gs:// through etils.epath,
+which needs gcsfs).
 
 Record format (fixed size, little-endian): int64 label, int64 source index, then mean and std,
 each [2, h, w, C] (index 0: the image, 1: its mirror) in the cache dtype.
@@ -32,13 +33,14 @@ import dataclasses
 import hashlib
 import json
 import os
-import pathlib
+import tempfile
 from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 
 from udit_jax.data import preprocess
 from udit_jax.data.sources import Source, source_from_config
@@ -47,7 +49,7 @@ FORMAT_VERSION = 1
 SPEC_FILE = "spec.json"
 MANIFEST_FILE = "manifest.json"
 # One record per chunk: each record can be read alone (the loader's global shuffle needs it).
-WRITER_OPTIONS = "group_size:1"
+WRITER_OPTIONS = "group_size:1,uncompressed"  # latents hardly compress; reading is faster
 CACHE_DTYPES = ("float16", "float32")
 
 # encode_fn(images [B, H, W, 3] float32 in [-1, 1]) -> (mean, std), each [B, h, w, C].
@@ -56,53 +58,55 @@ EncodeFn = Callable[[np.ndarray], tuple[Any, Any]]
 
 @dataclasses.dataclass(frozen=True)
 class RecordLayout:
-    """Byte layout of one cache record."""
+    """Byte layout of one cache record, as a numpy structured dtype."""
 
     latent_shape: tuple[int, int, int]
     dtype: str
 
     @property
-    def _array_shape(self) -> tuple[int, ...]:
-        return (2,) + tuple(self.latent_shape)
-
-    @property
-    def _array_bytes(self) -> int:
-        return int(np.prod(self._array_shape)) * np.dtype(self.dtype).itemsize
+    def struct(self) -> np.dtype:
+        arrays = (np.dtype(self.dtype).newbyteorder("<"), (2,) + tuple(self.latent_shape))
+        return np.dtype([("label", "<i8"), ("index", "<i8"), ("mean", *arrays), ("std", *arrays)])
 
     @property
     def nbytes(self) -> int:
-        return 16 + 2 * self._array_bytes
+        return self.struct.itemsize
 
     def encode(self, label: int, index: int, mean: np.ndarray, std: np.ndarray) -> bytes:
         """mean, std: [2, h, w, C] (image, mirror) -> record bytes."""
-        header = np.asarray([label, index], "<i8").tobytes()
-        cast = lambda a: np.ascontiguousarray(a, np.dtype(self.dtype).newbyteorder("<")).tobytes()
-        return header + cast(mean) + cast(std)
+        record = np.zeros((), self.struct)
+        record["label"], record["index"], record["mean"], record["std"] = label, index, mean, std
+        return record.tobytes()
 
-    def decode(self, record: bytes) -> dict[str, Any]:
-        """record bytes -> {label, index, mean [2, h, w, C], std [2, h, w, C]} (read-only views)."""
-        if len(record) != self.nbytes:
-            raise ValueError(f"latent cache record of {len(record)} bytes, expected {self.nbytes}; "
+    def decode(self, records: list[bytes]) -> np.ndarray:
+        """n records -> structured array [n] with fields label, index, mean/std [2, h, w, C]."""
+        bad = [len(r) for r in records if len(r) != self.nbytes]
+        if bad:
+            raise ValueError(f"latent cache record of {bad[0]} bytes, expected {self.nbytes}; "
                              "the cache is corrupt or was written by another version")
-        label, index = np.frombuffer(record, "<i8", count=2)
-        dtype = np.dtype(self.dtype).newbyteorder("<")
-        mean = np.frombuffer(record, dtype, offset=16, count=self._array_bytes // dtype.itemsize)
-        std = np.frombuffer(record, dtype, offset=16 + self._array_bytes,
-                            count=self._array_bytes // dtype.itemsize)
-        return {"label": int(label), "index": int(index), "mean": mean.reshape(self._array_shape),
-                "std": std.reshape(self._array_shape)}
+        return np.frombuffer(b"".join(records), self.struct)
 
 
 # ------------------------------------------------------------------------------------------
-# Small file helpers: every JSON file is written atomically (temporary file, then rename).
+# Files. cache_dir may be local or remote (gs://... through etils.epath). Every file appears
+# whole or not at all: local files are written under a temporary name and renamed; remote
+# object stores publish an object only when its upload completes.
 
-def _write_json(path: pathlib.Path, obj: Any) -> None:
+def _is_local(path: epath.Path) -> bool:
+    return "://" not in str(path)
+
+
+def _write_json(path: epath.Path, obj: Any) -> None:
+    text = json.dumps(obj, indent=1, sort_keys=True, default=str)
+    if not _is_local(path):
+        path.write_text(text)
+        return
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
-def _read_json(path: pathlib.Path) -> Any:
+def _read_json(path: epath.Path) -> Any:
     return json.loads(path.read_text())
 
 
@@ -192,13 +196,16 @@ def _decoded_in_order(pool: concurrent.futures.Executor, decode: Callable[[int],
 class _ShardWriter:
     """Writes one shard to a temporary file; `commit` renames it and writes the shard's marker."""
 
-    def __init__(self, cache_dir: pathlib.Path, shard: int, num_shards: int, start: int, stop: int):
+    def __init__(self, cache_dir: epath.Path, shard: int, num_shards: int, start: int, stop: int):
         from array_record.python.array_record_module import ArrayRecordWriter
 
         self.name = _shard_name(shard, num_shards)
         self.path = cache_dir / f"{self.name}.array_record"
-        self.tmp = cache_dir / f".{self.name}.array_record.tmp"
-        self.tmp.unlink(missing_ok=True)  # left over from an interrupted run
+        # Remote shards are written locally, then uploaded in one piece.
+        local_dir = cache_dir if _is_local(cache_dir) else epath.Path(tempfile.mkdtemp(prefix="latents"))
+        self.tmp = local_dir / f".{self.name}.array_record.tmp"
+        if self.tmp.exists():  # left over from an interrupted run
+            self.tmp.unlink()
         self.writer = ArrayRecordWriter(str(self.tmp), WRITER_OPTIONS)
         self.info = {"shard": shard, "start": start, "stop": stop, "num_records": 0, "skipped": [],
                      "latent_shape": None, "file": self.path.name}
@@ -215,7 +222,12 @@ class _ShardWriter:
 
     def commit(self) -> dict[str, Any]:
         self.writer.close()
-        os.replace(self.tmp, self.path)
+        if _is_local(self.path):
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.copy(self.path, overwrite=True)
+            self.tmp.unlink()
+            self.tmp.parent.rmdir()
         _write_json(self.path.with_suffix(".json"), self.info)
         return self.info
 
@@ -241,7 +253,7 @@ def build_latent_cache(source: Source, encode_fn: EncodeFn, cache_dir: str | os.
                          "must be positive")
     if not 0.0 <= max_bad_fraction <= 1.0:
         raise ValueError(f"data.max_bad_fraction={max_bad_fraction} must be in [0, 1]")
-    cache_dir = pathlib.Path(cache_dir)
+    cache_dir = epath.Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     num_items = len(source)
     if num_items == 0:
@@ -348,7 +360,7 @@ def _write_batch(writer: _ShardWriter, dtype: str, batch: list[_Decoded], result
                  both(mean), both(std))
 
 
-def _assemble_manifest(cache_dir: pathlib.Path, spec: dict, source: Source) -> dict[str, Any]:
+def _assemble_manifest(cache_dir: epath.Path, spec: dict, source: Source) -> dict[str, Any]:
     shards, missing = [], []
     for s in range(spec["num_shards"]):
         marker = cache_dir / f"{_shard_name(s, spec['num_shards'])}.json"
@@ -394,7 +406,7 @@ class LatentCache:
     def __init__(self, cache_dir: str | os.PathLike):
         from array_record.python.array_record_data_source import ArrayRecordDataSource
 
-        self.cache_dir = pathlib.Path(cache_dir)
+        self.cache_dir = epath.Path(cache_dir)
         manifest_path = self.cache_dir / MANIFEST_FILE
         if not manifest_path.exists():
             raise FileNotFoundError(f"no finished latent cache in {self.cache_dir} ({MANIFEST_FILE} is "
@@ -418,15 +430,15 @@ class LatentCache:
         return self.manifest["num_records"]
 
     def __getitem__(self, record: int) -> dict[str, Any]:
-        return self.layout.decode(self._source[record])
+        parsed = self.layout.decode([self._source[record]])[0]
+        return {"label": int(parsed["label"]), "index": int(parsed["index"]), "mean": parsed["mean"],
+                "std": parsed["std"]}
 
     def get_batch(self, records: np.ndarray, flips: np.ndarray) -> dict[str, np.ndarray]:
-        raw = self._source.__getitems__([int(r) for r in records])
-        parsed = [self.layout.decode(r) for r in raw]
-        sides = [int(f) for f in flips]  # ints: a numpy bool would index as a mask
-        return {"mean": np.stack([p["mean"][f] for p, f in zip(parsed, sides)]),
-                "std": np.stack([p["std"][f] for p, f in zip(parsed, sides)]),
-                "label": np.asarray([p["label"] for p in parsed], np.int32)}
+        parsed = self.layout.decode(self._source.__getitems__([int(r) for r in records]))
+        rows, sides = np.arange(len(parsed)), np.asarray(flips, np.intp)
+        return {"mean": parsed["mean"][rows, sides], "std": parsed["std"][rows, sides],
+                "label": parsed["label"].astype(np.int32)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -439,15 +451,15 @@ def cache_dir_from_config(config, workdir: str) -> str:
 
 def load_vae(config):
     """(vae, params, weights path) from config.vae.weights and optional config.vae.arguments."""
-    from udit_jax import convert, models
+    from udit_jax import models
+    from udit_jax.convert.vae import load_vae_params
 
     weights = config.vae.get("weights")
     if not weights:
         raise ValueError("config.vae.weights is empty: set it to the SD VAE weights file (e.g. "
                          "diffusion_pytorch_model.safetensors of stabilityai/sd-vae-ft-ema)")
     vae = models.build_vae(**dict(config.vae.get("arguments") or {}))
-    params = convert.vae_params_from_torch(vae, convert.load_state_dict(weights))
-    return vae, params, weights
+    return vae, load_vae_params(vae, weights), weights
 
 
 def encode_dataset(config, workdir: str) -> dict[str, Any]:

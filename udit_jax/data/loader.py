@@ -152,7 +152,9 @@ class Loader:
         reader = _BatchReader(self.table, self.seed, self.random_flip, self.examples_seen,
                               self.global_batch_size, self.process_index, self.process_count)
         dataset = grain.MapDataset.range(0, 2 ** 62).map(reader).to_iter_dataset(
-            grain.ReadOptions(num_threads=self.num_threads, prefetch_buffer_size=self.prefetch_batches))
+            # grain runs at most prefetch_buffer_size reads at once, so it is at least the threads.
+            grain.ReadOptions(num_threads=self.num_threads,
+                              prefetch_buffer_size=max(self.prefetch_batches, self.num_threads)))
         if self.num_workers:
             from absl import flags
             if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app
