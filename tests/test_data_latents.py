@@ -173,6 +173,14 @@ def test_other_settings_in_same_cache_dir_are_refused(tmp_path):
     build(tmp_path / "images", tmp_path / "cache")
     with pytest.raises(ValueError, match="other settings.*dtype"):
         build(tmp_path / "images", tmp_path / "cache", dtype="float32")
+    # The same data at another path (another host's mount point) is the same cache.
+    os.rename(tmp_path / "images", tmp_path / "moved")
+    calls = []
+    build(tmp_path / "moved", tmp_path / "cache", lambda x: calls.append(1) or standin_encoder(x))
+    assert calls == []
+    (tmp_path / "moved" / "ant" / "new.png").write_bytes((tmp_path / "moved" / "ant" / "gray.png").read_bytes())
+    with pytest.raises(ValueError, match="other settings.*fingerprint"):
+        build(tmp_path / "moved", tmp_path / "cache")
 
 
 def test_too_many_bad_files_fail_clearly_and_keep_shards(tmp_path):
@@ -305,6 +313,12 @@ def _run_devices(tmp: pathlib.Path):
     batch = to_global_batch(mesh, local)
     assert batch["mean"].shape == (8, IMAGE_SIZE // 2, IMAGE_SIZE // 2, 4)
     assert len(batch["mean"].sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(batch["label"]), local["label"])
+    try:
+        to_global_batch(mesh, {"label": local["label"][:4]})
+        raise AssertionError("a batch of 4 on 8 devices must be refused")
+    except ValueError as e:
+        assert "multiple of the device count" in str(e)
     key = jax.random.key(1)
     z = jax.jit(sample_latents, static_argnums=2)(batch, key, 0.5)
     eps = np.asarray(jax.random.normal(key, local["mean"].shape))

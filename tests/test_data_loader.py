@@ -189,3 +189,27 @@ def test_fashion_mnist_pixel_loader_pads_to_32_with_black(tmp_path):
         inner = np.rint((image[2:30, 2:30, 0] + 1) * 127.5).astype(np.uint8)
         match = [i for i in range(len(images)) if np.array_equal(images[i], inner)]
         assert len(match) == 1 and labels[match[0]] == label
+
+
+def test_pixel_table_from_class_folders_crops_and_skips_bad_files(tmp_path):
+    from PIL import Image
+
+    from udit_jax.data.sources import ClassFolderSource
+
+    rng = np.random.default_rng(2)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    color = rng.integers(0, 256, (30, 45, 3), np.uint8)
+    Image.fromarray(color).save(tmp_path / "a" / "color.png")
+    Image.fromarray(color[..., 0]).save(tmp_path / "b" / "gray.png")
+    (tmp_path / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    table = loader_lib.image_table_from_source(ClassFolderSource(tmp_path), 16, max_bad_fraction=0.5,
+                                               decode_threads=2)
+    assert table.images.shape == (2, 16, 16, 3) and table.labels.tolist() == [0, 1]
+    # ADM crop of the 45x30 image: BICUBIC to 24x16, then columns 4..19.
+    expected = np.asarray(Image.fromarray(color).resize((24, 16), Image.Resampling.BICUBIC))[:, 4:20]
+    np.testing.assert_array_equal(table.images[0], expected)
+    gray = table.images[1]
+    assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 1], gray[..., 2])
+    with pytest.raises(RuntimeError, match="max_bad_fraction"):
+        loader_lib.image_table_from_source(ClassFolderSource(tmp_path), 16, max_bad_fraction=0.1)

@@ -114,9 +114,14 @@ def _shard_name(shard: int, num_shards: int) -> str:
     return f"shard-{shard:05d}-of-{num_shards:05d}"
 
 
+# Where things are, not what they are (fingerprints and hashes say that): hosts may mount the
+# data or the VAE weights at different paths, and a resumed job may too.
+_LOCATION_KEYS = frozenset({"root", "dir", "data_dir", "weights"})
+
+
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
-        return [k for key in sorted(set(a) | set(b))
+        return [k for key in sorted((set(a) | set(b)) - _LOCATION_KEYS)
                 for k in _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
     return [] if a == b else [prefix.rstrip(".")]
 

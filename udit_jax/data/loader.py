@@ -279,6 +279,12 @@ def to_global_batch(mesh, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's numpy batch -> global jax.Arrays sharded over the mesh's data axes."""
     from udit_jax.parallel import global_batch_from_local
 
+    local_devices = len(mesh.local_devices)
+    for name, value in batch.items():
+        if len(value) % local_devices:
+            raise ValueError(f"this process's batch of {len(value)} ('{name}') does not split over its "
+                             f"{local_devices} devices; make the global batch size a multiple of the "
+                             f"device count ({mesh.size})")
     return {name: global_batch_from_local(mesh, value) for name, value in batch.items()}
 
 
