@@ -121,3 +121,15 @@ def test_source_from_config_validates():
     data.source = "folder"
     with pytest.raises(ValueError, match="data.dir"):
         sources.source_from_config(data)
+
+
+@pytest.mark.skipif(not os.path.isdir(sources.FASHION_MNIST_DIR),
+                    reason="Debian package dataset-fashion-mnist not installed")
+def test_installed_fashion_mnist_has_the_published_counts():
+    train = sources.FashionMnistSource()
+    test = sources.FashionMnistSource(split="test")
+    assert (len(train), len(test)) == (60000, 10000)
+    # Fashion-MNIST is balanced: 6000 training and 1000 test images per class.
+    assert np.bincount(train.labels).tolist() == [6000] * 10
+    assert np.bincount(test.labels).tolist() == [1000] * 10
+    assert train.read(0)[0].shape == (28, 28, 1)
