@@ -211,7 +211,7 @@ def test_every_official_key_of_every_config_converts(full_configs):
         ours[convert_dit.POS_EMBED_KEY] = (1, model.num_patches, model.hidden_size)
         assert ours == expected, name
         views = {k: np.broadcast_to(np.float32(0), v) for k, v in expected.items()}
-        check_state_dict(specs + [convert_dit._pos_embed_spec(model)], views, name)
+        check_state_dict(specs + [convert_dit.pos_embed_spec(model)], views, name)
         # The official name builds the same architecture.
         base = name.split("@")[0]
         named = registry.build_model(base, input_size=entry["input_size"],
@@ -430,3 +430,9 @@ def test_wrong_state_dicts_are_refused(reduced):
     shifted = dict(state_dict, pos_embed=state_dict["pos_embed"] + 1e-3)
     with pytest.raises(ConversionError, match="input_size"):
         convert_dit.params_from_torch(model, shifted)
+
+
+def test_direct_construction_is_validated_at_call():
+    model = DiT(input_size=8, patch_size=3, hidden_size=32, depth=1, num_heads=4)
+    with pytest.raises(ValueError, match="not divisible by patch_size=3"):
+        model.init(jax.random.key(0), *model.example_inputs(1))

@@ -67,7 +67,8 @@ def torch_key_specs(model) -> list[KeySpec]:
     return build_specs(shapes, _describe)
 
 
-def _pos_embed_spec(model) -> KeySpec:
+def pos_embed_spec(model) -> KeySpec:
+    """The KeySpec of the official pos_embed entry (checked by key and shape like the others)."""
     shape = (1, model.num_patches, model.hidden_size)
     return KeySpec(POS_EMBED_KEY, (POS_EMBED_KEY,), SAME, shape, shape)
 
@@ -80,7 +81,7 @@ def params_from_torch(model, state_dict: Mapping[str, np.ndarray]) -> dict:
     """
     specs = torch_key_specs(model)
     desc = _describe_model(model)
-    check_state_dict(specs + [_pos_embed_spec(model)], state_dict, desc)
+    check_state_dict(specs + [pos_embed_spec(model)], state_dict, desc)
     expected = model.pos_embed_table()[None]
     err = float(np.max(np.abs(np.asarray(state_dict[POS_EMBED_KEY], np.float64) - expected)))
     if not err <= POS_EMBED_ATOL:

@@ -321,6 +321,7 @@ class DiT(nn.Module):
         Returns [B, S, S, out_channels] float32. With train=True labels are dropped with
         probability class_dropout_prob (RNG stream 'label_dropout').
         """
+        self.validate()
         self._check_inputs(x, t, y)
         d, p = self.hidden_size, self.patch_size
         tokens = PatchEmbed(d, p, self.dtype, name="x_embedder")(x.astype(self.dtype))
@@ -344,14 +345,13 @@ class DiT(nn.Module):
         h = tokens
         if self.block_type == "in_context":
             h = jnp.concatenate([h, cond_tokens], axis=1)
+            block_args = ()
+        elif self.block_type == "cross_attn":
+            block_args = (cond_tokens,)
+        else:
+            block_args = (c,)
         for i in range(self.depth):
-            block = block_cls(**kwargs, name=f"blocks_{i}")
-            if self.block_type == "in_context":
-                h = block(h)
-            elif self.block_type == "cross_attn":
-                h = block(h, cond_tokens)
-            else:
-                h = block(h, c)
+            h = block_cls(**kwargs, name=f"blocks_{i}")(h, *block_args)
         h = h[:, :self.num_patches]  # in-context: drop the conditioning tokens
 
         out = FinalLayer(d, p, self.out_channels, adaptive=adaptive, dtype=self.dtype,
