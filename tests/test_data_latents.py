@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from udit_jax.data import latents, preprocess
+from udit_jax.data import latents
 from udit_jax.data.sources import ClassFolderSource
 
 IMAGE_SIZE = 16
