@@ -4,7 +4,7 @@
 (no VAE). About 15 minutes on 2 CPU cores; the sample grid (one row per class: T-shirt,
 trouser, pullover, dress, coat, sandal, shirt, sneaker, bag, ankle boot) is written to
 <workdir>/samples/. Needs the four Fashion-MNIST files: Debian/Ubuntu package
-`dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist), or --config.data.path=DIR.
+`dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist), or --config.data.dir=DIR holding them.
 
     python -m udit_jax.main --config=configs/demo.py --workdir=/tmp/udit_demo
 """
@@ -19,13 +19,13 @@ def get_config():
         hidden_size=32, depth=(1, 1, 2, 1, 1), num_heads=2, mlp_ratio=2, down_factor=2,
         ffn_type="rep", rep=1, attn_type="v2", posemb_type="rope2d", downsampler="dwconv5",
         down_shortcut=1, class_dropout_prob=0.1)
-    config.data.name = "fashion_mnist"
-    config.data.kind = "pixels"
+    config.data.space = "pixel"
+    config.data.source = "fashion_mnist"
     config.data.image_size = 32
     config.data.channels = 1
     config.data.num_classes = 10
-    config.data.path = ""                 # "" = /usr/share/datasets/fashion-mnist
-    config.data.num_workers = 0
+    config.data.dir = ""                  # "" = /usr/share/datasets/fashion-mnist
+    config.data.random_flip = False       # every shoe points left in Fashion-MNIST; keep it so
     config.batch_size = 64
     config.total_steps = 3000
     config.optimizer.learning_rate = 1e-3

@@ -3,10 +3,14 @@
 ImageNet 256x256 as SD-VAE latents (32x32x4), the official U-DiT recipe: AdamW lr 1e-4,
 weight decay 0, global batch 256, EMA 0.9999, label dropout 0.1, 400K steps, seed 0.
 Compute in bfloat16 with float32 params and optimizer state (--config.model.dtype=float32
-for the official float32 arithmetic). Build the latent cache once with --mode=encode.
+for the official float32 arithmetic). First build the latent cache once (ImageNet from tfds,
+or --config.data.source=folder --config.data.dir=/path/to/train), then train:
 
+    python -m udit_jax.main --config=configs/udit_l.py --workdir=gs://BUCKET/udit_l --mode=encode \
+        --config.data.cache_dir=gs://BUCKET/imagenet256_latents \
+        --config.vae.weights=/path/to/sd-vae-ft-ema/diffusion_pytorch_model.safetensors
     python -m udit_jax.main --config=configs/udit_l.py --workdir=gs://BUCKET/udit_l \
-        --config.data.path=gs://BUCKET/imagenet256_latents
+        --config.data.cache_dir=gs://BUCKET/imagenet256_latents
 
 On a TPU pod: launch/tpu_pod.py; on a SLURM GPU cluster: launch/slurm.py.
 """
@@ -18,8 +22,9 @@ def get_config():
     config = train.base_config()
     config.model.name = "U-DiT-L"
     config.model.dtype = "bfloat16"
-    config.data.name = "imagenet_latents"
-    config.data.kind = "latents"
+    config.data.space = "latent"
+    config.data.source = "tfds"
+    config.data.tfds_name = "imagenet2012"
     config.data.image_size = 256
     config.data.num_classes = 1000
     config.batch_size = 256

@@ -69,15 +69,25 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.ema_decay = 0.9999
     c.optimizer.skip_nonfinite = False  # True: skip NaN/Inf updates instead of stopping
 
+    # Input pipeline (udit_jax.data reads the fields it documents; these are the common ones).
     c.data = ml_collections.ConfigDict()
-    c.data.name = "imagenet"          # see udit_jax.data; "synthetic" for tests/benchmarks
-    c.data.kind = "latents"           # "latents" ({mean, std, label}) or "pixels" ({image, label})
+    c.data.space = "latent"           # "latent" (VAE cache: {mean, std, label}) or "pixel"
+    c.data.source = "tfds"            # folder | tfds | fashion_mnist | synthetic (tests, benchmarks)
+    c.data.tfds_name = "imagenet2012"
+    c.data.dir = ""                   # source location (class folders, tfds data_dir, ...)
+    c.data.split = "train"
+    c.data.cache_dir = ""             # latent cache; "" = <workdir>/latents (--mode=encode fills it)
     c.data.image_size = 256           # pixels; the model sees image_size // 8 for latents
     c.data.channels = 3               # pixel channels (latents always have 4)
     c.data.num_classes = 1000
-    c.data.latent_scale = 0.18215
-    c.data.path = ""                  # dataset location (latent cache, folder, ...)
-    c.data.num_workers = 4
+    c.data.latent_scale = 0.18215     # SD-VAE scaling factor
+    c.data.random_flip = True
+    c.data.loader_workers = 0
+
+    # The SD VAE: encodes the latent cache (--mode=encode) and decodes latent previews.
+    c.vae = ml_collections.ConfigDict()
+    c.vae.weights = ""                # e.g. sd-vae-ft-ema's diffusion_pytorch_model.safetensors
+    c.vae.arguments = ml_collections.ConfigDict()
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                  # -1: all devices not used by fsdp
@@ -96,8 +106,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.steps = "250"            # timestep respacing of the preview sampler
     c.sample.cfg_scale = 4.0
     c.sample.seed = 0                 # fixed noise: grids are comparable across steps
-    c.sample.vae = "ema"              # decoder for latent previews (sd-vae-ft-ema / mse)
-    c.sample.vae_weights = ""         # path to the VAE weights; empty: no latent previews
     return c
 
 
@@ -105,9 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
 # Validation: everything that can be checked before compiling.
 
 def is_latent(config) -> bool:
-    if config.data.kind not in ("latents", "pixels"):
-        raise ValueError(f"data.kind={config.data.kind!r}; use 'latents' or 'pixels'")
-    return config.data.kind == "latents"
+    if config.data.space not in ("latent", "pixel"):
+        raise ValueError(f"data.space={config.data.space!r}; use 'latent' or 'pixel'")
+    return config.data.space == "latent"
 
 
 def model_kwargs(config) -> dict[str, Any]:
@@ -209,7 +217,7 @@ def make_diffusion(config):
 
 
 class SyntheticBatches:
-    """Deterministic learnable fake data for tests and benchmarks (config.data.name='synthetic').
+    """Deterministic learnable fake data for tests and benchmarks (data.source='synthetic').
 
     Batch i is a function of (seed, i) only, so any process count sees the same global
     batches: each example is its class's fixed random pattern plus a little noise. Pixel
@@ -252,19 +260,14 @@ class SyntheticBatches:
         self.index = int(state["index"])
 
 
-def make_data_iterator(config) -> Iterator[dict[str, np.ndarray]]:
+def make_data_iterator(config, workdir: epath.Path) -> Iterator[dict[str, np.ndarray]]:
     """This process's batches: next() -> numpy arrays of batch_size / process_count rows;
     get_state()/set_state() for checkpoints."""
-    if config.data.name == "synthetic":
+    if config.data.source == "synthetic":
         return SyntheticBatches(config, jax.process_index(), jax.process_count())
-    try:
-        from udit_jax import data
-    except ImportError as e:
-        raise ValueError(f"data.name={config.data.name!r} needs udit_jax.data, which is not "
-                         f"available yet ({e}); use data.name='synthetic'") from e
-    return data.make_train_iterator(config.data, batch_size=config.batch_size // jax.process_count(),
-                                    seed=config.seed, process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+    from udit_jax import data
+    return data.make_loader(config, global_batch_size=config.batch_size, seed=config.seed,
+                            workdir=str(workdir))
 
 
 def _evaluation_hook():
@@ -318,8 +321,8 @@ def x0_from_batch(batch: dict, key: jax.Array, latent_scale: float) -> jax.Array
     if "image" in batch:
         return batch["image"]
     # A fresh posterior sample every step, as the official train.py does with the VAE.
-    eps = jax.random.normal(key, batch["mean"].shape, jnp.float32)
-    return (batch["mean"] + batch["std"] * eps) * latent_scale
+    from udit_jax import data
+    return data.sample_latents(batch, key, latent_scale)
 
 
 def make_train_step(model, diffusion, tx, schedule, config, mesh):
@@ -447,12 +450,12 @@ def make_sampler(model, config, shardings: TrainState, mesh):
 
 
 def _latent_decoder(config) -> Callable | None:
-    if not config.sample.vae_weights:
-        logging.warning("sample.vae_weights is empty: latent sample previews are disabled "
-                        "(set it to the sd-vae-ft-%s weights to see them)", config.sample.vae)
+    if not config.vae.weights:
+        logging.warning("vae.weights is empty: latent sample previews are disabled (set it to "
+                        "the SD VAE weights to see them)")
         return None
-    from udit_jax import models
-    vae, vae_params = models.load_vae(config.sample.vae_weights)
+    from udit_jax.data.latents import load_vae
+    vae, vae_params, _ = load_vae(config)
     return lambda z: vae.apply({"params": vae_params}, z, method="decode")
 
 
@@ -574,7 +577,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     diffusion = make_diffusion(config)
     tx, schedule = make_optimizer(config.optimizer)
     abstract, shardings = state_shardings(model, tx, config.seed, mesh, config.mesh.rules)
-    iterator = make_data_iterator(config)
+    iterator = make_data_iterator(config, workdir)
     ckpt = checkpoints.Checkpointer(workdir, keep=config.checkpoint.keep,
                                     keep_every=config.checkpoint.keep_every,
                                     async_save=config.checkpoint.async_save)
@@ -628,9 +631,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             local = next(iterator)
             batch = {k: parallel.global_batch_from_local(mesh, v) for k, v in local.items()}
             if step_fn is None:
+                logging.info("compiling the train step...")
                 step_fn = jit_train_step(make_train_step(model, diffusion, tx, schedule, config, mesh),
                                          shardings, mesh, local)
-                logging.info("compiling the train step...")
             state, metrics = step_fn(state, batch)
             step += 1
             drain()
