@@ -8,12 +8,11 @@ import numpy as np
 
 
 def _converter(model):
-    from udit_jax.models.dit import DiT
     from udit_jax.models.udit import UDiT
-    if isinstance(model, DiT):
-        from udit_jax.convert import dit as family
-    elif isinstance(model, UDiT):
+    if isinstance(model, UDiT):
         from udit_jax.convert import udit as family
+    elif type(model).__name__ == "DiT":
+        from udit_jax.convert import dit as family
     else:
         raise TypeError(f"no converter for {type(model).__name__}; expected a DiT or U-DiT model "
                         "(for the VAE use convert.vae_params_from_torch)")

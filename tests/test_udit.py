@@ -1,0 +1,405 @@
+"""U-DiT parity with the official PyTorch code (fixtures), conversion, statistics, variants."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from conftest import FIXTURES, assert_close_rel, load_npz
+from udit_jax import convert, models
+from udit_jax.convert import common
+from udit_jax.models import udit
+from udit_jax.models.udit import STAGES, fuse_ffn_params, pixel_shuffle, pixel_unshuffle
+
+nhwc = lambda a: np.asarray(a).transpose(0, 2, 3, 1)
+
+
+@pytest.fixture(scope="module")
+def reduced():
+    manifest = json.loads((FIXTURES / "manifest.json").read_text())
+    model = models.build_model("U-DiT", **manifest["udit_reduced"]["config"])
+    state_dict = load_npz("udit_reduced_state_dict.npz")
+    params = convert.params_from_torch(model, state_dict)
+    return model, state_dict, params, load_npz("udit_reduced_io.npz")
+
+
+@pytest.fixture(scope="module")
+def fused(reduced):
+    model, _, params, _ = reduced
+    return model.inference_form(), fuse_ffn_params(params)
+
+
+def _scale(ref):
+    return max(1.0, float(np.abs(ref).max()))
+
+
+# ----------------------------------------------------------------------------- outputs
+def test_training_form_output_matches_official(reduced):
+    model, _, params, io = reduced
+    out = model.apply({"params": params}, nhwc(io["x"]), io["t"], io["y"])
+    assert_close_rel(out, nhwc(io["out_unfused"]), 1e-5, "out_unfused")
+
+
+def test_fused_output_matches_official_eval(reduced, fused):
+    _, _, _, io = reduced
+    model_f, params_f = fused
+    out = model_f.apply({"params": params_f}, nhwc(io["x"]), io["t"], io["y"])
+    assert_close_rel(out, nhwc(io["out"]), 1e-5, "out (eval, fused)")
+
+
+def test_forward_with_cfg_matches_official(reduced, fused):
+    _, _, _, io = reduced
+    model_f, params_f = fused
+    out = model_f.apply({"params": params_f}, nhwc(io["cfg_x"]), io["cfg_t"], io["cfg_y"],
+                        float(io["cfg_scale"]), method="forward_with_cfg")
+    assert_close_rel(out, nhwc(io["out_cfg"]), 1e-5, "out_cfg")
+    raw = model_f.apply({"params": params_f}, nhwc(io["cfg_x"]), io["cfg_t"], io["cfg_y"])
+    assert_close_rel(raw, nhwc(io["out_cfg_raw"]), 1e-5, "out_cfg_raw")
+
+
+def test_cfg_all_channels_option(reduced):
+    model, _, params, io = reduced
+    x, t, y, s = nhwc(io["cfg_x"]), io["cfg_t"], io["cfg_y"], float(io["cfg_scale"])
+    half = x[: len(x) // 2]
+    raw = np.asarray(model.apply({"params": params}, np.concatenate([half, half]), t, y))
+    cond, uncond = np.split(raw, 2)
+    expected = np.concatenate([uncond + s * (cond - uncond)] * 2)
+    out = model.clone(cfg_channels=None).apply({"params": params}, x, t, y, s, method="forward_with_cfg")
+    assert_close_rel(out, expected, 1e-5, "all-channel cfg")
+
+
+# ----------------------------------------------------------------------------- activations
+def _module_path(name: str) -> tuple[str, ...]:
+    parts, out, i = name.split("."), [], 0
+    while i < len(parts):
+        if parts[i] in STAGES:
+            out.append(f"{parts[i]}_{parts[i + 1]}")
+            i += 2
+        else:
+            out.append(parts[i])
+            i += 1
+    return tuple(out)
+
+
+def test_every_submodule_activation_matches_official(reduced, fused):
+    _, _, _, io = reduced
+    model_f, params_f = fused
+    acts = load_npz("udit_reduced_activations.npz")
+    _, state = model_f.apply({"params": params_f}, nhwc(io["x"]), io["t"], io["y"],
+                             capture_intermediates=True, mutable=["intermediates"])
+    captured = traverse_util.flatten_dict(state["intermediates"])
+    get = lambda path: np.asarray(captured[path + ("__call__",)][0])
+    checked = 0
+    for key, ref in acts.items():
+        module, kind = key.split("@")
+        if kind != "out" or "freqs_cis" in module:
+            continue
+        path = _module_path(module)
+        if path[-1] == "downsampler":  # conv + shortcut, then the 4-way split
+            x_in = nhwc(acts[module.rsplit(".", 1)[0] + "@in0"])
+            conv_out = get(path[:-1] + ("downsampler_layer",))
+            f = int(round(math.sqrt(ref.shape[1])))
+            ours = np.asarray(udit.polyphase_split(jnp.asarray(conv_out + x_in), f))
+            assert_close_rel(ours, ref, 1e-5, key)
+        elif path[0] in ("down1_2", "down2_3"):
+            assert_close_rel(pixel_unshuffle(get(path)), nhwc(ref), 1e-5, key)
+        elif path[0] in ("up3_2", "up2_1"):
+            assert_close_rel(pixel_shuffle(get(path)), nhwc(ref), 1e-5, key)
+        else:
+            ours = get(path)
+            assert_close_rel(ours, nhwc(ref) if ref.ndim == 4 else ref, 1e-5, key)
+        checked += 1
+    n_blocks = sum(json.loads((FIXTURES / "manifest.json").read_text())["udit_reduced"]["config"]["depth"])
+    assert checked >= 15 + n_blocks * 9
+
+
+def test_submodules_from_official_inputs(reduced, fused):
+    """Blocks, attention and FFNs fed the recorded official inputs (localised checks)."""
+    model_f, params_f = fused
+    acts = load_npz("udit_reduced_activations.npz")
+    widths = dict(zip(STAGES, model_f.stage_widths))
+    for key in acts:
+        module, kind = key.split("@")
+        if kind != "in0":
+            continue
+        path = _module_path(module)
+        stage = path[0].rsplit("_", 1)[0]
+        if stage not in STAGES:
+            continue
+        d, f = widths[stage], model_f.down_factors[STAGES.index(stage)]
+        x_in = nhwc(acts[key])
+        p = params_f
+        for part in path:
+            p = p[part]
+        if len(path) == 1:
+            block = udit.UDiTBlock(d, model_f.num_heads, model_f.mlp_ratio, f, model_f.ffn_type,
+                                   model_f.rep, True, _attn_kwargs(model_f))
+            out = block.apply({"params": p}, x_in, acts[module + "@in1"])
+        elif path[-1].startswith("attn"):
+            attn = udit.DownsampledAttention(d, model_f.num_heads, f, **_attn_kwargs(model_f))
+            out = attn.apply({"params": p}, x_in)
+        else:
+            out = udit.ConvFeedForward(d, udit.ffn_hidden(d, model_f.mlp_ratio)).apply({"params": p}, x_in)
+        assert_close_rel(out, nhwc(acts[module + "@out"]), 1e-5, module)
+
+
+def _attn_kwargs(m):
+    return dict(attn_type=m.attn_type, posemb_type=m.posemb_type, downsampler=m.downsampler,
+                down_shortcut=m.down_shortcut, attn_downsample=m.attn_downsample)
+
+
+def test_rope_table_matches_official(reduced):
+    acts = load_npz("udit_reduced_activations.npz")
+    for key in acts:
+        if key.endswith("freqs_cis@real"):
+            real, imag = acts[key], acts[key.replace("@real", "@imag")]
+            n, half = real.shape
+            angles = udit.rope2d_angles(n, 2 * half)
+            np.testing.assert_allclose(np.cos(angles), real, atol=2e-6, err_msg=key)
+            np.testing.assert_allclose(np.sin(angles), imag, atol=2e-6, err_msg=key)
+
+
+# ----------------------------------------------------------------------------- fusion
+def test_fused_ffn_tensors_match_official(reduced, fused):
+    model_f, params_f = fused
+    official = load_npz("udit_reduced_fused_ffn.npz")
+    ours = convert.params_to_torch(model_f, params_f)
+    for key, ref in official.items():
+        np.testing.assert_allclose(ours[key], ref, atol=2e-6 * max(1, np.abs(ref).max()), err_msg=key)
+
+
+def test_fused_state_dict_loads_into_inference_form(reduced, fused):
+    _, state_dict, _, io = reduced
+    model_f, _ = fused
+    sd = {k: v for k, v in state_dict.items() if ".mlp1." not in k and ".mlp2." not in k}
+    sd.update(load_npz("udit_reduced_fused_ffn.npz"))
+    params = convert.params_from_torch(model_f, sd)
+    out = model_f.apply({"params": params}, nhwc(io["x"]), io["t"], io["y"])
+    assert_close_rel(out, nhwc(io["out"]), 1e-5, "out from official fused tensors")
+
+
+def test_fusion_is_pure_and_idempotent_in_effect(reduced):
+    model, _, params, _ = reduced
+    before = jax.tree_util.tree_map(np.array, params)
+    once, twice = fuse_ffn_params(params), fuse_ffn_params(params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, before)  # input untouched
+    jax.tree_util.tree_map(np.testing.assert_array_equal, once, twice)     # no hidden state
+
+
+# ----------------------------------------------------------------------------- conversion
+def test_state_dict_round_trip_is_bit_exact(reduced):
+    model, state_dict, params, _ = reduced
+    back = convert.params_to_torch(model, params)
+    assert set(back) == set(state_dict)
+    for k, v in state_dict.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape, k
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+
+@pytest.mark.parametrize("name", ["U-DiT-S", "U-DiT-B", "U-DiT-L"])
+def test_full_config_keys_shapes_and_counts(name):
+    official = json.loads((FIXTURES / "udit_full_configs.json").read_text())[name]
+    model = models.build_model(name)
+    specs = convert.torch_key_specs(model)
+    ours = {s.torch_key: s.torch_shape for s in specs}
+    theirs = {k: tuple(v) for k, v in official["state_dict_shapes"].items()}
+    assert ours == theirs
+    # The same check params_from_torch runs, on zero-stride stand-ins (no memory).
+    common.check_state_dict(specs, {k: np.broadcast_to(np.float32(0), s) for k, s in theirs.items()}, name)
+    info = models.model_info(name)
+    assert info["params"] == official["param_count"]
+    assert info["params_fused"] == official["param_count_inference_fused"]
+    assert info["gmacs"] == pytest.approx(official["gmacs_torchprofile_train_form"], abs=1e-5)
+    assert info["gmacs_fused"] == pytest.approx(official["gmacs_torchprofile_eval_fused"], abs=1e-5)
+
+
+def test_paper_numbers():
+    expected = {"U-DiT-S": (52_045_240, 6.04), "U-DiT-B": (204_425_064, 22.22), "U-DiT-L": (810_188_488, 85.00)}
+    for name, (params_fused, gflops) in expected.items():
+        info = models.model_info(name)
+        assert info["params_fused"] == params_fused
+        assert round(info["gmacs_fused"], 2) == gflops
+    assert round(models.model_info("U-DiT-B", input_size=64)["gmacs_fused"], 1) == 106.7
+
+
+def test_wrong_model_state_dict_lists_keys(reduced):
+    _, state_dict, _, _ = reduced
+    other = models.build_model("U-DiT", input_size=16, hidden_size=32, depth=(1, 2, 2, 2, 2), num_heads=2,
+                               num_classes=10, mlp_ratio=2, attn_type="v2", posemb_type="rope2d",
+                               downsampler="dwconv5", down_shortcut=1)
+    with pytest.raises(convert.ConversionError, match=r"unexpected keys: encoder_level_1\.1\."):
+        convert.params_from_torch(other, state_dict)
+    wider = other.clone(depth=(2, 2, 2, 2, 2), hidden_size=64, num_heads=4)
+    with pytest.raises(convert.ConversionError, match="wrong shape"):
+        convert.params_from_torch(wider, state_dict)
+
+
+# ----------------------------------------------------------------------------- building blocks
+def test_pixel_shuffles_use_pytorch_channel_order():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 6, 4, 3)).astype(np.float32)
+    out = np.asarray(pixel_unshuffle(jnp.asarray(x)))
+    for c in range(3):
+        for i in range(2):
+            for j in range(2):
+                np.testing.assert_array_equal(out[..., c * 4 + 2 * i + j], x[:, i::2, j::2, c])
+    np.testing.assert_array_equal(np.asarray(pixel_shuffle(jnp.asarray(out))), x)
+
+
+def test_polyphase_split_groups_strided_subgrids():
+    x = np.arange(2 * 6 * 6 * 5, dtype=np.float32).reshape(2, 6, 6, 5)
+    groups = np.asarray(udit.polyphase_split(jnp.asarray(x), 2))
+    for i in range(2):
+        for j in range(2):
+            np.testing.assert_array_equal(groups[:, 2 * i + j], x[:, i::2, j::2].reshape(2, 9, 5))
+    np.testing.assert_array_equal(np.asarray(udit.polyphase_merge(jnp.asarray(groups), 2, 6, 6)), x)
+
+
+# ----------------------------------------------------------------------------- variants
+TINY = dict(input_size=8, in_channels=3, hidden_size=16, depth=(1, 1, 1, 1, 1), num_heads=2,
+            mlp_ratio=2, num_classes=5)
+VARIANTS = {
+    "official": dict(attn_type="v2", posemb_type="rope2d", downsampler="dwconv5", down_shortcut=1),
+    "vanilla": dict(),
+    "basic_ffn": dict(ffn_type="basic", attn_type="v2"),
+    "rep0": dict(rep=0, downsampler="dwconv3", posemb_type="rope2d"),
+    "kv_downsampling": dict(attn_downsample="kv", downsampler="dwconv5", down_shortcut=1, posemb_type="rope2d"),
+    "full_attention": dict(attn_downsample="none", attn_type="v2", posemb_type="rope2d"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variants_init_to_zero_output_and_train(variant):
+    model = models.build_model("U-DiT", **TINY, **VARIANTS[variant])
+    params = models.init_params(model, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    t, y = jnp.array([3, 900]), jnp.array([0, 4])
+    out = model.apply({"params": params}, x, t, y)
+    assert out.shape == (2, 8, 8, 6)
+    np.testing.assert_array_equal(out, 0.0)  # adaLN-Zero: every block is the identity at init
+    loss = lambda p: jnp.sum(model.apply({"params": p}, x, t, y) ** 2 + model.apply({"params": p}, x, t, y))
+    grads = traverse_util.flatten_dict(jax.grad(loss)(params))
+    assert np.abs(grads[("final_layer", "out_proj", "kernel")]).max() > 0
+    assert model.count_macs() > 0
+
+
+def test_down_factor_one_equals_full_attention():
+    base = models.build_model("U-DiT", **TINY, **VARIANTS["official"])
+    params = _perturbed(base)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    t, y = jnp.array([3, 900]), jnp.array([0, 4])
+    a = base.clone(down_factor=1).apply({"params": params}, x, t, y)
+    b = base.clone(attn_downsample="none").apply({"params": params}, x, t, y)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    c = base.apply({"params": params}, x, t, y)
+    assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-4  # downsampling does change the output
+
+
+def _perturbed(model, seed=0):
+    params = models.init_params(model, jax.random.key(seed))
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def test_fused_equals_unfused_on_random_weights():
+    model = models.build_model("U-DiT", **TINY, **VARIANTS["official"])
+    params = _perturbed(model)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    t, y = jnp.array([3, 900]), jnp.array([0, 4])
+    a = model.apply({"params": params}, x, t, y)
+    b = model.inference_form().apply({"params": fuse_ffn_params(params)}, x, t, y)
+    assert_close_rel(b, a, 1e-5, "fused vs unfused")
+
+
+def test_remat_and_bfloat16():
+    model = models.build_model("U-DiT", **TINY, **VARIANTS["official"])
+    params = _perturbed(model)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    t, y = jnp.array([3, 900]), jnp.array([0, 4])
+    loss = lambda m: (lambda p: jnp.mean(m.apply({"params": p}, x, t, y) ** 2))
+    g1 = jax.grad(loss(model))(params)
+    g2 = jax.grad(loss(model.clone(remat=True)))(params)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g2)
+    ref = model.apply({"params": params}, x, t, y)
+    out = model.clone(dtype=jnp.bfloat16).apply({"params": params}, x, t, y)
+    assert out.dtype == jnp.float32
+    assert np.abs(np.asarray(out) - np.asarray(ref)).max() < 0.05 * max(1.0, float(np.abs(ref).max()))
+
+
+def test_label_dropout_draws_independent_masks_per_stage():
+    model = models.build_model("U-DiT", **TINY, **VARIANTS["official"], class_dropout_prob=0.5)
+    params = _perturbed(model)
+    n = 256
+    x = jnp.zeros((n, 8, 8, 3))
+    t, y = jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.int32)
+    _, state = model.apply({"params": params}, x, t, y, train=True, rngs={"label_dropout": jax.random.key(3)},
+                           capture_intermediates=True, mutable=["intermediates"])
+    masks = []
+    for k in (1, 2, 3):
+        emb = np.asarray(state["intermediates"][f"y_embedder_{k}"]["__call__"][0])
+        null = np.asarray(params[f"y_embedder_{k}"]["embedding_table"][model.num_classes])
+        masks.append(np.all(np.isclose(emb, null), axis=-1))
+    for m in masks:
+        assert 0.35 < m.mean() < 0.65
+    assert (masks[0] != masks[1]).any() and (masks[1] != masks[2]).any()
+    # Deterministic without train=True.
+    a = model.apply({"params": params}, x[:2], t[:2], y[:2])
+    b = model.apply({"params": params}, x[:2], t[:2], y[:2])
+    np.testing.assert_array_equal(a, b)
+
+
+def test_initialisation_follows_official_rules():
+    model = models.build_model("U-DiT", **TINY, **VARIANTS["official"])
+    flat = traverse_util.flatten_dict(models.init_params(model, jax.random.key(0)))
+    def bound(fan_in, fan_out):
+        return math.sqrt(6 / (fan_in + fan_out))
+    stem = flat[("x_embedder", "kernel")]  # xavier on (out, in*9): fans 27 and 16
+    assert np.abs(stem).max() <= bound(27, 16) and np.abs(stem).max() > 0.8 * bound(27, 16)
+    dw = flat[("encoder_level_1_0", "attn1", "downsampler_layer", "kernel")]  # (5,5,1,16): fans 25, 400
+    assert np.abs(dw).max() <= bound(25, 400) and np.abs(dw).max() > 0.8 * bound(25, 400)
+    for path, value in flat.items():
+        if path[-1] == "bias" or "adaLN_modulation" in path[-2] or path[:2] == ("final_layer", "out_proj"):
+            if path[0].startswith("t_embedder") and path[-1] == "kernel":
+                continue
+            np.testing.assert_array_equal(value, 0, err_msg=str(path))
+        if path[-1] == "logit_scale":
+            np.testing.assert_allclose(value, math.log(10.0), rtol=1e-6)
+    table = flat[("y_embedder_2", "embedding_table")]
+    assert table.shape == (6, 32) and 0.01 < table.std() < 0.03
+    assert 0.01 < flat[("t_embedder_3", "mlp_0", "kernel")].std() < 0.03
+
+
+def test_logical_axes_on_every_param():
+    model = models.build_model("U-DiT", **TINY, **VARIANTS["official"])
+    specs = traverse_util.flatten_dict(models.logical_axes(model))
+    shapes = traverse_util.flatten_dict(models.init_params(model, jax.random.key(0)))
+    assert specs.keys() == shapes.keys()
+    for path, spec in specs.items():
+        assert len(spec) == len(shapes[path]), path
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_inputs_raise_clear_errors():
+    model = models.build_model("U-DiT", **TINY, **VARIANTS["official"])
+    params = models.init_params(model, jax.random.key(0))
+    t, y = jnp.array([1, 2]), jnp.array([0, 1])
+    with pytest.raises(ValueError, match=r"\[B, 8, 8, 3\]"):
+        model.apply({"params": params}, jnp.zeros((2, 16, 16, 3)), t, y)
+    with pytest.raises(ValueError, match=r"\[B, 8, 8, 3\]"):
+        model.apply({"params": params}, jnp.zeros((2, 3, 8, 8)), t, y)
+    with pytest.raises(ValueError, match="unknown model name 'U-DiT-XXL'"):
+        models.build_model("U-DiT-XXL")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        models.build_model("U-DiT", **{**TINY, "input_size": 10})
+    with pytest.raises(ValueError, match="not divisible by down_factor"):
+        models.build_model("U-DiT", **{**TINY, "input_size": 12}, down_factor=2)
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        models.build_model("U-DiT", **{**TINY, "num_heads": 3})
+    with pytest.raises(ValueError, match="has no argument"):
+        models.build_model("U-DiT-S", patch_size=2)
