@@ -9,7 +9,8 @@ import pytest
 
 from conftest import FIXTURES, assert_close_rel, load_npz
 from udit_jax.convert.common import ConversionError
-from udit_jax.evaluation import inception_key_specs, inception_variables_from_torch, load_inception_variables
+from udit_jax.evaluation import (inception_key_specs, inception_variables_from_torch,
+                                 load_inception_variables)
 from udit_jax.evaluation.inception import STAGES, InceptionV3
 from udit_jax.evaluation.preprocess import preprocess
 
@@ -101,6 +102,32 @@ def test_preprocessing_matches_reference_kernels(manifest, io, mode, tag):
             expected = (u - 128) / 128 if mode == "adm" else 2 * (u / 255) - 1
         assert x.shape == expected.shape == (len(images), 299, 299, 3)
         np.testing.assert_allclose(x, expected, rtol=0, atol=1e-5, err_msg=f"{mode} {size}")
+
+
+def reference_resize(u8, mode):
+    """README section 2's formulas, separable (W, then H): source coordinates in float32 as
+    both kernels evaluate them (at ~400 px a float32 coordinate is off by up to 3e-5), the
+    blend in float64."""
+    x = u8.astype(np.float64) / (255.0 if mode == "pytorch_fid" else 1.0)
+    for axis in (2, 1):
+        size = x.shape[axis]
+        i = np.arange(299, dtype=np.float32)
+        scale = np.float32(size) / np.float32(299)
+        src = i * scale if mode == "adm" else np.maximum((i + np.float32(0.5)) * scale
+                                                         - np.float32(0.5), np.float32(0))
+        i0 = np.floor(src).astype(int)
+        i1 = np.minimum(i0 + 1, size - 1)
+        lam = (src.astype(np.float64) - i0).reshape([-1 if a == axis else 1 for a in range(4)])
+        x = np.take(x, i0, axis) * (1 - lam) + np.take(x, i1, axis) * lam
+    return (x - 128) / 128 if mode == "adm" else 2 * x - 1
+
+
+@pytest.mark.parametrize("mode", ["adm", "pytorch_fid"])
+@pytest.mark.parametrize("shape", [(2, 64, 80, 3), (1, 401, 347, 3)])  # up- and downscaling
+def test_preprocessing_formulas_any_size(mode, shape):
+    images = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)
+    np.testing.assert_allclose(np.asarray(preprocess(images, mode)), reference_resize(images, mode),
+                               rtol=0, atol=1e-5)
 
 
 def test_conventions_differ_when_resizing(io, manifest):

@@ -10,14 +10,17 @@
 
 Modules: inception (network), convert_inception (weights), preprocess (ADM / pytorch-fid
 resize), metrics (FID, sFID, IS, precision/recall), features (sharded extraction),
-reference (ADM .npz files), evaluate (end-to-end scoring, `--mode=evaluate`).
+reference (ADM .npz files), evaluate (end-to-end scoring, `--mode=evaluate`), in_training
+(sampling + scoring every config.eval_every_steps).
 """
 
 from udit_jax.evaluation.convert_inception import (inception_key_specs,
                                                    inception_variables_from_torch,
                                                    load_inception_variables)
-from udit_jax.evaluation.evaluate import Evaluator, evaluate_npz, format_table, run_evaluate
+from udit_jax.evaluation.evaluate import (Evaluator, evaluate_from_config, evaluate_npz,
+                                          format_table)
 from udit_jax.evaluation.features import Activations, InceptionFeatures
+from udit_jax.evaluation.in_training import evaluate_during_training
 from udit_jax.evaluation.inception import InceptionV3
 from udit_jax.evaluation.metrics import (PrecisionRecall, Statistics, feature_statistics,
                                          frechet_distance, inception_score, manifold_radii,
@@ -27,8 +30,9 @@ from udit_jax.evaluation.reference import iter_images, load_statistics, write_re
 
 __all__ = [
     "Activations", "Evaluator", "InceptionFeatures", "InceptionV3", "PrecisionRecall",
-    "Statistics", "check_images", "evaluate_npz", "feature_statistics", "format_table",
+    "Statistics", "check_images", "evaluate_during_training", "evaluate_from_config",
+    "evaluate_npz", "feature_statistics", "format_table",
     "frechet_distance", "inception_key_specs", "inception_score", "inception_variables_from_torch",
     "iter_images", "load_inception_variables", "load_statistics", "manifold_radii",
-    "precision_recall", "preprocess", "run_evaluate", "write_reference",
+    "precision_recall", "preprocess", "write_reference",
 ]

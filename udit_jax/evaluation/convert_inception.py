@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from udit_jax.convert.common import CONV, LINEAR, SAME, ConversionError, KeySpec, check_state_dict, torch_shape_of, to_flax
+from udit_jax.convert.common import (CONV, LINEAR, SAME, KeySpec, check_state_dict, to_flax,
+                                     torch_shape_of)
 from udit_jax.convert.io import load_state_dict, save_state_dict
 from udit_jax.evaluation.inception import InceptionV3
 

@@ -1,6 +1,6 @@
 """Scoring samples against a reference batch: IS, FID, sFID, precision, recall (ADM protocol).
 
-    python -m udit_jax.main --mode=evaluate --config=... --workdir=...   (see run_evaluate)
+    python -m udit_jax.main --mode=evaluate --config=... --workdir=...   (see evaluate_from_config)
 
     from udit_jax.evaluation import evaluate_npz
     metrics = evaluate_npz("samples.npz", "VIRTUAL_imagenet256_labeled.npz",
@@ -13,14 +13,13 @@ once), so a training loop can score sample sets repeatedly.
 from __future__ import annotations
 
 import json
-import os
-import pathlib
 import time
 from typing import Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from udit_jax import parallel
 from udit_jax.evaluation import metrics as M
@@ -50,19 +49,26 @@ class Evaluator:
     preprocess: "adm" (the papers' numbers) or "pytorch_fid".
     pr_distance: "float16" (ADM), "float32" or "float64" (exact).
     dtype: "float32" (parity) or "bfloat16" (faster, approximate).
+    fid_method: "sqrtm" (ADM's matrix square root) or "eigh" (faster, ~1e-7 relative).
+    sample_resolution: (H, W) of the samples to be scored, checked against the reference's
+    images before anything is computed.
     """
 
     def __init__(self, reference_path, inception_weights, *, preprocess: str = "adm",
                  batch_size: int = 256, pr_distance: str = "float16",
                  is_split_size: int = M.IS_SPLIT_SIZE, dtype: str = "float32",
                  mesh: jax.sharding.Mesh | None = None, progress: bool = True,
-                 read_batch: int = 1000):
+                 read_batch: int = 1000, sample_resolution: tuple[int, int] | None = None,
+                 fid_method: str = "sqrtm"):
+        if fid_method not in M.FRECHET_METHODS:
+            raise ValueError(f"unknown fid_method {fid_method!r}; use one of {M.FRECHET_METHODS}")
         if pr_distance not in M.DISTANCE_MODES:
             raise ValueError(f"unknown pr_distance {pr_distance!r}; use one of {M.DISTANCE_MODES}")
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; use one of {tuple(_DTYPES)}")
         self.reference_path = str(reference_path)
         self.pr_distance = pr_distance
+        self.fid_method = fid_method
         self.is_split_size = is_split_size
         self.progress = progress
         self.read_batch = read_batch
@@ -79,6 +85,8 @@ class Evaluator:
         elif self.reference_stats is None:
             raise ValueError(f"{reference_path} holds neither images (arr_0) nor statistics "
                              f"(mu, sigma, mu_s, sigma_s); keys: {keys}")
+        if sample_resolution is not None:
+            self._check_resolution(sample_resolution)
         variables = load_inception_variables(inception_weights)
         self.features = InceptionFeatures(variables, preprocess, batch_size, mesh,
                                           dtype=_DTYPES[dtype],
@@ -92,15 +100,18 @@ class Evaluator:
             self.reference_stats = (M.feature_statistics(self.reference_acts.pool3),
                                     M.feature_statistics(self.reference_acts.spatial))
 
-    def check_samples(self, count: int, resolution: tuple[int, int] | None = None) -> None:
-        """Raises before any compute when `count` images at `resolution` cannot be scored."""
-        if self.reference_info is not None and resolution is not None \
-                and tuple(resolution) != self.reference_info.resolution:
+    def _check_resolution(self, resolution: tuple[int, int]) -> None:
+        if self.reference_info is not None and tuple(resolution) != self.reference_info.resolution:
             raise ValueError(
                 f"samples are {resolution[0]}x{resolution[1]} but the reference "
                 f"{self.reference_path} is {self.reference_info.resolution[0]}x"
                 f"{self.reference_info.resolution[1]}: use the reference batch of the sample "
                 "resolution (e.g. VIRTUAL_imagenet256_labeled.npz for 256x256 samples)")
+
+    def check_samples(self, count: int, resolution: tuple[int, int] | None = None) -> None:
+        """Raises when `count` images at `resolution` cannot be scored against this reference."""
+        if resolution is not None:
+            self._check_resolution(resolution)
         M.check_split(count, self.is_split_size)
         if count < 2:
             raise ValueError(f"FID needs at least 2 samples, got {count}")
@@ -119,8 +130,9 @@ class Evaluator:
         pool = M.feature_statistics(samples.pool3)
         spatial = M.feature_statistics(samples.spatial)
         out = {"inception_score": M.inception_score(samples.probs, self.is_split_size),
-               "fid": M.frechet_distance(pool, self.reference_stats[0]),
-               "sfid": M.frechet_distance(spatial, self.reference_stats[1]),
+               "fid": M.frechet_distance(pool, self.reference_stats[0], method=self.fid_method),
+               "sfid": M.frechet_distance(spatial, self.reference_stats[1],
+                                          method=self.fid_method),
                "precision": None, "recall": None}
         if with_pr and self.reference_acts is not None:
             pr = M.precision_recall(self.reference_acts.pool3, samples.pool3, self.pr_distance)
@@ -140,7 +152,8 @@ def evaluate_npz(sample_path, reference_path, inception_weights, *, preprocess: 
                  batch_size: int = 256, pr_distance: str = "float16",
                  is_split_size: int = M.IS_SPLIT_SIZE, dtype: str = "float32",
                  mesh: jax.sharding.Mesh | None = None, output_json=None,
-                 progress: bool = True, read_batch: int = 1000) -> dict:
+                 progress: bool = True, read_batch: int = 1000,
+                 fid_method: str = "sqrtm") -> dict:
     """Scores an ADM-layout sample .npz (arr_0 uint8 [N, H, W, 3]) against a reference batch.
 
     Returns (and, with `output_json`, writes from process 0) a dict with the metrics
@@ -154,54 +167,60 @@ def evaluate_npz(sample_path, reference_path, inception_weights, *, preprocess: 
     evaluator = Evaluator(reference_path, inception_weights, preprocess=preprocess,
                           batch_size=batch_size, pr_distance=pr_distance,
                           is_split_size=is_split_size, dtype=dtype, mesh=mesh,
-                          progress=progress, read_batch=read_batch)
+                          progress=progress, read_batch=read_batch,
+                          sample_resolution=sample_info.resolution, fid_method=fid_method)
     evaluator.check_samples(sample_info.count, sample_info.resolution)
     samples = evaluator.sample_activations(R.iter_images(sample_path, read_batch),
                                            sample_info.count)
     result = evaluator.score(samples)
     result.update({
         "num_samples": sample_info.count,
-        "num_reference": None if evaluator.reference_info is None else evaluator.reference_info.count,
+        "num_reference": (None if evaluator.reference_info is None
+                          else evaluator.reference_info.count),
         "sample_resolution": list(sample_info.resolution),
         "reference_statistics": evaluator.stats_source,
         "sample_path": str(sample_path), "reference_path": str(reference_path),
         "preprocess": preprocess, "pr_distance": pr_distance, "is_split_size": is_split_size,
-        "dtype": dtype, "devices": jax.device_count(), "seconds": round(time.time() - t0, 2),
+        "fid_method": fid_method, "dtype": dtype, "devices": jax.device_count(),
+        "seconds": round(time.time() - t0, 2),
     })
     if jax.process_index() == 0:
         print(format_table(result))
         if output_json is not None:
-            output_json = pathlib.Path(output_json)
+            output_json = epath.Path(output_json)
             output_json.parent.mkdir(parents=True, exist_ok=True)
-            tmp = output_json.with_name(output_json.name + ".tmp")
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-            os.replace(tmp, output_json)
+            output_json.write_text(json.dumps(result, indent=2) + "\n")
             print(f"wrote {output_json}")
     return result
 
 
-def run_evaluate(config, workdir) -> dict:
+def evaluate_from_config(config, workdir) -> dict:
     """`--mode=evaluate`: scores config.eval.sample_npz against config.eval.reference_npz.
 
     config.eval fields (defaults in brackets): sample_npz, reference_npz, inception_weights
     (required); preprocess ["adm"], batch_size [256], pr_distance ["float16"],
-    is_split_size [5000], dtype ["float32"], output_json [<workdir>/eval/<sample>.json].
+    is_split_size [5000], dtype ["float32"], fid_method ["sqrtm"],
+    output_json [<workdir>/eval/<sample>.json].
     The mesh comes from config.mesh.data / config.mesh.fsdp when present (else all devices).
     """
-    ev = config.eval
-    get = lambda name, default=None: ev.get(name, default) if hasattr(ev, "get") else getattr(ev, name, default)
+    ev = config.get("eval")
+    if ev is None:
+        raise ValueError("--mode=evaluate reads config.eval (sample_npz, reference_npz, "
+                         "inception_weights, ...); the config has no 'eval' section")
+    get = lambda name, default=None: ev.get(name, default)  # noqa: E731
     missing = [k for k in ("sample_npz", "reference_npz", "inception_weights") if not get(k)]
     if missing:
         raise ValueError(f"--mode=evaluate needs config.eval.{', config.eval.'.join(missing)} "
                          "(sample .npz, ADM reference .npz, pytorch-fid Inception weights)")
-    mesh_cfg = config.get("mesh") if hasattr(config, "get") else getattr(config, "mesh", None)
+    mesh_cfg = config.get("mesh")
     mesh = None
     if mesh_cfg is not None:
         mesh = parallel.make_mesh(mesh_cfg.get("data", -1), mesh_cfg.get("fsdp", 1))
-    sample = pathlib.Path(get("sample_npz"))
-    output = get("output_json") or pathlib.Path(workdir) / "eval" / f"{sample.stem}.json"
+    sample = epath.Path(get("sample_npz"))
+    output = get("output_json") or epath.Path(workdir) / "eval" / f"{sample.stem}.json"
     return evaluate_npz(sample, get("reference_npz"), get("inception_weights"),
                         preprocess=get("preprocess", "adm"), batch_size=get("batch_size", 256),
                         pr_distance=get("pr_distance", "float16"),
                         is_split_size=get("is_split_size", M.IS_SPLIT_SIZE),
-                        dtype=get("dtype", "float32"), mesh=mesh, output_json=output)
+                        dtype=get("dtype", "float32"), mesh=mesh, output_json=output,
+                        fid_method=get("fid_method", "sqrtm"))

@@ -9,6 +9,7 @@ whole file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Iterable
 
 import jax
@@ -21,6 +22,19 @@ from udit_jax import parallel
 from udit_jax.evaluation.inception import InceptionV3
 from udit_jax.evaluation.metrics import class_probabilities
 from udit_jax.evaluation.preprocess import MODES, check_images, preprocess
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_forward(mode: str, dtype, precision):
+    """One jitted forward per configuration, shared by every extractor (jit then caches one
+    executable per batch shape and sharding), so a training loop recompiles nothing."""
+    model = InceptionV3(dtype=dtype, precision=precision)
+
+    def forward(variables, images):
+        out = model.apply(variables, preprocess(images, mode))
+        return out["pool3"], out["spatial"], class_probabilities(out["logits_unbiased"])
+
+    return jax.jit(forward)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,13 +67,8 @@ class InceptionFeatures:
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
         self.mode = mode
         self.batch_size = -(-batch_size // self.mesh.size) * self.mesh.size
-        self.model = InceptionV3(dtype=dtype, precision=precision)
         self.variables = jax.device_put(variables, parallel.replicated(self.mesh))
-        self._forward = jax.jit(self._forward_impl)
-
-    def _forward_impl(self, variables, images):
-        out = self.model.apply(variables, preprocess(images, self.mode))
-        return out["pool3"], out["spatial"], class_probabilities(out["logits_unbiased"])
+        self._forward = _compiled_forward(mode, dtype, precision)
 
     def _place(self, batch: np.ndarray) -> jax.Array:
         sharding = parallel.batch_sharding(self.mesh, batch.ndim)

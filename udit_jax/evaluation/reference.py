@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import os
-import pathlib
 import zipfile
 from typing import Iterator
 
 import numpy as np
+from etils import epath
 
 from udit_jax.evaluation.metrics import Statistics, feature_statistics
 
@@ -40,23 +41,25 @@ class ImageArrayInfo:
         return self.shape[1], self.shape[2]
 
 
-def _require_file(path: str | os.PathLike, what: str) -> pathlib.Path:
-    path = pathlib.Path(path)
+def _require_file(path: str | os.PathLike, what: str) -> epath.Path:
+    """Local or cloud (gs://...) path of an existing .npz archive."""
+    path = epath.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{what} {path} is not an .npz archive (np.savez output expected)")
+    with path.open("rb") as f:
+        if not zipfile.is_zipfile(f):
+            raise ValueError(f"{what} {path} is not an .npz archive (np.savez output expected)")
     return path
 
 
 def npz_keys(path: str | os.PathLike) -> list[str]:
-    with zipfile.ZipFile(_require_file(path, "batch file")) as zf:
+    with _require_file(path, "batch file").open("rb") as f, zipfile.ZipFile(f) as zf:
         return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
 
 
 @contextlib.contextmanager
-def _open_member(path: pathlib.Path, key: str):
-    with zipfile.ZipFile(path) as zf:
+def _open_member(path: epath.Path, key: str):
+    with path.open("rb") as raw, zipfile.ZipFile(raw) as zf:
         if f"{key}.npy" not in zf.namelist():
             raise ValueError(f"{path} has no {key!r} array (keys: {npz_keys(path)})")
         with zf.open(f"{key}.npy") as f:
@@ -120,7 +123,7 @@ def load_statistics(path: str | os.PathLike) -> tuple[Statistics, Statistics] | 
     if missing:
         raise ValueError(f"{path} has 'mu' but lacks {missing}: a reference file carries all of "
                          f"{STAT_KEYS} (or none, and statistics are computed from arr_0)")
-    with np.load(path) as data:
+    with path.open("rb") as f, np.load(f) as data:
         pool, spatial = (Statistics(data["mu"], data["sigma"]),
                          Statistics(data["mu_s"], data["sigma_s"]))
     for name, st in (("mu/sigma", pool), ("mu_s/sigma_s", spatial)):
@@ -140,7 +143,8 @@ def write_reference(path: str | os.PathLike, pool3: np.ndarray, spatial: np.ndar
     arrays = {"mu": pool.mu, "sigma": pool.sigma, "mu_s": spat.mu, "sigma_s": spat.sigma}
     if images is not None:
         arrays[IMAGES_KEY] = np.asarray(images)
-    path = pathlib.Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
