@@ -101,11 +101,15 @@ def test_evaluate_refuses_bad_input_before_computing(tmp_path, io, sizes):
     np.savez(gray, arr_0=images[..., :1])
     with pytest.raises(ValueError, match="channels"):
         evaluate_npz(gray, other_res, WEIGHTS, progress=False)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=images)
     with pytest.raises(ValueError, match="single sample"):
-        evaluate_npz(sample, other_res, WEIGHTS, is_split_size=2, progress=False)  # 2, 2, 1
+        evaluate_npz(sample, ref, WEIGHTS, is_split_size=2, progress=False)  # 2, 2, 1
+    three = tmp_path / "three.npz"
+    np.savez(three, arr_0=images[[0, 1, 2]])
+    with pytest.raises(ValueError, match="at least 4 samples"):
+        evaluate_npz(three, ref, WEIGHTS, progress=False)
     with pytest.raises(FileNotFoundError, match="pt_inception"):
-        ref = tmp_path / "ref.npz"
-        np.savez(ref, arr_0=images)
         evaluate_npz(sample, ref, tmp_path / "nope.pth", progress=False)
     bad_stats = tmp_path / "stats64.npz"
     np.savez(bad_stats, mu=np.zeros(64), sigma=np.eye(64), mu_s=np.zeros(64), sigma_s=np.eye(64))

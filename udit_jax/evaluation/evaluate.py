@@ -50,8 +50,8 @@ class Evaluator:
     pr_distance: "float16" (ADM), "float32" or "float64" (exact).
     dtype: "float32" (parity) or "bfloat16" (faster, approximate).
     fid_method: "sqrtm" (ADM's matrix square root) or "eigh" (faster, ~1e-7 relative).
-    sample_resolution: (H, W) of the samples to be scored, checked against the reference's
-    images before anything is computed.
+    sample_count, sample_resolution: when given, the samples to be scored are checked against
+    the reference and the metrics' minimum sizes before anything is computed.
     """
 
     def __init__(self, reference_path, inception_weights, *, preprocess: str = "adm",
@@ -59,7 +59,7 @@ class Evaluator:
                  is_split_size: int = M.IS_SPLIT_SIZE, dtype: str = "float32",
                  mesh: jax.sharding.Mesh | None = None, progress: bool = True,
                  read_batch: int = 1000, sample_resolution: tuple[int, int] | None = None,
-                 fid_method: str = "sqrtm"):
+                 sample_count: int | None = None, fid_method: str = "sqrtm"):
         if fid_method not in M.FRECHET_METHODS:
             raise ValueError(f"unknown fid_method {fid_method!r}; use one of {M.FRECHET_METHODS}")
         if pr_distance not in M.DISTANCE_MODES:
@@ -85,8 +85,8 @@ class Evaluator:
         elif self.reference_stats is None:
             raise ValueError(f"{reference_path} holds neither images (arr_0) nor statistics "
                              f"(mu, sigma, mu_s, sigma_s); keys: {keys}")
-        if sample_resolution is not None:
-            self._check_resolution(sample_resolution)
+        if sample_count is not None:
+            self.check_samples(sample_count, sample_resolution)
         variables = load_inception_variables(inception_weights)
         self.features = InceptionFeatures(variables, preprocess, batch_size, mesh,
                                           dtype=_DTYPES[dtype],
@@ -108,14 +108,15 @@ class Evaluator:
                 f"{self.reference_info.resolution[1]}: use the reference batch of the sample "
                 "resolution (e.g. VIRTUAL_imagenet256_labeled.npz for 256x256 samples)")
 
-    def check_samples(self, count: int, resolution: tuple[int, int] | None = None) -> None:
+    def check_samples(self, count: int, resolution: tuple[int, int] | None = None,
+                      with_pr: bool = True) -> None:
         """Raises when `count` images at `resolution` cannot be scored against this reference."""
         if resolution is not None:
             self._check_resolution(resolution)
         M.check_split(count, self.is_split_size)
         if count < 2:
             raise ValueError(f"FID needs at least 2 samples, got {count}")
-        if self.reference_acts is not None and count < M.PR_NEIGHBOURS + 1:
+        if with_pr and self.reference_info is not None and count < M.PR_NEIGHBOURS + 1:
             raise ValueError(f"precision/recall needs at least {M.PR_NEIGHBOURS + 1} samples, "
                              f"got {count}")
 
@@ -126,7 +127,7 @@ class Evaluator:
     def score(self, samples: Activations, with_pr: bool = True) -> dict:
         """{inception_score, fid, sfid, precision, recall} of sample activations (precision and
         recall are None without reference images or when `with_pr` is False)."""
-        self.check_samples(len(samples))
+        self.check_samples(len(samples), with_pr=with_pr)
         pool = M.feature_statistics(samples.pool3)
         spatial = M.feature_statistics(samples.spatial)
         out = {"inception_score": M.inception_score(samples.probs, self.is_split_size),
@@ -163,13 +164,12 @@ def evaluate_npz(sample_path, reference_path, inception_weights, *, preprocess: 
     t0 = time.time()
     sample_info = R.image_array_info(sample_path)
     R.check_image_array(sample_info, sample_path)
-    M.check_split(sample_info.count, is_split_size)
     evaluator = Evaluator(reference_path, inception_weights, preprocess=preprocess,
                           batch_size=batch_size, pr_distance=pr_distance,
                           is_split_size=is_split_size, dtype=dtype, mesh=mesh,
                           progress=progress, read_batch=read_batch,
+                          sample_count=sample_info.count,
                           sample_resolution=sample_info.resolution, fid_method=fid_method)
-    evaluator.check_samples(sample_info.count, sample_info.resolution)
     samples = evaluator.sample_activations(R.iter_images(sample_path, read_batch),
                                            sample_info.count)
     result = evaluator.score(samples)
