@@ -30,6 +30,8 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total processes (w
                                       "--coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with "
                                    "--coordinator_address).")
+_LOCAL_DEVICE_IDS = flags.DEFINE_list("local_device_ids", None, "GPUs this process drives "
+                                      "(SLURM with one process per node: all of them).")
 _VERBOSE_CHECKPOINTS = flags.DEFINE_bool("verbose_checkpoints", False, "Show orbax's INFO logs.")
 
 flags.mark_flags_as_required(["config", "workdir"])
@@ -70,7 +72,9 @@ def main(argv):
     if not _VERBOSE_CHECKPOINTS.value:
         logging.get_absl_handler().addFilter(_QuietOrbax())
     from udit_jax import parallel
-    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    local_ids = None if _LOCAL_DEVICE_IDS.value is None else [int(i) for i in _LOCAL_DEVICE_IDS.value]
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                    local_ids)
     import jax
     logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),

@@ -139,12 +139,15 @@ def _on_cloud_tpu_vm() -> bool:
 
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
+                           process_id: int | None = None,
+                           local_device_ids: Sequence[int] | None = None) -> None:
     """Starts jax.distributed when this run has several processes; no-op otherwise.
 
     Explicit arguments (GPU clusters without SLURM; tests on 127.0.0.1) win. Otherwise a
     SLURM job with several tasks and any Cloud TPU VM (pod workers included) are
-    auto-detected by JAX itself. Must run before anything touches a device.
+    auto-detected by JAX itself. Under SLURM, JAX gives each process the one GPU of its
+    local rank; with one process per node pass local_device_ids (all the node's GPUs).
+    Must run before anything touches a device.
     """
     import os
     explicit = [coordinator_address, num_processes, process_id]
@@ -153,10 +156,11 @@ def initialize_distributed(coordinator_address: str | None = None,
             raise ValueError("give all of --coordinator_address, --num_processes and --process_id "
                              "(or none of them to auto-detect SLURM / Cloud TPU)")
         if num_processes > 1:
-            jax.distributed.initialize(coordinator_address, num_processes, process_id)
+            jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                       local_device_ids=local_device_ids)
         return
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or _on_cloud_tpu_vm():
-        jax.distributed.initialize()
+        jax.distributed.initialize(local_device_ids=local_device_ids)
 
 
 # ----------------------------------------------------------------------------------------
