@@ -106,6 +106,23 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.steps = "250"            # timestep respacing of the preview sampler
     c.sample.cfg_scale = 4.0
     c.sample.seed = 0                 # fixed noise: grids are comparable across steps
+
+    # FID / sFID / IS of EMA samples (udit_jax.evaluation): in the loop every eval_every_steps
+    # with the preview sampler's settings, and for --mode=evaluate on a sample .npz.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.reference_npz = ""         # ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz
+    c.eval.inception_weights = ""     # pytorch-fid Inception weights
+    c.eval.sample_npz = ""            # --mode=evaluate: the samples to score
+    c.eval.output_json = ""           # --mode=evaluate: "" = <workdir>/eval/<sample>.json
+    c.eval.num_samples = 5000         # in-loop samples
+    c.eval.sample_batch = 256
+    c.eval.batch_size = 256           # Inception batch
+    c.eval.is_split_size = 5000
+    c.eval.preprocess = "adm"
+    c.eval.fid_method = "sqrtm"
+    c.eval.pr_distance = "float16"
+    c.eval.dtype = "float32"
+    c.eval.seed = 0
     return c
 
 
