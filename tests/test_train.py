@@ -253,6 +253,17 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monke
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
 
 
+def test_gradient_accumulation_matches_the_whole_batch(tmp_path):
+    """Without label dropout (drawn per microbatch) two microbatches give the same update."""
+    from udit_jax import train
+    runs = {}
+    for accum in (1, 2):
+        config = make_config({"total_steps": 2, "optimizer.grad_accum_steps": accum,
+                              "model.kwargs": {**TINY["model.kwargs"], "class_dropout_prob": 0.0}})
+        runs[accum] = flat_state(train.train_and_evaluate(config, str(tmp_path / str(accum))))
+    assert_close(runs[2], runs[1], "grad_accum_steps=2 vs 1")
+
+
 # ----------------------------------------------------------------------------------------
 # Validation before compiling.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 import time
 from typing import Any, Callable, Iterator
 
@@ -346,48 +347,53 @@ def make_train_step(model, diffusion, tx, schedule, config, mesh):
     """train_step(state, batch) -> (state, metrics), pure; jit it with shardings."""
     opt = config.optimizer
     accum = opt.grad_accum_steps
-    spec = lambda x: parallel.batch_sharding(mesh, x.ndim)
-    latent_scale = config.data.latent_scale
+    images = parallel.batch_sharding(mesh, 4)
 
-    def loss_fn(params, batch, key):
-        k_x0, k_t, k_noise, k_drop = jax.random.split(key, 4)
-        x0 = jax.lax.with_sharding_constraint(x0_from_batch(batch, k_x0, latent_scale),
-                                              spec(batch["label"][..., None, None, None]))
+    def draw(batch, key):
+        """The step's random inputs for the whole global batch (sharded like it)."""
+        k_x0, k_t, k_noise = jax.random.split(key, 3)
+        x0 = jax.lax.with_sharding_constraint(
+            x0_from_batch(batch, k_x0, config.data.latent_scale), images)
         t = jax.random.randint(k_t, x0.shape[:1], 0, diffusion.num_timesteps)
         noise = jax.lax.with_sharding_constraint(jax.random.normal(k_noise, x0.shape, x0.dtype),
-                                                 spec(x0))
+                                                 images)
+        return {"x0": x0, "t": t, "noise": noise, "y": batch["label"]}
 
-        def model_fn(x, tt, y):
-            return model.apply({"params": params}, x, tt, y, train=True,
-                               rngs={"label_dropout": k_drop})
+    def loss_fn(params, inputs, dropout_key):
+        def model_fn(x, t, y):
+            return model.apply({"params": params}, x, t, y, train=True,
+                               rngs={"label_dropout": dropout_key})
 
-        terms = diffusion.training_losses(model_fn, x0, t, noise=noise,
-                                          model_kwargs={"y": batch["label"]})
+        terms = diffusion.training_losses(model_fn, inputs["x0"], inputs["t"],
+                                          noise=inputs["noise"], model_kwargs={"y": inputs["y"]})
         metrics = {k: jnp.mean(terms[k]) for k in ("loss", "mse", "vb") if k in terms}
         return metrics["loss"], metrics
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def grads_and_metrics(params, batch, key):
+    def grads_and_metrics(params, inputs, dropout_key):
         if accum == 1:
-            (_, metrics), grads = grad_fn(params, batch, key)
+            (_, metrics), grads = grad_fn(params, inputs, dropout_key)
             return grads, metrics
-        # Microbatches in a scan: the same update as one big batch, 1/accum of the activations.
-        micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+        # Microbatches in a scan: the update of the whole batch with 1/accum of the activations.
+        # Microbatch i takes rows i, i + accum, ..., so every device keeps working on each.
+        micro = jax.tree.map(
+            lambda x: x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1), inputs)
 
-        def body(carry, inputs):
-            i, mb = inputs
-            (_, m), g = grad_fn(params, mb, jax.random.fold_in(key, i))
+        def body(carry, xs):
+            i, mb = xs
+            (_, m), g = grad_fn(params, mb, jax.random.fold_in(dropout_key, i))
             return jax.tree.map(jnp.add, carry, (g, m)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, (params, jax.eval_shape(
-            lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), key)[0][1])))
+        first = jax.tree.map(lambda x: x[0], micro)
+        zeros = jax.tree.map(jnp.zeros_like,
+                             (params, jax.eval_shape(grad_fn, params, first, dropout_key)[0][1]))
         (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
         return jax.tree.map(lambda x: x / accum, (grads, metrics))
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        key = jax.random.fold_in(state.rng, state.step)
-        grads, metrics = grads_and_metrics(state.params, batch, key)
+        draw_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
+        grads, metrics = grads_and_metrics(state.params, draw(batch, draw_key), dropout_key)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -516,8 +522,10 @@ class _Logger:
             from tensorboardX import SummaryWriter
             import tqdm
             self.writer = SummaryWriter(str(workdir / "tensorboard"))
+            # The bar is for terminals; log files get the periodic log lines only.
             self.bar = tqdm.tqdm(total=config.total_steps, initial=start_step, desc="train",
-                                 unit="step", dynamic_ncols=True, mininterval=2.0)
+                                 unit="step", dynamic_ncols=True, mininterval=2.0,
+                                 disable=not sys.stderr.isatty())
 
     def restart_clock(self):
         self.window, self.window_steps = {}, 0
@@ -548,7 +556,7 @@ class _Logger:
             msg = (f"step {step}/{self.config.total_steps} loss {means['loss']:.4f}"
                    + (f" (mse {means['mse']:.4f} vb {means['vb']:.4f})" if "vb" in means else "")
                    + f" | {steps_per_s:.2f} steps/s {scalars['images_per_sec']:.1f} img/s"
-                   + (f" {scalars['tflops_per_sec']:.1f} TFLOP/s" if "tflops_per_sec" in scalars else "")
+                   + (f" {scalars['tflops_per_sec']:.3g} TFLOP/s" if "tflops_per_sec" in scalars else "")
                    + (f" MFU {100 * scalars['mfu']:.1f}%" if "mfu" in scalars else "")
                    + f" | ETA {_format_eta(eta)}")
             logging.info(msg)
