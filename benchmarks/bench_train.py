@@ -17,7 +17,6 @@ import importlib.util
 import time
 
 import jax
-import numpy as np
 
 from benchmarks.common import peak_memory_gib, print_table
 from udit_jax import models, parallel, train

@@ -121,15 +121,17 @@ def _worker(job: dict) -> None:
             model = train.build_model(config)
             tx, _ = train.make_optimizer(config.optimizer)
             mesh = train.parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-            abstract, shardings = train.state_shardings(model, tx, config.seed, mesh, config.mesh.rules)
-            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract, shardings)
+            target = train.abstract_state_on_mesh(config, model, tx, mesh)
             ckpt = checkpoints.Checkpointer(epath.Path(run["workdir"]), keep=5, keep_every=None)
             step, state = ckpt.restore_latest(target, train.SyntheticBatches(config, 0, 1))
             ckpt.close()
             out["restored_step"] = step
             out["restored_devices"] = len(jax.tree.leaves(state.params)[0].sharding.device_set)
             np.savez(run["out"], **flat_state(state))
+            _, ema, ema_step = train.restore_ema_params(config, run["workdir"])
+            out["ema_matches"] = ema_step == step and all(
+                np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(ema)),
+                                                     jax.tree.leaves(jax.device_get(state.ema_params))))
         elif run["kind"] == "invalid":
             try:
                 train.validate(config, epath.Path(run["workdir"]))
@@ -210,8 +212,7 @@ def test_resume_is_bit_identical(single_device_runs):
     assert_identical(resumed, straight, "N straight vs N/2 + restart + N/2")
 
 
-def test_corrupted_latest_checkpoint_falls_back(single_device_runs, caplog):
-    import jax
+def test_corrupted_latest_checkpoint_falls_back(single_device_runs):
     from etils import epath
     from udit_jax import checkpoints, train
     config = single_device_runs["config"]
@@ -222,10 +223,7 @@ def test_corrupted_latest_checkpoint_falls_back(single_device_runs, caplog):
             f.write_bytes(b"\0garbage")
     model = train.build_model(config)
     tx, _ = train.make_optimizer(config.optimizer)
-    mesh = train.parallel.make_mesh()
-    abstract, shardings = train.state_shardings(model, tx, config.seed, mesh, config.mesh.rules)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
+    target = train.abstract_state_on_mesh(config, model, tx, train.parallel.make_mesh())
     ckpt = checkpoints.Checkpointer(epath.Path(workdir), keep=5, keep_every=None)
     iterator = train.SyntheticBatches(config, 0, 1)
     step, state = ckpt.restore_latest(target, iterator)
@@ -333,6 +331,7 @@ def test_checkpoint_from_eight_devices_restores_on_four(eight_device_runs, cache
     report = run_worker(job, 4, cache_dir)
     assert report["restored_step"] == TINY["total_steps"]
     assert report["restored_devices"] == 4
+    assert report["ema_matches"]
     assert_identical(dict(np.load(root / "restored4.npz")), dict(np.load(root / "fsdp.npz")),
                      "restored on 4 devices vs saved on 8")
 

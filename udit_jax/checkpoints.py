@@ -89,17 +89,18 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=DataIteratorSave(iterator)), force=True)
 
-    def restore_latest(self, abstract_state: Any, iterator: Any) -> tuple[int, Any] | None:
+    def restore_latest(self, abstract_state: Any, iterator: Any = None) -> tuple[int, Any] | None:
         """(step, state) of the newest readable checkpoint, or None when there is none.
 
         abstract_state: jax.ShapeDtypeStructs with the target shardings (the current mesh).
-        The iterator's state is set in place.
+        iterator: its state is set in place (None: the data state is not read).
         """
         for step in sorted(self.manager.all_steps(), reverse=True):
+            items = {"state": ocp.args.StandardRestore(abstract_state)}
+            if iterator is not None:
+                items["data"] = DataIteratorRestore(iterator)
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=DataIteratorRestore(iterator)))
+                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as e:  # noqa: BLE001 - any failure to read means "unusable"
                 logging.warning("checkpoint at step %d in %s is unreadable (%s: %s); moving it to "
                                 "%s and falling back to the previous checkpoint", step,

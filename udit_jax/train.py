@@ -10,7 +10,6 @@ same code (SPMD); only process 0 writes logs, TensorBoard and PNGs.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import sys
 import time
@@ -331,6 +330,32 @@ def init_state(model, tx, seed: int, shardings: TrainState) -> TrainState:
     return init()
 
 
+def abstract_state_on_mesh(config, model, tx, mesh) -> TrainState:
+    """ShapeDtypeStructs of the train state carrying their shardings on `mesh` (restore target)."""
+    abstract, shardings = state_shardings(model, tx, config.seed, mesh, config.mesh.rules)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+
+
+def restore_ema_params(config, workdir: str) -> tuple[Any, PyTree, int]:
+    """(model, EMA params, step) of the latest readable checkpoint in `workdir`, laid out on
+    the current devices (any count); for exporting and sampling a trained model."""
+    workdir = epath.Path(workdir)
+    model = build_model(config)
+    tx, _ = make_optimizer(config.optimizer)
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    ckpt = checkpoints.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                    keep_every=config.checkpoint.keep_every, async_save=False)
+    try:
+        restored = ckpt.restore_latest(abstract_state_on_mesh(config, model, tx, mesh))
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first (--mode=train)")
+    step, state = restored
+    return model, state.ema_params, step
+
+
 # ========================================================================================
 # The train step.
 
@@ -606,9 +631,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     ckpt = checkpoints.Checkpointer(workdir, keep=config.checkpoint.keep,
                                     keep_every=config.checkpoint.keep_every,
                                     async_save=config.checkpoint.async_save)
-    abstract_with_shardings = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    restored = ckpt.restore_latest(abstract_with_shardings, iterator)
+    restored = ckpt.restore_latest(abstract_state_on_mesh(config, model, tx, mesh), iterator)
     if restored is None:
         state = init_state(model, tx, config.seed, shardings)
         logging.info("starting from scratch in %s", workdir)
