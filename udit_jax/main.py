@@ -40,7 +40,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 _MODES = {
     "train": ("udit_jax.train", "train_and_evaluate"),
     "encode": ("udit_jax.data", "encode_dataset"),
-    "export": ("udit_jax.checkpoints", "export"),
+    "export": ("udit_jax.export", "export_from_config"),
     "sample": ("udit_jax.sample", "sample_from_config"),
     "evaluate": ("udit_jax.evaluation", "evaluate_from_config"),
 }

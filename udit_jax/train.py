@@ -106,6 +106,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.steps = "250"            # timestep respacing of the preview sampler
     c.sample.cfg_scale = 4.0
     c.sample.seed = 0                 # fixed noise: grids are comparable across steps
+    # Sampling jobs (--mode=sample, udit_jax.sample) from an export.
+    c.sample.num_images = 0           # 0: the class grid (classes x per_class); N: N random classes
+    c.sample.per_device_batch = 32
+    c.sample.export_dir = ""          # "" = <workdir>/export
+    c.sample.out_dir = ""             # "" = <workdir>/samples/<sampler>-<steps>-cfg<s>-seed<k>-<N>
+    c.sample.write_png = True
+    c.sample.guide_all_channels = False  # CFG on every output channel instead of the official 3
+
+    # --mode=export (udit_jax.export): EMA params of a checkpoint for sampling jobs.
+    c.export = ml_collections.ConfigDict()
+    c.export.dir = ""                 # "" = <workdir>/export
+    c.export.step = 0                 # 0 = the latest checkpoint
+    c.export.torch_weights = False    # also write the official PyTorch state_dict
 
     # FID / sFID / IS of EMA samples (udit_jax.evaluation): in the loop every eval_every_steps
     # with the preview sampler's settings, and for --mode=evaluate on a sample .npz.
