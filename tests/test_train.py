@@ -362,30 +362,43 @@ def test_two_processes_match_one_process(tmp_path, cache_dir, single_device_runs
 # ----------------------------------------------------------------------------------------
 # SIGTERM through the real command line: checkpoint at the current step, clean exit.
 
-def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path, cache_dir):
-    config_file = tmp_path / "tiny.py"
-    overrides = {**TINY, "total_steps": 100_000, "checkpoint_every_steps": 100_000,
-                 "log_every_steps": 1}
-    config_file.write_text(
+def _write_config_file(path: pathlib.Path, overrides: dict) -> pathlib.Path:
+    path.write_text(
         "import json\nfrom udit_jax import train\n\n\ndef get_config():\n"
         "    config = train.base_config()\n"
-        f"    for key, value in json.loads({json.dumps(overrides)!r}).items():\n"
+        f"    for key, value in json.loads({json.dumps({**TINY, **overrides})!r}).items():\n"
         "        *parents, leaf = key.split('.')\n        node = config\n"
         "        for p in parents:\n            node = node[p]\n        node[leaf] = value\n"
         "    return config\n")
-    workdir = tmp_path / "work"
-    proc = subprocess.Popen([sys.executable, "-m", "udit_jax.main", f"--config={config_file}",
-                             f"--workdir={workdir}", "--config.optimizer.learning_rate=1e-3"],
-                            cwd=REPO, env=_env(1, cache_dir), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines = []
-    deadline = time.time() + 600
+    return path
+
+
+def _main_process(config_file, workdir, cache_dir, *flags) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "udit_jax.main", f"--config={config_file}",
+                             f"--workdir={workdir}", *flags], cwd=REPO, env=_env(1, cache_dir),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(proc, text: str, lines: list, timeout=600) -> None:
+    deadline = time.time() + timeout
     for line in proc.stdout:
         lines.append(line)
-        if "step 3/" in line:  # mid-run, well past compilation
-            proc.send_signal(signal.SIGTERM)
-            break
+        if text in line:
+            return
         assert time.time() < deadline, "".join(lines[-50:])
+    raise AssertionError(f"process ended before {text!r}:\n" + "".join(lines[-50:]))
+
+
+_LONG_RUN = {"total_steps": 100_000, "checkpoint_every_steps": 100_000, "log_every_steps": 1}
+
+
+def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path, cache_dir):
+    config_file = _write_config_file(tmp_path / "tiny.py", _LONG_RUN)
+    workdir = tmp_path / "work"
+    proc = _main_process(config_file, workdir, cache_dir, "--config.optimizer.learning_rate=1e-3")
+    lines = []
+    _wait_for(proc, "step 3/", lines)  # mid-run, well past compilation
+    proc.send_signal(signal.SIGTERM)
     rest, _ = proc.communicate(timeout=300)
     output = "".join(lines) + rest
     assert proc.returncode == 0, output[-6000:]
@@ -393,6 +406,25 @@ def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path, cache_dir):
     assert len(saved) == 1 and 3 <= saved[0] < 100_000, (saved, output[-3000:])
     assert f"checkpoint saved at step {saved[0]}" in output
     assert (workdir / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, cache_dir):
+    """JAX's preemption notifier turns one process's SIGTERM into a sync point for all."""
+    config_file = _write_config_file(tmp_path / "tiny.py", _LONG_RUN)
+    coordinator = f"127.0.0.1:{_free_port()}"
+    procs = [_main_process(config_file, tmp_path / "work", cache_dir,
+                           f"--coordinator_address={coordinator}", "--num_processes=2",
+                           f"--process_id={pid}") for pid in range(2)]
+    lines = []
+    _wait_for(procs[0], "step 3/", lines)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-6000:]
+    saved = [int(p.name) for p in (tmp_path / "work" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 3, saved
+    assert f"checkpoint saved at step {saved[0]}" in "".join(lines) + outputs[0]
 
 
 if __name__ == "__main__":
