@@ -189,7 +189,11 @@ def single_device_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
     config = make_config()
     half = config.total_steps // 2
-    straight = train.train_and_evaluate(config, str(root / "straight"))
+    # The straight run also writes the EMA sample grid at its last step.
+    straight = train.train_and_evaluate(make_config({
+        "sample_every_steps": config.total_steps, "sample.classes": [2, 0, 1],
+        "sample.per_class": 4, "sample.sampler": "dpm", "sample.steps": "5",
+        "sample.cfg_scale": 1.0}), str(root / "straight"))
     # The straight run wrote checkpoints at N/2 and N; a run that stopped at N/2 has only the
     # first (test_sigterm covers stopping mid-run for real).
     (root / "resumed" / "checkpoints").mkdir(parents=True)
@@ -207,6 +211,15 @@ def test_single_device_training_lowers_the_loss(single_device_runs):
     after = objective(config, state.params)
     assert int(state.step) == config.total_steps
     assert after < 0.9 * before, (before, after)
+
+
+def test_sample_grid_has_a_row_per_class(single_device_runs):
+    from PIL import Image
+    grid = np.asarray(Image.open(single_device_runs["root"] / "straight" / "samples" /
+                                 f"step_{TINY['total_steps']:08d}.png"))
+    size = TINY["data.image_size"]
+    assert grid.shape == (3 * size, 4 * size) and grid.dtype == np.uint8  # 3 classes x 4, grey
+    assert grid.std() > 0
 
 
 def test_resume_is_bit_identical(single_device_runs):
@@ -269,6 +282,8 @@ def test_gradient_accumulation_matches_the_whole_batch(tmp_path, single_device_r
     ({"optimizer.grad_accum_steps": 3}, "divisible by optimizer.grad_accum_steps"),
     ({"data.space": "latents"}, "data.space"),
     ({"mesh.rules": "tensor"}, "mesh.rules"),
+    ({"sample_every_steps": 10, "sample.classes": [0], "sample.cfg_scale": 4.0}, "null-class"),
+    ({"sample_every_steps": 10}, "sample.classes .* are outside"),
 ])
 def test_invalid_configs_fail_before_compiling(tmp_path, overrides, message):
     from etils import epath

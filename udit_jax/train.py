@@ -218,6 +218,9 @@ def validate(config, workdir: epath.Path):
     bad = [c for c in config.sample.classes if not 0 <= c < config.data.num_classes]
     if config.sample_every_steps and bad:
         raise ValueError(f"sample.classes {bad} are outside [0, {config.data.num_classes})")
+    if config.sample_every_steps and config.sample.cfg_scale > 1 and not model.class_dropout_prob:
+        raise ValueError("sample.cfg_scale > 1 needs the null-class embedding, which a model with "
+                         "class_dropout_prob=0 does not have; set sample.cfg_scale=1")
     if config.eval_every_steps:
         _evaluation_hook()
     check_workdir(workdir)
@@ -469,12 +472,12 @@ def make_sampler(model, config, shardings: TrainState, mesh):
     classes = jnp.repeat(jnp.asarray(list(s.classes), jnp.int32), s.per_class)
     n = classes.shape[0]
     size, channels = model.input_size, model.in_channels
-    decode = _latent_decoder(config) if is_latent(config) else None
-    if is_latent(config) and decode is None:
+    vae, vae_params = _latent_decoder(config) if is_latent(config) else (None, None)
+    if is_latent(config) and vae is None:
         return None
     null = jnp.full_like(classes, config.data.num_classes)
 
-    def sample(ema_params):
+    def sample(ema_params, vae_params):
         k_noise = jax.random.PRNGKey(s.seed)
         if s.cfg_scale > 1.0:
             y = jnp.concatenate([classes, null])
@@ -493,15 +496,16 @@ def make_sampler(model, config, shardings: TrainState, mesh):
         # Pixels are clipped to [-1, 1] at each step; latents are not (official samplers).
         x = loop(model_fn, shape, key=k_noise, clip_denoised=not is_latent(config),
                  model_kwargs={"y": y})[:n]
-        if decode is not None:
-            x = decode(x / config.data.latent_scale)
+        if vae is not None:
+            x = vae.apply({"params": vae_params}, x / config.data.latent_scale, method="decode")
         return x
 
-    sample = jax.jit(sample, in_shardings=(shardings.ema_params,),
+    # The VAE's params are an argument, not constants baked into the compiled program.
+    sample = jax.jit(sample, in_shardings=(shardings.ema_params, parallel.replicated(mesh)),
                      out_shardings=parallel.replicated(mesh))
 
     def grid(ema_params) -> np.ndarray:
-        x = np.asarray(jax.device_get(sample(ema_params)), np.float32)
+        x = np.asarray(jax.device_get(sample(ema_params, vae_params)), np.float32)
         img = np.clip(127.5 * x + 128.0, 0, 255).astype(np.uint8)   # the official quantisation
         rows, cols = len(s.classes), s.per_class
         h, w, c = img.shape[1:]
@@ -510,14 +514,15 @@ def make_sampler(model, config, shardings: TrainState, mesh):
     return grid
 
 
-def _latent_decoder(config) -> Callable | None:
+def _latent_decoder(config) -> tuple[Any, PyTree] | tuple[None, None]:
+    """(vae, params) for decoding latent previews, or (None, None) without VAE weights."""
     if not config.vae.weights:
         logging.warning("vae.weights is empty: latent sample previews are disabled (set it to "
                         "the SD VAE weights to see them)")
-        return None
+        return None, None
     from udit_jax.data.latents import load_vae
     vae, vae_params, _ = load_vae(config)
-    return lambda z: vae.apply({"params": vae_params}, z, method="decode")
+    return vae, vae_params
 
 
 def save_png(path: epath.Path, img: np.ndarray) -> None:
