@@ -3,7 +3,13 @@
 import os
 import pathlib
 
+import tempfile
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA's CPU compiles dominate test time; a persistent cache lets repeated compiles (subprocess
+# tests, re-runs) reuse executables. Environment variables so subprocesses inherit them.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "udit_jax_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -20,6 +20,8 @@ __all__ = [
     "params_to_torch",
     "torch_key_specs",
     "vae_params_from_torch",
+    "vae_params_to_torch",
+    "load_vae_params",
 ]
 
 
@@ -27,3 +29,15 @@ def vae_params_from_torch(vae, state_dict):
     """SD AutoencoderKL params from a diffusers or original-LDM state_dict (see convert/vae.py)."""
     from udit_jax.convert.vae import vae_params_from_torch as _impl
     return _impl(vae, state_dict)
+
+
+def vae_params_to_torch(vae, params):
+    """The diffusers-named state_dict of SD AutoencoderKL params."""
+    from udit_jax.convert.vae import vae_params_to_torch as _impl
+    return _impl(vae, params)
+
+
+def load_vae_params(vae, path):
+    """VAE params from a checkpoint file (.safetensors / .npz / .bin / .pt)."""
+    from udit_jax.convert.vae import load_vae_params as _impl
+    return _impl(vae, path)

@@ -112,8 +112,8 @@ def check_state_dict(specs: list[KeySpec], state_dict: Mapping[str, Any], model_
         if wrong:
             parts.append(f"  {len(wrong)} keys with the wrong shape: " + "; ".join(wrong[:20])
                          + (f"; ... ({len(wrong) - 20} more)" if len(wrong) > 20 else ""))
-        parts.append("  Check that the checkpoint is for this model name and size "
-                     "(and input size / class count).")
+        parts.append("  Check that the checkpoint belongs to this model and configuration "
+                     "(name, size, input size, class count).")
         raise ConversionError("\n".join(parts))
 
 
