@@ -384,8 +384,9 @@ class UDiT(nn.Module):
             problems.append(f"attn_downsample must be 'tokens', 'kv' or 'none', got {self.attn_downsample!r}")
         if self.fused_ffn and not self.has_rep_ffn:
             problems.append("fused_ffn=True needs ffn_type='rep' with rep=1")
-        if self.cfg_channels is not None and not 0 < self.cfg_channels <= self.out_channels:
-            problems.append(f"cfg_channels must be in 1..{self.out_channels} or None, got {self.cfg_channels}")
+        if self.cfg_channels is not None and self.cfg_channels < 1:
+            # More than out_channels guides them all, as the official [:, :3] slice does.
+            problems.append(f"cfg_channels must be a positive int or None, got {self.cfg_channels}")
         if problems:
             raise ValueError("invalid U-DiT configuration:\n  " + "\n  ".join(problems))
 
