@@ -15,13 +15,12 @@ import pickle
 import zipfile
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
 
 from conftest import FIXTURES, load_npz
-from udit_jax import convert, export, models
+from udit_jax import convert, export
 
 TINY = {"model.name": "U-DiT",
         "model.kwargs": dict(hidden_size=16, depth=(1, 1, 1, 1, 1), num_heads=2, mlp_ratio=2,
@@ -118,6 +117,11 @@ def test_export_writes_ema_params_of_latest_or_given_step(trained, tmp_path):
     config.export.step = 5
     with pytest.raises(ValueError, match=r"no checkpoint at that step.*\[3, 6\]"):
         export.export_from_config(config, str(workdir))
+    # An existing directory that is not an export (here: the training run) is never replaced.
+    config.export.step, config.export.dir = 0, str(workdir)
+    with pytest.raises(FileExistsError, match="not an export directory"):
+        export.export_from_config(config, str(workdir))
+    assert (workdir / "checkpoints" / str(STEPS[-1])).exists()
 
 
 def test_config_hash_ignores_post_training_sections():
@@ -153,25 +157,28 @@ def test_torch_weights_convert_back_bit_identical(trained, tmp_path):
 # Import of official checkpoints.
 
 def _reduced_udit():
-    """(config of the fixture's official reduced U-DiT, its state_dict)."""
+    """(import_official arguments for the fixture's official reduced U-DiT, its state_dict)."""
     manifest = json.loads((FIXTURES / "manifest.json").read_text())
-    return dict(manifest["udit_reduced"]["config"]), load_npz("udit_reduced_state_dict.npz")
+    config = dict(manifest["udit_reduced"]["config"])
+    size, channels = config.pop("input_size"), config.pop("in_channels")
+    # 4 channels: SD-VAE latents of images 8x larger; otherwise a pixel-space model.
+    space = dict(space="latent", image_size=8 * size) if channels == 4 else \
+        dict(space="pixel", image_size=size, channels=channels)
+    return dict(space, num_classes=config.pop("num_classes"), **config), \
+        load_npz("udit_reduced_state_dict.npz")
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
 def test_import_official_state_dict_round_trips(suffix, tmp_path, fixtures_dir):
-    config, state_dict = _reduced_udit()
+    arguments, state_dict = _reduced_udit()
     path = tmp_path / f"U-DiT-reduced{suffix}"
     convert.save_state_dict(path, state_dict)
-    size = config.pop("input_size") * 8              # latent model: the image is 8x larger
-    num_classes = config.pop("num_classes")
-    assert config.pop("in_channels") == 4
-    out = export.import_official(path, "U-DiT", tmp_path / "export", image_size=size,
-                                 num_classes=num_classes, torch_weights=True, **config)
+    out = export.import_official(path, "U-DiT", tmp_path / "export", torch_weights=True, **arguments)
     model, params, info = export.load_export(out)
     assert info["metadata"]["source"] == "import"
     assert info["metadata"]["weights_file"] == path.name
-    assert info["data"]["space"] == "latent" and info["vae"] == {"arguments": {}, "weights": ""}
+    assert info["data"]["space"] == arguments["space"]
+    assert info["vae"] == ({"arguments": {}, "weights": ""} if arguments["space"] == "latent" else None)
     back = convert.load_state_dict(out / export.TORCH_WEIGHTS_FILE)
     assert back.keys() == state_dict.keys()
     for k, v in state_dict.items():
@@ -181,16 +188,15 @@ def test_import_official_state_dict_round_trips(suffix, tmp_path, fixtures_dir):
 
 
 def test_import_command_line(tmp_path, fixtures_dir):
-    config, state_dict = _reduced_udit()
+    arguments, state_dict = _reduced_udit()
     path = tmp_path / "weights.npz"
     convert.save_state_dict(path, state_dict)
-    overrides = {k: v for k, v in config.items() if k not in ("input_size", "num_classes", "in_channels")}
+    flags = [f"--{k}={arguments.pop(k)}" for k in ("space", "image_size", "num_classes", "channels")
+             if k in arguments]
     assert export.main([f"--import_weights={path}", "--model=U-DiT", f"--out={tmp_path / 'out'}",
-                        f"--image_size={8 * config['input_size']}",
-                        f"--num_classes={config['num_classes']}",
-                        f"--model_kwargs={json.dumps(overrides)}"]) == 0
+                        *flags, f"--model_kwargs={json.dumps(arguments)}"]) == 0
     model, params, _ = export.load_export(tmp_path / "out")
-    assert model.hidden_size == config["hidden_size"] and model.num_classes == config["num_classes"]
+    assert model.hidden_size == arguments["hidden_size"] and tuple(model.depth) == tuple(arguments["depth"])
     with pytest.raises(SystemExit):
         export.main([f"--import_weights={path}", f"--out={tmp_path / 'x'}", "--model_kwargs={bad"])
 

@@ -149,6 +149,9 @@ def write_export(out_dir: str | os.PathLike, model, params, *, name: str | None 
                          created=datetime.datetime.now(datetime.timezone.utc).isoformat(
                              timespec="seconds")),
     }
+    if out_dir.exists() and not (out_dir / INFO_FILE).exists():
+        raise FileExistsError(f"{out_dir} exists and is not an export directory; refusing to "
+                              "replace it (choose another export directory)")
     staging = out_dir.parent / f".{out_dir.name}.staging"
     if jax.process_index() == 0:
         if staging.exists():
@@ -439,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="image size in pixels (default: from the file name, else 256)")
     parser.add_argument("--num_classes", type=int, default=1000)
     parser.add_argument("--space", choices=("latent", "pixel"), default="latent")
+    parser.add_argument("--channels", type=int, default=3, help="image channels (pixel space)")
     parser.add_argument("--vae_weights", default="",
                         help="SD VAE weights file to record for sampling (latent models)")
     parser.add_argument("--torch_weights", action="store_true",
@@ -451,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     except json.JSONDecodeError as e:
         parser.error(f"--model_kwargs is not valid JSON ({e})")
     out = import_official(args.import_weights, args.model, args.out, image_size=args.image_size,
-                          num_classes=args.num_classes, space=args.space,
+                          num_classes=args.num_classes, space=args.space, channels=args.channels,
                           vae_weights=args.vae_weights, torch_weights=args.torch_weights,
                           **overrides)
     print(f"wrote {out}")

@@ -39,8 +39,6 @@ import functools
 import io
 import json
 import math
-import os
-import time
 from typing import Any, Callable, Sequence
 
 import jax
