@@ -13,8 +13,9 @@
 Samplers: "ddpm" (ancestral with the learned variance, the papers' 250 respaced steps),
 "ddim" (eta = 0; steps "ddimN" or "N") and "dpm" (DPM-Solver++(2M), ~20 steps). Classifier-
 free guidance when cfg_scale > 1 (as the official scripts), on the first 3 output channels
-as officially or on all of them (guide_all_channels). Latent models are decoded with the SD
-VAE; pixel models are not, and their x_0 predictions are clipped to [-1, 1].
+as officially or on all of them (guide_all_channels; in Python pass
+model.clone(cfg_channels=None)). Latent models are decoded with the SD VAE; pixel models
+are not, and their x_0 predictions are clipped to [-1, 1].
 
 Determinism: image i (its index in the job) starts from noise drawn with
 fold_in(fold_in(key, i), 0) and takes its step-t noise from fold_in(fold_in(key, i), t + 1),
