@@ -305,6 +305,21 @@ def test_invalid_configs_fail_before_compiling(tmp_path, overrides, message):
         train.validate(make_config(overrides), epath.Path(tmp_path))
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.py")), ids=lambda p: p.name)
+def test_every_config_builds_and_documents_its_command(path):
+    import importlib.util
+    from udit_jax import train
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert f"python -m udit_jax.main --config=configs/{path.name}" in module.__doc__
+    config = module.get_config()
+    assert config.keys() == train.base_config().keys()   # overrides only, no new sections
+    model = train.build_model(config)
+    latent = config.data.space == "latent"
+    assert model.input_size == config.data.image_size // (8 if latent else 1)
+
+
 def test_unwritable_workdir_fails_clearly(tmp_path):
     from etils import epath
     from udit_jax import train

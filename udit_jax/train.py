@@ -82,7 +82,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_classes = 1000
     c.data.latent_scale = 0.18215     # SD-VAE scaling factor
     c.data.random_flip = True
-    c.data.loader_workers = 0
+    c.data.loader_threads = 8
+    c.data.prefetch_batches = 4
+    c.data.loader_workers = 0         # grain worker processes (0: threads only)
+    c.data.decode_threads = 0         # image decoding threads (0: the data module's default)
+    c.data.min_image_side = 16        # smaller images are skipped as unusable
+    c.data.max_image_pixels = 2 ** 27
+    c.data.max_bad_fraction = 0.001   # unreadable images tolerated before failing
+    c.data.cache_dtype = "float16"    # latent cache (--mode=encode)
+    c.data.encode_batch_size = 64     # per process
+    c.data.records_per_shard = 4096
 
     # The SD VAE: encodes the latent cache (--mode=encode) and decodes latent previews.
     c.vae = ml_collections.ConfigDict()
