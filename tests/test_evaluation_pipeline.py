@@ -45,6 +45,10 @@ def test_images_stream_in_batches(tmp_path, save):
     batches = list(R.iter_images(path, batch_size=3))
     assert [len(b) for b in batches] == [3, 3, 1]
     np.testing.assert_array_equal(np.concatenate(batches), images)
+    gray = tmp_path / "gray.npz"   # sample.py's layout for 1-channel (Fashion-MNIST) models
+    save(gray, arr_0=images[..., :1])
+    np.testing.assert_array_equal(np.concatenate(list(R.iter_images(gray, batch_size=3))),
+                                  np.broadcast_to(images[..., :1], images.shape))
 
 
 def test_statistics_files(tmp_path):
@@ -97,10 +101,10 @@ def test_evaluate_refuses_bad_input_before_computing(tmp_path, io, sizes):
     np.savez(other_res, arr_0=np.zeros((5, 299 if size != 299 else 256, 8, 3), np.uint8))
     with pytest.raises(ValueError, match="reference batch of the sample resolution"):
         evaluate_npz(sample, other_res, WEIGHTS, progress=False)
-    gray = tmp_path / "gray.npz"
-    np.savez(gray, arr_0=images[..., :1])
+    two_channels = tmp_path / "two_channels.npz"
+    np.savez(two_channels, arr_0=images[..., :2])
     with pytest.raises(ValueError, match="channels"):
-        evaluate_npz(gray, other_res, WEIGHTS, progress=False)
+        evaluate_npz(two_channels, other_res, WEIGHTS, progress=False)
     ref = tmp_path / "ref.npz"
     np.savez(ref, arr_0=images)
     with pytest.raises(ValueError, match="single sample"):

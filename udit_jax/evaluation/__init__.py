@@ -8,15 +8,24 @@
     feats = evaluation.InceptionFeatures(variables)(images_u8)  # pool3, spatial, probs
     evaluation.frechet_distance(evaluation.feature_statistics(feats.pool3), ref_stats)
 
+    # reference statistics of a training dataset (config.data: class folders, tfds, Fashion-MNIST)
+    evaluation.write_dataset_reference(config, "ref.npz", inception_weights, max_images=50_000)
+
+    python -m udit_jax.main --mode=evaluate ...   # score config.eval.sample_npz, or sample
+                                                  # config.eval.num_samples from the export
+                                                  # first; or write a dataset reference
+
 Modules: inception (network), convert_inception (weights), preprocess (ADM / pytorch-fid
 resize), metrics (FID, sFID, IS, precision/recall), features (sharded extraction),
-reference (ADM .npz files), evaluate (end-to-end scoring, `--mode=evaluate`), in_training
+reference (ADM .npz files), dataset_reference (reference statistics of a training dataset),
+evaluate (end-to-end scoring, `--mode=evaluate`, from a sample .npz or an export), in_training
 (sampling + scoring every config.eval_every_steps).
 """
 
 from udit_jax.evaluation.convert_inception import (inception_key_specs,
                                                    inception_variables_from_torch,
                                                    load_inception_variables)
+from udit_jax.evaluation.dataset_reference import write_dataset_reference
 from udit_jax.evaluation.evaluate import (Evaluator, evaluate_from_config, evaluate_npz,
                                           format_table)
 from udit_jax.evaluation.features import Activations, InceptionFeatures
@@ -26,7 +35,8 @@ from udit_jax.evaluation.metrics import (PrecisionRecall, Statistics, feature_st
                                          frechet_distance, inception_score, manifold_radii,
                                          precision_recall)
 from udit_jax.evaluation.preprocess import check_images, preprocess
-from udit_jax.evaluation.reference import iter_images, load_statistics, write_reference
+from udit_jax.evaluation.reference import (iter_images, load_statistics, write_reference,
+                                           write_statistics)
 
 __all__ = [
     "Activations", "Evaluator", "InceptionFeatures", "InceptionV3", "PrecisionRecall",
@@ -34,5 +44,6 @@ __all__ = [
     "evaluate_npz", "feature_statistics", "format_table",
     "frechet_distance", "inception_key_specs", "inception_score", "inception_variables_from_torch",
     "iter_images", "load_inception_variables", "load_statistics", "manifold_radii",
-    "precision_recall", "preprocess", "write_reference",
+    "precision_recall", "preprocess", "write_dataset_reference", "write_reference",
+    "write_statistics",
 ]

@@ -1,6 +1,7 @@
 """Scoring samples against a reference batch: IS, FID, sFID, precision, recall (ADM protocol).
 
-    python -m udit_jax.main --mode=evaluate --config=... --workdir=...   (see evaluate_from_config)
+    python -m udit_jax.main --mode=evaluate --config=... --workdir=...   (see evaluate_from_config:
+        scores config.eval.sample_npz, or samples the export first; or writes a dataset reference)
 
     from udit_jax.evaluation import evaluate_npz
     metrics = evaluate_npz("samples.npz", "VIRTUAL_imagenet256_labeled.npz",
@@ -194,13 +195,56 @@ def evaluate_npz(sample_path, reference_path, inception_weights, *, preprocess: 
     return result
 
 
-def evaluate_from_config(config, workdir) -> dict:
-    """`--mode=evaluate`: scores config.eval.sample_npz against config.eval.reference_npz.
+def _mesh_from_config(config) -> jax.sharding.Mesh | None:
+    mesh_cfg = config.get("mesh")
+    if mesh_cfg is None:
+        return None
+    return parallel.make_mesh(mesh_cfg.get("data", -1), mesh_cfg.get("fsdp", 1))
 
-    config.eval fields (defaults in brackets): sample_npz, reference_npz, inception_weights
-    (required); preprocess ["adm"], batch_size [256], pr_distance ["float16"],
-    is_split_size [5000], dtype ["float32"], fid_method ["sqrtm"],
-    output_json [<workdir>/eval/<sample>.json].
+
+def _sample_export(config, workdir: epath.Path, num_samples: int) -> epath.Path:
+    """Samples num_samples images of random classes from the export and returns the job's
+    samples.npz (a finished job with the same settings is reused, an interrupted one resumed)."""
+    from udit_jax import sample as sample_lib
+    ev = config.eval
+    preview = config.get("sample") or {}
+    pick = lambda name, default: ev.get(name) or preview.get(name) or default  # noqa: E731
+    sampler = pick("sampler", "ddpm")
+    steps = str(pick("steps", sample_lib.DEFAULT_STEPS.get(sampler, "250")))
+    cfg_scale = float(ev.get("cfg_scale", preview.get("cfg_scale", 1.0)))
+    seed = int(ev.get("seed", 0))
+    export_dir = epath.Path(ev.get("export_dir") or workdir / "export")
+    out_dir = (workdir / "eval" / "samples"
+               / f"{sampler}-{steps}-cfg{cfg_scale:g}-seed{seed}-{num_samples}")
+    vae = config.get("vae")
+    result = sample_lib.run_sampling_job(
+        export_dir, out_dir, num_images=num_samples, seed=seed, sampler=sampler, steps=steps,
+        cfg_scale=cfg_scale, guide_all_channels=bool(pick("guide_all_channels", False)),
+        per_device_batch=int(pick("per_device_batch", 32)), write_png=False,
+        vae_weights=(vae.get("weights") if vae else None) or None)
+    return epath.Path(result["npz"])
+
+
+def evaluate_from_config(config, workdir) -> dict:
+    """`--mode=evaluate`: scores samples against config.eval.reference_npz, or writes a
+    dataset's reference statistics.
+
+    config.eval fields (defaults in brackets):
+      inception_weights                pytorch-fid Inception weights (required)
+      write_reference_to [""]          if set: write the reference statistics of config.data's
+                                       dataset there (write_dataset_reference) and stop, with
+                                       reference_max_images [0 = all], reference_with_images
+                                       [False] (arr_0, for precision/recall), seed [0]
+      reference_npz                    ADM reference batch to score against (required otherwise)
+      sample_npz [""]                  the samples to score; if empty, num_samples [50000]
+                                       images of random classes are first sampled from the
+                                       export export_dir [<workdir>/export] into
+                                       <workdir>/eval/samples/<settings>/ with sampler, steps,
+                                       cfg_scale, guide_all_channels, per_device_batch (each
+                                       defaulting to config.sample's) and seed [0]
+      preprocess ["adm"], batch_size [256], pr_distance ["float16"], is_split_size [5000],
+      dtype ["float32"], fid_method ["sqrtm"],
+      output_json [<workdir>/eval/<sample file stem or sampling settings>.json]
     The mesh comes from config.mesh.data / config.mesh.fsdp when present (else all devices).
     """
     ev = config.get("eval")
@@ -208,19 +252,40 @@ def evaluate_from_config(config, workdir) -> dict:
         raise ValueError("--mode=evaluate reads config.eval (sample_npz, reference_npz, "
                          "inception_weights, ...); the config has no 'eval' section")
     get = lambda name, default=None: ev.get(name, default)  # noqa: E731
-    missing = [k for k in ("sample_npz", "reference_npz", "inception_weights") if not get(k)]
+    workdir = epath.Path(workdir)
+    mesh = _mesh_from_config(config)
+    if get("write_reference_to"):
+        from udit_jax.evaluation.dataset_reference import write_dataset_reference
+        if not get("inception_weights"):
+            raise ValueError("config.eval.write_reference_to needs config.eval.inception_weights "
+                             "(pytorch-fid Inception weights)")
+        return write_dataset_reference(
+            config, get("write_reference_to"), get("inception_weights"),
+            max_images=int(get("reference_max_images", 0)) or None, seed=int(get("seed", 0)),
+            with_images=bool(get("reference_with_images", False)),
+            preprocess=get("preprocess", "adm"), batch_size=get("batch_size", 256),
+            dtype=get("dtype", "float32"), mesh=mesh)
+    missing = [k for k in ("reference_npz", "inception_weights") if not get(k)]
     if missing:
         raise ValueError(f"--mode=evaluate needs config.eval.{', config.eval.'.join(missing)} "
-                         "(sample .npz, ADM reference .npz, pytorch-fid Inception weights)")
-    mesh_cfg = config.get("mesh")
-    mesh = None
-    if mesh_cfg is not None:
-        mesh = parallel.make_mesh(mesh_cfg.get("data", -1), mesh_cfg.get("fsdp", 1))
-    sample = epath.Path(get("sample_npz"))
-    output = get("output_json") or epath.Path(workdir) / "eval" / f"{sample.stem}.json"
+                         "(ADM reference .npz, pytorch-fid Inception weights), and either "
+                         "config.eval.sample_npz or an export to sample from")
+    split = get("is_split_size", M.IS_SPLIT_SIZE)
+    if get("sample_npz"):
+        sample = epath.Path(get("sample_npz"))
+    else:
+        # Everything cheap is checked before sampling (which can take hours).
+        num = int(get("num_samples", 50_000))
+        M.check_split(num, split)
+        R.npz_keys(get("reference_npz"))
+        if not epath.Path(get("inception_weights")).exists():
+            raise FileNotFoundError(f"config.eval.inception_weights={get('inception_weights')!r} "
+                                    "not found (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
+        sample = _sample_export(config, workdir, num)
+    stem = sample.stem if get("sample_npz") else sample.parent.name
+    output = get("output_json") or workdir / "eval" / f"{stem}.json"
     return evaluate_npz(sample, get("reference_npz"), get("inception_weights"),
                         preprocess=get("preprocess", "adm"), batch_size=get("batch_size", 256),
-                        pr_distance=get("pr_distance", "float16"),
-                        is_split_size=get("is_split_size", M.IS_SPLIT_SIZE),
+                        pr_distance=get("pr_distance", "float16"), is_split_size=split,
                         dtype=get("dtype", "float32"), mesh=mesh, output_json=output,
                         fid_method=get("fid_method", "sqrtm"))

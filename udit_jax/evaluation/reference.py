@@ -1,7 +1,8 @@
 """ADM's batch files: read sample / reference `.npz`, and write reference statistics.
 
 Layout (guided-diffusion's evaluations, e.g. VIRTUAL_imagenet256_labeled.npz):
-  arr_0             uint8 [N, H, W, 3] images (samples: 50,000; ImageNet-256 reference: 10,000)
+  arr_0             uint8 [N, H, W, 3] images (samples: 50,000; ImageNet-256 reference: 10,000);
+                    [N, H, W, 1] (grayscale samples, e.g. Fashion-MNIST) is read as RGB
   mu, sigma         pool3 statistics [2048], [2048, 2048]
   mu_s, sigma_s     spatial (sFID) statistics [2023], [2023, 2023]
 If `mu` is present the four stored arrays are the reference statistics; otherwise they are
@@ -84,13 +85,13 @@ def image_array_info(path: str | os.PathLike, key: str = IMAGES_KEY) -> ImageArr
 
 
 def check_image_array(info: ImageArrayInfo, path) -> None:
-    """ADM's arr_0 contract: uint8 [N, H, W, 3], N >= 1."""
+    """ADM's arr_0 contract: uint8 [N, H, W, 3] (or grayscale [N, H, W, 1]), N >= 1."""
     what = f"{path} ({IMAGES_KEY})"
     if len(info.shape) != 4:
         raise ValueError(f"{what} must be [N, H, W, 3] (NHWC), got shape {info.shape}")
-    if info.shape[-1] != 3:
-        raise ValueError(f"{what} must have 3 (RGB) channels last, got shape {info.shape}"
-                         + (" (grayscale: repeat the channel)" if info.shape[-1] == 1 else ""))
+    if info.shape[-1] not in (1, 3):
+        raise ValueError(f"{what} must have 3 (RGB) or 1 (grayscale) channels last, got shape "
+                         f"{info.shape}")
     if info.dtype != np.uint8:
         raise ValueError(f"{what} must be uint8 in [0, 255], got {info.dtype}; save samples as "
                          "np.clip(127.5 * x + 128, 0, 255).astype(np.uint8)")
@@ -100,7 +101,8 @@ def check_image_array(info: ImageArrayInfo, path) -> None:
 
 def iter_images(path: str | os.PathLike, batch_size: int = 1000,
                 key: str = IMAGES_KEY) -> Iterator[np.ndarray]:
-    """Consecutive uint8 batches [<=batch_size, H, W, 3] of `key`, streamed from the archive."""
+    """Consecutive uint8 batches [<=batch_size, H, W, 3] of `key`, streamed from the archive
+    (grayscale images repeated to RGB, as Inception sees them)."""
     path = _require_file(path, "batch file")
     with _open_member(path, key) as (f, info):
         check_image_array(info, path)
@@ -110,7 +112,8 @@ def iter_images(path: str | os.PathLike, batch_size: int = 1000,
             data = f.read(n * per_image)
             if len(data) != n * per_image:
                 raise ValueError(f"{path}:{key} is truncated at image {start}")
-            yield np.frombuffer(data, info.dtype).reshape((n,) + info.shape[1:])
+            images = np.frombuffer(data, info.dtype).reshape((n,) + info.shape[1:])
+            yield np.repeat(images, 3, axis=-1) if info.shape[-1] == 1 else images
 
 
 def load_statistics(path: str | os.PathLike) -> tuple[Statistics, Statistics] | None:
@@ -139,7 +142,13 @@ def write_reference(path: str | os.PathLike, pool3: np.ndarray, spatial: np.ndar
     """Writes an ADM-layout reference file: statistics of the given features (float32
     features; mu float32, sigma float64 as ADM computes them) and, optionally, the images
     themselves as arr_0 (needed for precision/recall)."""
-    pool, spat = feature_statistics(pool3), feature_statistics(spatial)
+    write_statistics(path, feature_statistics(pool3), feature_statistics(spatial), images)
+
+
+def write_statistics(path: str | os.PathLike, pool: Statistics, spat: Statistics,
+                     images: np.ndarray | None = None) -> None:
+    """Writes an ADM-layout reference file from (pool3, spatial) statistics and optional
+    images (arr_0)."""
     arrays = {"mu": pool.mu, "sigma": pool.sigma, "mu_s": spat.mu, "sigma_s": spat.sigma}
     if images is not None:
         arrays[IMAGES_KEY] = np.asarray(images)
