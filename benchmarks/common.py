@@ -7,22 +7,7 @@ from typing import Callable, Sequence
 
 import jax
 
-# Peak dense bf16 TFLOP/s of accelerators we know, for MFU (None: unknown).
-PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5e": 197.0,
-                    "TPU v5p": 459.0, "TPU v6e": 918.0}
-
-
-def device_name() -> str:
-    d = jax.devices()[0]
-    return getattr(d, "device_kind", d.platform)
-
-
-def peak_tflops() -> float | None:
-    kind = device_name()
-    for key, value in PEAK_TFLOPS_BF16.items():
-        if key.lower() in kind.lower():
-            return value
-    return None
+from udit_jax.parallel import device_kind as device_name, peak_tflops_per_device as peak_tflops  # noqa: F401
 
 
 def time_fn(fn: Callable[[], object], warmup: int = 2, iters: int = 10) -> float:

@@ -422,3 +422,7 @@ def test_bad_inputs_raise_clear_errors():
         models.build_model("U-DiT", **{**TINY, "num_heads": 3})
     with pytest.raises(ValueError, match="has no argument"):
         models.build_model("U-DiT-S", patch_size=2)
+    no_null = model.clone(class_dropout_prob=0.0)
+    with pytest.raises(ValueError, match="needs a null class"):
+        no_null.apply({"params": _random_params(no_null)}, jnp.zeros((2, 8, 8, 3)), t, y, 2.0,
+                      method="forward_with_cfg")

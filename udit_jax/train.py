@@ -145,6 +145,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.pr_distance = "float16"
     c.eval.dtype = "float32"
     c.eval.seed = 0
+    # --mode=evaluate of an export (when sample_npz is ""): sample num_samples images first;
+    # sampler/steps/cfg_scale "" or None fall back to config.sample's values.
+    c.eval.export_dir = ""            # "" = <workdir>/export
+    c.eval.sampler = ""
+    c.eval.steps = ""
+    c.eval.cfg_scale = ml_collections.config_dict.placeholder(float)
+    # --mode=evaluate writing reference statistics of config.data instead of scoring.
+    c.eval.write_reference_to = ""
+    c.eval.reference_max_images = 0  # 0 = every image
+    c.eval.reference_with_images = False
     return c
 
 

@@ -211,7 +211,8 @@ def _sample_export(config, workdir: epath.Path, num_samples: int) -> epath.Path:
     pick = lambda name, default: ev.get(name) or preview.get(name) or default  # noqa: E731
     sampler = pick("sampler", "ddpm")
     steps = str(pick("steps", sample_lib.DEFAULT_STEPS.get(sampler, "250")))
-    cfg_scale = float(ev.get("cfg_scale", preview.get("cfg_scale", 1.0)))
+    cfg_scale = ev.get("cfg_scale")
+    cfg_scale = float(cfg_scale if cfg_scale is not None else preview.get("cfg_scale", 1.0))
     seed = int(ev.get("seed", 0))
     export_dir = epath.Path(ev.get("export_dir") or workdir / "export")
     out_dir = (workdir / "eval" / "samples"

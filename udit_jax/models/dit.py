@@ -367,6 +367,7 @@ class DiT(nn.Module):
         [2B, S, S, C_out]: channels [0, cfg_channels) of both halves are
         uncond + cfg_scale * (cond - uncond); the rest are the raw outputs of their own half.
         """
+        layers.require_null_class(self.class_dropout_prob)
         if x.shape[0] % 2:
             raise ValueError(f"forward_with_cfg needs an even batch ([cond; uncond] halves), "
                              f"got x of batch {x.shape[0]}")

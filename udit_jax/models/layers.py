@@ -138,6 +138,14 @@ class LabelEmbedder(nn.Module):
         return jnp.take(table, labels, axis=0).astype(self.dtype)
 
 
+def require_null_class(class_dropout_prob: float) -> None:
+    """Classifier-free guidance needs the null-class row, which exists only with label dropout."""
+    if not class_dropout_prob > 0:
+        raise ValueError("forward_with_cfg needs a null class, but this model was built with "
+                         "class_dropout_prob=0 (no unconditional embedding); sample it with cfg_scale=1 "
+                         "(plain forward) or train with label dropout")
+
+
 def guided_output(out: jax.Array, cfg_scale: float | jax.Array, guided_channels: int | None) -> jax.Array:
     """Classifier-free guidance mix of a model output on [cond; uncond] halves.
 

@@ -474,6 +474,9 @@ class UDiT(nn.Module):
         x: [2B, H, W, C] (only the first half is read; it is duplicated), t: [2B],
         y: [2B] = [labels; null class]. Guides the first `cfg_channels` channels.
         """
+        layers.require_null_class(self.class_dropout_prob)
+        if x.shape[0] % 2:
+            raise ValueError(f"forward_with_cfg needs an even batch ([cond; uncond] halves), got {x.shape[0]}")
         half = x[: x.shape[0] // 2]
         out = self(jnp.concatenate([half, half], axis=0), t, y)
         return layers.guided_output(out, cfg_scale, self.cfg_channels)
