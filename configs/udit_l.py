@@ -19,15 +19,4 @@ from udit_jax import train
 
 
 def get_config():
-    config = train.base_config()
-    config.model.name = "U-DiT-L"
-    config.model.dtype = "bfloat16"
-    config.data.space = "latent"
-    config.data.source = "tfds"
-    config.data.tfds_name = "imagenet2012"
-    config.data.image_size = 256
-    config.data.num_classes = 1000
-    config.batch_size = 256
-    config.total_steps = 400_000
-    config.seed = 0
-    return config
+    return train.imagenet_config("U-DiT-L")
