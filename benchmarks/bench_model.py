@@ -1,7 +1,7 @@
 """Forward and train-step throughput of a model on the current backend.
 
-    python benchmarks/bench_model.py --model U-DiT-B --batch 64 --dtype bfloat16
-    python benchmarks/bench_model.py --model U-DiT-S --batch 4 --input_size 16   # quick CPU check
+    python -m benchmarks.bench_model --model U-DiT-B --batch 64 --dtype bfloat16
+    python -m benchmarks.bench_model --model U-DiT-S --batch 4 --input_size 16   # quick CPU check
 
 FLOPs are counted as the papers count them: forward = 2 x MACs (model_info, torchprofile
 rules); a train step (forward + backward) = 3 x forward. The forward row runs the inference
