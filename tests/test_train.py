@@ -40,12 +40,7 @@ TINY = {
 def make_config(overrides: dict | None = None):
     from udit_jax import train
     config = train.base_config()
-    for key, value in {**TINY, **(overrides or {})}.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    config.update_from_flattened_dict({**TINY, **(overrides or {})})
     return config
 
 
