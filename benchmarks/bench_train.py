@@ -20,6 +20,7 @@ import jax
 
 from benchmarks.common import peak_memory_gib, print_table
 from udit_jax import models, parallel, train
+from udit_jax import config as config_lib
 
 
 def load_config(path: str, overrides: list[str]):
@@ -42,9 +43,9 @@ def load_config(path: str, overrides: list[str]):
 
 def bench(config, steps: int, warmup: int) -> dict:
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-    model = train.build_model(config)
-    diffusion = train.make_diffusion(config)
-    tx, schedule = train.make_optimizer(config.optimizer)
+    model = config_lib.build_model(config)
+    diffusion = config_lib.make_diffusion(config)
+    tx, schedule = config_lib.make_optimizer(config.optimizer)
     _, shardings = train.state_shardings(model, tx, config.seed, mesh, config.mesh.rules)
     state = train.init_state(model, tx, config.seed, shardings)
     data = train.SyntheticBatches(config, jax.process_index(), jax.process_count())

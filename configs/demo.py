@@ -11,11 +11,11 @@ final one is docs/demo_samples.png. Needs the four Fashion-MNIST files: Debian/U
     python -m udit_jax.main --config=configs/demo.py --workdir=/tmp/udit_demo
 """
 
-from udit_jax import train
+from udit_jax import config as config_lib
 
 
 def get_config():
-    config = train.base_config()
+    config = config_lib.base_config()
     config.model.name = "U-DiT"
     # The official U-DiT block design at 1/24 of U-DiT-S's width; no blocks at full 32x32
     # resolution (the costly stage on a CPU), U-DiT blocks at 16x16 and 8x8.

@@ -15,8 +15,8 @@ or --config.data.source=folder --config.data.dir=/path/to/train), then train:
 On a TPU pod: launch/tpu_pod.py; on a SLURM GPU cluster: launch/slurm.py.
 """
 
-from udit_jax import train
+from udit_jax import config as config_lib
 
 
 def get_config():
-    return train.imagenet_config("U-DiT-L")
+    return config_lib.imagenet_config("U-DiT-L")

@@ -14,6 +14,7 @@ from udit_jax.evaluation import metrics as M
 from udit_jax.evaluation import reference as R
 from udit_jax.evaluation.evaluate import Evaluator, evaluate_npz, evaluate_from_config
 from udit_jax.evaluation.preprocess import check_images
+from udit_jax import config as config_lib
 
 WEIGHTS = FIXTURES / "eval" / "inception_fid_weights.npz"
 REL = 1e-4
@@ -205,7 +206,7 @@ def test_evaluate_during_training(tmp_path, io):
     from udit_jax import models, train
     from udit_jax.evaluation import in_training
 
-    config = train.base_config()
+    config = config_lib.base_config()
     config.data.space = "pixel"
     config.data.num_classes = 4
     config.sample.steps = "2"

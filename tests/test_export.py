@@ -21,6 +21,7 @@ from flax import traverse_util
 
 from conftest import FIXTURES, load_npz
 from udit_jax import convert, export
+from udit_jax import config as config_lib
 
 TINY = {"model.name": "U-DiT",
         "model.kwargs": dict(hidden_size=16, depth=(1, 1, 1, 1, 1), num_heads=2, mlp_ratio=2,
@@ -33,7 +34,7 @@ STEPS = (3, 6)
 
 def make_config(overrides: dict | None = None):
     from udit_jax import train
-    config = train.base_config()
+    config = config_lib.base_config()
     config.update_from_flattened_dict({**TINY, **(overrides or {})})
     return config
 
@@ -60,8 +61,8 @@ def trained(tmp_path_factory):
     from udit_jax import checkpoints, parallel, train
     workdir = tmp_path_factory.mktemp("run")
     config = make_config()
-    model = train.build_model(config)
-    tx, _ = train.make_optimizer(config.optimizer)
+    model = config_lib.build_model(config)
+    tx, _ = config_lib.make_optimizer(config.optimizer)
     abstract, _ = train.state_shardings(model, tx, config.seed, parallel.make_mesh(),
                                         config.mesh.rules)
     rng = np.random.default_rng(0)

@@ -19,10 +19,11 @@ import time
 
 import numpy as np
 import pytest
+from udit_jax import config as config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# Flat overrides of train.base_config(): a ~30K-parameter DiT on 8x8x1 synthetic images.
+# Flat overrides of config_lib.base_config(): a ~30K-parameter DiT on 8x8x1 synthetic images.
 # No label dropout: its masks are drawn per microbatch, which would make gradient
 # accumulation differ from the whole batch (test_gradient_accumulation_...).
 TINY = {
@@ -39,7 +40,7 @@ TINY = {
 
 def make_config(overrides: dict | None = None):
     from udit_jax import train
-    config = train.base_config()
+    config = config_lib.base_config()
     config.update_from_flattened_dict({**TINY, **(overrides or {})})
     return config
 
@@ -68,7 +69,7 @@ def objective(config, params) -> float:
     import jax
     import jax.numpy as jnp
     from udit_jax import train
-    model, d = train.build_model(config), train.make_diffusion(config)
+    model, d = config_lib.build_model(config), config_lib.make_diffusion(config)
     batches = train.SyntheticBatches(config, 0, 1)
     batches.set_state({"index": 1000})
     data = [next(batches) for _ in range(4)]
@@ -90,7 +91,7 @@ def objective(config, params) -> float:
 def initial_params(config):
     import jax
     from udit_jax import models, train
-    return models.init_params(train.build_model(config), jax.random.PRNGKey(config.seed))
+    return models.init_params(config_lib.build_model(config), jax.random.PRNGKey(config.seed))
 
 
 # ----------------------------------------------------------------------------------------
@@ -116,8 +117,8 @@ def _worker(job: dict) -> None:
                     for leaf in jax.tree.leaves(state.params))
                 out["num_params"] = len(jax.tree.leaves(state.params))
         elif run["kind"] == "restore":
-            model = train.build_model(config)
-            tx, _ = train.make_optimizer(config.optimizer)
+            model = config_lib.build_model(config)
+            tx, _ = config_lib.make_optimizer(config.optimizer)
             mesh = train.parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
             target = train.abstract_state_on_mesh(config, model, tx, mesh)
             ckpt = checkpoints.Checkpointer(epath.Path(run["workdir"]), keep=5, keep_every=None)
@@ -232,8 +233,8 @@ def test_corrupted_latest_checkpoint_falls_back(single_device_runs):
     for f in latest.rglob("*"):
         if f.is_file():
             f.write_bytes(b"\0garbage")
-    model = train.build_model(config)
-    tx, _ = train.make_optimizer(config.optimizer)
+    model = config_lib.build_model(config)
+    tx, _ = config_lib.make_optimizer(config.optimizer)
     target = train.abstract_state_on_mesh(config, model, tx, train.parallel.make_mesh())
     ckpt = checkpoints.Checkpointer(epath.Path(workdir), keep=5, keep_every=None)
     iterator = train.SyntheticBatches(config, 0, 1)
@@ -309,8 +310,8 @@ def test_every_config_builds_and_documents_its_command(path):
     spec.loader.exec_module(module)
     assert f"python -m udit_jax.main --config=configs/{path.name}" in module.__doc__
     config = module.get_config()
-    assert config.keys() == train.base_config().keys()   # overrides only, no new sections
-    model = train.build_model(config)
+    assert config.keys() == config_lib.base_config().keys()   # overrides only, no new sections
+    model = config_lib.build_model(config)
     latent = config.data.space == "latent"
     assert model.input_size == config.data.image_size // (8 if latent else 1)
 
@@ -400,8 +401,8 @@ def test_two_processes_match_one_process(tmp_path, cache_dir, single_device_runs
 
 def _write_config_file(path: pathlib.Path, overrides: dict) -> pathlib.Path:
     path.write_text(
-        "import json\nfrom udit_jax import train\n\n\ndef get_config():\n"
-        "    config = train.base_config()\n"
+        "import json\nfrom udit_jax import config as config_lib\n\n\ndef get_config():\n"
+        "    config = config_lib.base_config()\n"
         f"    for key, value in json.loads({json.dumps({**TINY, **overrides})!r}).items():\n"
         "        *parents, leaf = key.split('.')\n        node = config\n"
         "        for p in parents:\n            node = node[p]\n        node[leaf] = value\n"

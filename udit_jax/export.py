@@ -52,7 +52,7 @@ _POST_TRAINING_SECTIONS = ("export", "sample", "eval")
 
 
 def config_defaults():
-    """The `config.export` fields and their defaults (train.base_config() holds them)."""
+    """The `config.export` fields and their defaults (config_lib.base_config() holds them)."""
     import ml_collections
     c = ml_collections.ConfigDict()
     c.dir = ""              # "" = <workdir>/export
@@ -278,8 +278,8 @@ def _restore_ema(checkpoint_dir: epath.Path, model, step: int | None) -> tuple[i
 
 
 def _data_section(config) -> dict[str, Any]:
-    from udit_jax import train
-    return {"space": "latent" if train.is_latent(config) else "pixel",
+    from udit_jax import config as config_lib
+    return {"space": "latent" if config_lib.is_latent(config) else "pixel",
             "image_size": int(config.data.image_size), "channels": int(config.data.channels),
             "num_classes": int(config.data.num_classes),
             "latent_scale": float(config.data.latent_scale)}
@@ -301,11 +301,11 @@ def export_from_config(config, workdir: str) -> str:
     export.torch_weights; model / diffusion / data / vae describe what was trained.
     Returns the export directory.
     """
-    from udit_jax import train
+    from udit_jax import config as config_lib
     workdir = epath.Path(workdir)
     settings = config_defaults()
     settings.update(dict(config.get("export") or {}))
-    model = train.build_model(config)
+    model = config_lib.build_model(config)
     step, ema = _restore_ema(workdir / "checkpoints", model, settings.step or None)
     data = _data_section(config)
     vae = None

@@ -53,7 +53,7 @@ def _cached_sampler(config, model):
 def make_image_sampler(config, model):
     """sample(ema_params, key, labels [B]) -> uint8 images [B, H, W, 3] (jitted)."""
     from udit_jax import diffusion as diffusion_lib
-    from udit_jax.train import is_latent
+    from udit_jax.config import is_latent
     s = config.sample
     d = diffusion_lib.create_diffusion(str(s.steps), noise_schedule=config.diffusion.noise_schedule,
                                        learn_sigma=config.diffusion.learn_sigma,
