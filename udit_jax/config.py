@@ -5,16 +5,25 @@
     model = config_lib.build_model(config)
 
 Every `configs/*.py` starts from `base_config()` or `imagenet_config()`; the jobs (train,
-export, sample, evaluate) read what a config means from here, never from each other.
+export, sample, evaluate) read what a config means from here, never from each other:
+`validate(config)` checks everything that can be checked before compiling, and the
+functions below it compute each derived value (model, diffusion, mesh, VAE description,
+sampling settings) in one place. Every field has its default in the schema; code reads
+fields, never `.get(name, default)`.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from udit_jax import diffusion as diffusion_lib
+from udit_jax import models, parallel
+from udit_jax import sampler as sampler_lib
 
 # ========================================================================================
 # Config schema (every configs/*.py starts from this and overrides what it needs).
@@ -84,8 +93,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.vae.weights = ""                # e.g. sd-vae-ft-ema's diffusion_pytorch_model.safetensors
     c.vae.arguments = ml_collections.ConfigDict()
 
+    # Mesh axes are data (MaxText-style): `axes` names them, outermost first, and each has a
+    # size field here. A third axis is config: axes=("data", "fsdp", "tensor"), tensor=2 and
+    # rules mapping parameter axes to it (the batch is split over data and fsdp only).
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1                  # -1: all devices not used by fsdp
+    c.mesh.axes = ("data", "fsdp")
+    c.mesh.data = -1                  # -1: all devices not used by the other axes
     c.mesh.fsdp = 1
     c.mesh.rules = "data_parallel"    # or "fsdp", or [(logical axis, mesh axis), ...]
 
@@ -98,7 +111,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.classes = [88, 207, 279, 360, 387, 388, 417, 980]  # rows of the preview grid
     c.sample.per_class = 8
     c.sample.sampler = "ddpm"         # "ddpm", "ddim" or "dpm" (DPM-Solver++, ~20 steps)
-    c.sample.steps = "250"            # timestep respacing of the preview sampler
+    c.sample.steps = ""               # timestep respacing; "" = the sampler's default
+                                      # (udit_jax.sampler.SAMPLERS: ddpm 250, ddim ddim50, dpm 20)
     c.sample.cfg_scale = 4.0
     c.sample.seed = 0                 # fixed noise: grids are comparable across steps
     # Sampling jobs (--mode=sample, udit_jax.sample) from an export.
@@ -115,15 +129,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.export.step = 0                 # 0 = the latest checkpoint
     c.export.torch_weights = False    # also write the official PyTorch state_dict
 
-    # FID / sFID / IS of EMA samples (udit_jax.evaluation): in the loop every eval_every_steps
-    # with the preview sampler's settings, and for --mode=evaluate on a sample .npz.
+    # FID / sFID / IS of EMA samples (udit_jax.evaluation): in the loop every eval_every_steps,
+    # and for --mode=evaluate (of a sample .npz, or of the export's samples). Both sample
+    # num_samples images of random classes with the same keys (seed), so the in-loop numbers
+    # of step k equal --mode=evaluate's of step k's export.
     c.eval = ml_collections.ConfigDict()
     c.eval.reference_npz = ""         # ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz
     c.eval.inception_weights = ""     # pytorch-fid Inception weights
     c.eval.sample_npz = ""            # --mode=evaluate: the samples to score
     c.eval.output_json = ""           # --mode=evaluate: "" = <workdir>/eval/<sample>.json
-    c.eval.num_samples = 5000         # in-loop samples
-    c.eval.sample_batch = 256
+    c.eval.num_samples = 5000         # images sampled to score (the papers use 50,000)
+    c.eval.sample_batch = 256         # in-loop: images per sampling call (global)
     c.eval.batch_size = 256           # Inception batch
     c.eval.is_split_size = 5000
     c.eval.preprocess = "adm"
@@ -131,8 +147,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.pr_distance = "float16"
     c.eval.dtype = "float32"
     c.eval.seed = 0
-    # --mode=evaluate of an export (when sample_npz is ""): sample num_samples images first;
-    # sampler/steps/cfg_scale "" or None fall back to config.sample's values.
+    # Sampling for evaluation: sampler/steps/cfg_scale "" or None fall back to config.sample's.
+    # --mode=evaluate of an export (when sample_npz is "") samples num_samples images first.
     c.eval.export_dir = ""            # "" = <workdir>/export
     c.eval.sampler = ""
     c.eval.steps = ""
@@ -165,6 +181,56 @@ def imagenet_config(model_name: str, image_size: int = 256) -> ml_collections.Co
     return config
 
 
+# ========================================================================================
+# Validation: everything that can be checked before compiling (the workdir is the job's).
+
+def validate(config):
+    """Raises ValueError naming the field and the fix for a config that cannot run on these
+    devices; returns the model."""
+    n_dev, n_proc = jax.device_count(), jax.process_count()
+    b, accum = config.batch_size, config.optimizer.grad_accum_steps
+    if b <= 0 or accum <= 0 or b % accum:
+        raise ValueError(f"batch_size={b} must be positive and divisible by "
+                         f"optimizer.grad_accum_steps={accum}")
+    if (b // accum) % n_dev:
+        raise ValueError(f"global batch_size={b} (per microbatch {b // accum}) is not divisible by "
+                         f"the {n_dev} devices; use a multiple of {n_dev * accum}")
+    if b % n_proc:
+        raise ValueError(f"batch_size={b} is not divisible by the {n_proc} processes")
+    if config.total_steps <= 0:
+        raise ValueError(f"total_steps={config.total_steps} must be positive")
+    if not 0.0 <= config.optimizer.ema_decay <= 1.0:
+        raise ValueError(f"optimizer.ema_decay={config.optimizer.ema_decay} must be in [0, 1]")
+    if config.model.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"model.dtype={config.model.dtype!r}; use float32 or bfloat16")
+    for name in ("log_every_steps", "checkpoint_every_steps"):
+        if config[name] <= 0:
+            raise ValueError(f"{name}={config[name]} must be positive")
+    parallel.resolve_rules(config.mesh.rules, tuple(config.mesh.axes))
+    make_mesh(config)
+    model = build_model(config)
+    preview = sampling(config, "sample")
+    if config.sample_every_steps and not config.sample.classes:
+        raise ValueError("sample.classes is empty; list the class ids of the preview rows")
+    bad = [c for c in config.sample.classes if not 0 <= c < config.data.num_classes]
+    if config.sample_every_steps and bad:
+        raise ValueError(f"sample.classes {bad} are outside [0, {config.data.num_classes})")
+    if config.sample_every_steps and preview["cfg_scale"] > 1 and not model.class_dropout_prob:
+        raise ValueError("sample.cfg_scale > 1 needs the null-class embedding, which a model with "
+                         "class_dropout_prob=0 does not have; set sample.cfg_scale=1")
+    if config.eval_every_steps:
+        missing = [k for k in ("reference_npz", "inception_weights") if not config.eval[k]]
+        if missing:
+            raise ValueError(f"eval_every_steps > 0 needs config.eval.{', config.eval.'.join(missing)} "
+                             "(ADM reference batch, pytorch-fid Inception weights); or set "
+                             "eval_every_steps=0")
+        sampling(config, "eval")
+    return model
+
+
+# ========================================================================================
+# Derived values.
+
 def is_latent(config) -> bool:
     if config.data.space not in ("latent", "pixel"):
         raise ValueError(f"data.space={config.data.space!r}; use 'latent' or 'pixel'")
@@ -191,7 +257,6 @@ def model_kwargs(config) -> dict[str, Any]:
 
 def build_model(config):
     """The model the config describes; ValueError naming the problem when it cannot exist."""
-    from udit_jax import models
     kwargs = model_kwargs(config)
     try:
         return models.build_model(config.model.name, **kwargs)
@@ -211,8 +276,62 @@ def make_optimizer(opt) -> tuple[optax.GradientTransformation, Callable]:
     return adamw, schedule
 
 
-def make_diffusion(config):
-    from udit_jax import diffusion
-    return diffusion.create_diffusion("", noise_schedule=config.diffusion.noise_schedule,
-                                      learn_sigma=config.diffusion.learn_sigma,
-                                      diffusion_steps=config.diffusion.diffusion_steps)
+def diffusion_arguments(config) -> dict[str, Any]:
+    """create_diffusion's arguments besides the respacing (what an export records)."""
+    return {"noise_schedule": config.diffusion.noise_schedule,
+            "diffusion_steps": config.diffusion.diffusion_steps,
+            "learn_sigma": config.diffusion.learn_sigma}
+
+
+def make_diffusion(config, timestep_respacing: str = ""):
+    """The training diffusion (all steps), or a sampler's with `timestep_respacing`."""
+    return diffusion_lib.create_diffusion(timestep_respacing, **diffusion_arguments(config))
+
+
+def make_mesh(config):
+    """The device mesh of config.mesh (axis names and sizes are config data)."""
+    return parallel.mesh_from_config(config.mesh)
+
+
+def vae_arguments(config) -> dict[str, Any]:
+    """build_vae's arguments of the SD VAE (with the latent scale of config.data)."""
+    return dict(config.vae.arguments, scaling_factor=config.data.latent_scale)
+
+
+def sampling(config, section: str = "sample") -> dict[str, Any]:
+    """The resolved sampling settings of config.sample (previews, --mode=sample) or config.eval
+    (in-loop evaluation, --mode=evaluate): {sampler, steps, cfg_scale, guide_all_channels, seed}.
+
+    config.eval's sampler, steps and cfg_scale fall back to config.sample's; steps "" is the
+    sampler's default (udit_jax.sampler.SAMPLERS).
+    """
+    if section not in ("sample", "eval"):
+        raise ValueError(f"section={section!r}; use 'sample' or 'eval'")
+    s, own = config.sample, config[section]
+    name = own.sampler or s.sampler
+    sampler_lib.check_sampler(name)
+    steps = own.steps or (s.steps if name == s.sampler else "") or sampler_lib.default_steps(name)
+    cfg_scale = own.cfg_scale if own.cfg_scale is not None else s.cfg_scale
+    settings = {"sampler": name, "steps": str(steps), "cfg_scale": float(cfg_scale),
+                "guide_all_channels": bool(s.guide_all_channels), "seed": int(own.seed)}
+    try:
+        make_diffusion(config, settings["steps"])
+    except ValueError as e:
+        raise ValueError(f"{section}.steps={settings['steps']!r}: {e}") from e
+    return settings
+
+
+def make_sampler(config, model, mesh, section: str = "sample"):
+    """(sampler.Sampler, vae_params) of config.sample / config.eval settings for `model` on
+    `mesh` (vae_params is None for pixel models). The same images as `--mode=sample` of an
+    export of the same params with the same settings."""
+    settings = sampling(config, section)
+    if settings["guide_all_channels"]:
+        model = model.clone(cfg_channels=None)
+    vae = vae_params = None
+    if is_latent(config):
+        vae, vae_params = sampler_lib.load_vae(vae_arguments(config), config.vae.weights, mesh)
+    sampler = sampler_lib.Sampler(model, make_diffusion(config, settings["steps"]),
+                                  sampler=settings["sampler"], cfg_scale=settings["cfg_scale"],
+                                  vae=vae, mesh=mesh)
+    return sampler, vae_params

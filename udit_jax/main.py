@@ -36,7 +36,7 @@ _VERBOSE_CHECKPOINTS = flags.DEFINE_bool("verbose_checkpoints", False, "Show orb
 
 flags.mark_flags_as_required(["config", "workdir"])
 
-# mode -> (module, function(config, workdir)); modules land with their own issues.
+# mode -> (module, function(config, workdir)); imported on use, so a mode loads only its job.
 _MODES = {
     "train": ("udit_jax.train", "train_and_evaluate"),
     "encode": ("udit_jax.data", "encode_dataset"),
@@ -55,15 +55,7 @@ class _QuietOrbax(py_logging.Filter):
 
 def mode_function(mode: str):
     module_name, function_name = _MODES[mode]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise app.UsageError(f"--mode={mode} is not available yet: {module_name} cannot be "
-                             f"imported ({e})") from e
-    if not hasattr(module, function_name):
-        raise app.UsageError(f"--mode={mode} is not available yet: {module_name}.{function_name} "
-                             "does not exist in this version")
-    return getattr(module, function_name)
+    return getattr(importlib.import_module(module_name), function_name)
 
 
 def main(argv):
