@@ -151,10 +151,10 @@ def test_evaluator_and_evaluate_npz(tmp_path, io, sizes):
     assert_close_rel(acts.probs, io[f"tf1_{size}/softmax_unbiased"][s_idx], REL, "probs")
 
     # Through the CLI entry point, statistics computed from arr_0.
-    import ml_collections
-    config = ml_collections.ConfigDict({"eval": {
+    config = config_lib.base_config()
+    config.eval.update({
         "sample_npz": str(sample), "reference_npz": str(ref_images),
-        "inception_weights": str(WEIGHTS), "batch_size": 4, "fid_method": "eigh"}})
+        "inception_weights": str(WEIGHTS), "batch_size": 4, "fid_method": "eigh"})
     result = evaluate_from_config(config, tmp_path / "work")
     written = json.loads((tmp_path / "work" / "eval" / "s.json").read_text())
     assert written == result

@@ -80,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.loader_threads = 8
     c.data.prefetch_batches = 4
     c.data.loader_workers = 0         # grain worker processes (0: threads only)
-    c.data.decode_threads = 0         # image decoding threads (0: the data module's default)
+    c.data.decode_threads = 8         # image decoding threads (pixel loader, --mode=encode)
     c.data.min_image_side = 16        # smaller images are skipped as unusable
     c.data.max_image_pixels = 2 ** 27
     c.data.max_bad_fraction = 0.001   # unreadable images tolerated before failing

@@ -105,7 +105,7 @@ def write_dataset_reference(config, out_path, inception_weights, *, max_images: 
                                  precision="highest" if dtype == "float32" else None)
     pool_stats, spatial_stats = MomentAccumulator(), MomentAccumulator()
     kept, bad = [], 0
-    min_side, max_pixels = data.get("min_image_side", 16), data.get("max_image_pixels", 2 ** 27)
+    min_side, max_pixels = data.min_image_side, data.max_image_pixels
 
     def chunks():
         """(uint8 images [n, S, S, 3] of the readable items, items read) per chunk."""
