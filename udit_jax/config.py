@@ -96,7 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Mesh axes are data (MaxText-style): `axes` names them, outermost first, and each has a
     # size field here. A third axis is config: axes=("data", "fsdp", "tensor"), tensor=2 and
     # rules mapping parameter axes to it (the batch is split over data and fsdp only).
-    c.mesh = ml_collections.ConfigDict()
+    # Not type-safe: `rules` is a preset name or a list of pairs.
+    c.mesh = ml_collections.ConfigDict(type_safe=False)
     c.mesh.axes = ("data", "fsdp")
     c.mesh.data = -1                  # -1: all devices not used by the other axes
     c.mesh.fsdp = 1

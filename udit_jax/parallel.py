@@ -66,6 +66,11 @@ def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     return tuple(a for a in mesh.axis_names if a in DATA_AXES)
 
 
+def batch_ways(mesh: Mesh) -> int:
+    """How many ways a batch is split (the devices on the data-parallel axes)."""
+    return int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     """Leading (batch) axis sharded over the data-parallel mesh axes; other axes replicated."""
     return NamedSharding(mesh, P(batch_axes(mesh), *([None] * (ndim - 1))))
@@ -82,7 +87,7 @@ def global_batch_from_local(mesh: Mesh, local: np.ndarray) -> jax.Array:
 
 def shard_batch(mesh: Mesh, x: np.ndarray | jax.Array) -> jax.Array:
     """Places a full (host-identical) batch onto the mesh, sharded over its leading axis."""
-    ways = int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
+    ways = batch_ways(mesh)
     if x.shape[0] % ways:
         raise ValueError(f"batch of {x.shape[0]} is not divisible by the {ways} data-parallel devices")
     return jax.device_put(x, batch_sharding(mesh, np.ndim(x)))

@@ -233,7 +233,7 @@ def run_sampling_job(export_dir, out_dir, *, num_images: int | None = None,
             _write_atomic(out_dir / "job.json", json.dumps(spec, indent=2).encode())
     _barrier("sample_job_dirs")
     todo = np.flatnonzero(~_finished_indices(parts_dir, num_images)).astype(np.int32)
-    batch = per_device_batch * mesh.size
+    batch = per_device_batch * parallel.batch_ways(mesh)
     now = todo if max_batches is None else todo[:max_batches * batch]
     bar = _progress(num_images, num_images - len(todo), sampler, steps, cfg_scale)
     png_writers = concurrent.futures.ThreadPoolExecutor(max_workers=8)

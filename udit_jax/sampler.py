@@ -207,7 +207,7 @@ class Sampler:
                 batch: int) -> Iterator[tuple[np.ndarray, jax.Array]]:
         """(positions [b] into labels/indices, images [batch, H, W, C] batch-sharded) per batch.
 
-        `batch` is rounded up to the device count; the last batch is padded (rows past b are
+        `batch` is rounded up to the data-parallel device count; the last batch is padded (rows past b are
         padding). The next batch is dispatched before a batch is handed out, so the caller's
         I/O overlaps the device's work.
         """
@@ -215,7 +215,8 @@ class Sampler:
         check_labels(labels, self.model.num_classes)
         if indices.shape != labels.shape:
             raise ValueError(f"indices has shape {indices.shape}, labels {labels.shape}")
-        batch = -(-batch // self.mesh.size) * self.mesh.size
+        ways = parallel.batch_ways(self.mesh)
+        batch = -(-batch // ways) * ways
         pending = None
         for start in range(0, len(labels), batch):
             rows = np.arange(start, min(start + batch, len(labels)))

@@ -259,8 +259,17 @@ def make_train_step(model, diffusion, tx, schedule, config, mesh):
 
 def jit_train_step(train_step, shardings: TrainState, mesh, example_batch: dict):
     batch_shardings = {k: parallel.batch_sharding(mesh, np.ndim(v)) for k, v in example_batch.items()}
-    return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
-                   out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+    jitted = jax.jit(train_step, in_shardings=(shardings, batch_shardings),
+                     out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+    rules = parallel.activation_rules(mesh)
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        # Traced under the mesh and the activation rules: the models' activation names
+        # (models/layers.py) become sharding constraints (the batch stays on the data axes).
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted(state, batch)
+
+    return step
 
 
 # ========================================================================================
