@@ -117,6 +117,7 @@ def test_in_loop_evaluation_samples_each_image_once_on_8_devices():
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     # Two batches of 8; in each, every device computed one row.
     assert [sorted(b) for b in out["devices_per_batch"]] == [list(range(8))] * 2
+    assert out["program_batch"] == [1]
     sampled = sorted(i for b in out["images_per_batch"] for i in b if i is not None)
     assert sampled == list(range(11))                # each image once, none missing
     np.testing.assert_array_equal(np.asarray(out["images"], np.uint8), one_device)
@@ -134,13 +135,18 @@ def _worker() -> None:
     fn, report = evaluation.sampler.fn, {"devices_per_batch": [], "images_per_batch": []}
 
     def recording(params, vae_params, key, indices, labels):
+        if not report["devices_per_batch"]:
+            # The compiled program works on each device's rows only: x_T is [1, 8, 8, 3] per
+            # device, never the batch of 8.
+            hlo = fn.lower(params, vae_params, key, indices, labels).compile().as_text()
+            report["program_batch"] = [n for n in (1, 8) if f"f32[{n},8,8,3]" in hlo]
         images = fn(params, vae_params, key, indices, labels)
         first = len(report["images_per_batch"]) * 8
         rows = [shard.index[0] for shard in images.addressable_shards]
         report["devices_per_batch"].append([shard.device.id for shard in images.addressable_shards])
         # Row r of batch b is image 8b + r when that is one of the 11 (else padding).
         report["images_per_batch"].append(
-            [first + r if first + r < 11 else None for s in rows for r in range(s.start, s.stop)])
+            [first + r if first + r < 11 else None for s in rows for r in range(*s.indices(8))])
         return images
 
     evaluation.sampler.fn = recording
