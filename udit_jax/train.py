@@ -193,22 +193,15 @@ def abstract_state_on_mesh(config, model, tx, mesh) -> TrainState:
 
 
 def restore_ema_params(config, workdir: str) -> tuple[Any, PyTree, int]:
-    """(model, EMA params, step) of the latest readable checkpoint in `workdir`, laid out on
-    the current devices (any count); for exporting and sampling a trained model."""
-    workdir = epath.Path(workdir)
+    """(model, EMA params, step) of the newest readable checkpoint in `workdir`, laid out on
+    the current devices (any count); for exporting and sampling a trained model. Read only."""
     model = config_lib.build_model(config)
     tx, _ = config_lib.make_optimizer(config.optimizer)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-    ckpt = checkpoints.Checkpointer(workdir, keep=config.checkpoint.keep,
-                                    keep_every=config.checkpoint.keep_every, async_save=False)
-    try:
-        restored = ckpt.restore_latest(abstract_state_on_mesh(config, model, tx, mesh))
-    finally:
-        ckpt.close()
-    if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first (--mode=train)")
-    step, state = restored
-    return model, state.ema_params, step
+    target = abstract_state_on_mesh(config, model, tx, mesh)
+    step, state = checkpoints.restore_params(workdir, {"ema_params": target.ema_params},
+                                             config=config)
+    return model, state["ema_params"], step
 
 
 # ========================================================================================
@@ -465,11 +458,6 @@ class _Logger:
             self.writer.close()
 
 
-def write_config(workdir: epath.Path, config) -> None:
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains until config.total_steps (resuming from workdir's latest checkpoint).
 
@@ -479,7 +467,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     """
     workdir = epath.Path(workdir)
     model = validate(config, workdir)
-    write_config(workdir, config)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     diffusion = config_lib.make_diffusion(config)
     tx, schedule = config_lib.make_optimizer(config.optimizer)
@@ -487,15 +474,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     iterator = make_data_iterator(config, workdir)
     ckpt = checkpoints.Checkpointer(workdir, keep=config.checkpoint.keep,
                                     keep_every=config.checkpoint.keep_every,
-                                    async_save=config.checkpoint.async_save)
-    restored = ckpt.restore_latest(abstract_state_on_mesh(config, model, tx, mesh), iterator)
-    if restored is None:
-        state = init_state(model, tx, config.seed, shardings)
-        logging.info("starting from scratch in %s", workdir)
-    else:
-        step, state = restored
-        logging.info("resumed from the checkpoint at step %d in %s", step, workdir)
+                                    async_save=config.checkpoint.async_save, config=config,
+                                    on_mismatch=config.checkpoint.on_mismatch)
+    _, state = ckpt.restore(abstract_state_on_mesh(config, model, tx, mesh), iterator,
+                            init=lambda: init_state(model, tx, config.seed, shardings))
     start_step = int(jax.device_get(state.step))
+    checkpoints.write_config_history(workdir, config, start_step)
 
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
     logging.info("model %s: %.2fM params; mesh %s; global batch %d; %d devices, %d processes",
@@ -553,7 +537,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 log.flush(step)
             if step % config.checkpoint_every_steps == 0 or step == config.total_steps or preempted:
                 drain()   # never save a state that went non-finite
-                ckpt.save(step, state, iterator)
+                ckpt.save(step, state, iterator, wait=step == config.total_steps or preempted)
             if preempted:
                 logging.warning("preempted: checkpoint saved at step %d; exiting", step)
                 break
@@ -567,9 +551,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 log.scalars("eval", evaluate(config, model, state.ema_params, step), step)
         drain()
     finally:
-        ckpt.wait()
-        ckpt.close()
-        log.close()
+        try:
+            ckpt.close()
+        finally:
+            log.close()
         if sigterm is not None:
             sigterm.restore_handler()
     return state
