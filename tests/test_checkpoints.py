@@ -164,7 +164,7 @@ def _restore_with_init(workdir, config):
 # ----------------------------------------------------------------------------------------
 # Corruption: checksums catch a flipped bit in any file; set aside, never deleted.
 
-_FILE_KINDS = {
+FILE_KINDS = {
     "array data": lambda d: sorted((d / "state").rglob("d/*"))[0],
     "array index": lambda d: d / "state" / "manifest.ocdbt",
     "tree metadata": lambda d: d / "state" / "_METADATA",
@@ -174,12 +174,12 @@ _FILE_KINDS = {
 }
 
 
-@pytest.mark.parametrize("kind", sorted(_FILE_KINDS))
+@pytest.mark.parametrize("kind", sorted(FILE_KINDS))
 def test_a_flipped_bit_in_any_checkpoint_file_falls_back(workdir, kind):
     from udit_jax import checkpoints
     latest = workdir / "checkpoints" / "6"
     pristine = snapshot(latest)
-    flip_bit(_FILE_KINDS[kind](latest))
+    flip_bit(FILE_KINDS[kind](latest))
     (step, state), iterator = _restore(workdir)
     assert step == 3 and int(state.step) == 3 and iterator.get_state() == {"index": 3}
     aside = workdir / checkpoints.SET_ASIDE_DIR
@@ -196,7 +196,7 @@ def test_a_second_corruption_never_overwrites_the_first_set_aside(workdir):
     for k in (1, 2):
         if not latest.exists():
             shutil.copytree(copy, latest)
-        flip_bit(_FILE_KINDS["array data"](latest), offset=k)
+        flip_bit(FILE_KINDS["array data"](latest), offset=k)
         assert _restore(workdir)[0][0] == 3
     assert sorted(p.name for p in aside.iterdir()) == ["6.corrupt.1", "6.corrupt.2"]
     assert snapshot(aside / "6.corrupt.1") != snapshot(aside / "6.corrupt.2")
@@ -212,7 +212,7 @@ def test_uncommitted_save_is_set_aside_and_the_last_commit_restores(workdir):
 def test_all_checkpoints_corrupt_stops_and_never_starts_from_scratch(workdir):
     from udit_jax import checkpoints, train
     for step in ("3", "6"):
-        flip_bit(_FILE_KINDS["array data"](workdir / "checkpoints" / step))
+        flip_bit(FILE_KINDS["array data"](workdir / "checkpoints" / step))
     before = snapshot(workdir)
     for _ in range(2):
         with pytest.raises(checkpoints.NoRestorableCheckpointError,
@@ -275,7 +275,7 @@ def test_export_that_fails_to_read_back_keeps_the_old_export(workdir, monkeypatc
 
 def test_readers_skip_a_corrupt_checkpoint_without_moving_it(workdir):
     from udit_jax import train
-    flip_bit(_FILE_KINDS["array data"](workdir / "checkpoints" / "6"))
+    flip_bit(FILE_KINDS["array data"](workdir / "checkpoints" / "6"))
     before = snapshot(workdir)
     _, ema, step = train.restore_ema_params(make_config(), str(workdir))
     assert step == 3

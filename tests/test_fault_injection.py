@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from test_checkpoints import flip_bit, snapshot  # noqa: E402
+from test_checkpoints import FILE_KINDS, flip_bit, snapshot  # noqa: E402
 from test_train import _main_process, _wait_for, _write_config_file, make_config  # noqa: E402
 
 # Eight steps, a checkpoint after every step (async), so kills hit saves in flight.
@@ -139,24 +139,14 @@ def test_repeated_kills_during_async_saves_then_resume(setup):
     assert_same(final_arrays(workdir), reference, "three kills and a resume")
 
 
-_CORRUPTIONS = {
-    "array data": lambda d: sorted((d / "state").rglob("d/*"))[0],
-    "array index": lambda d: d / "state" / "manifest.ocdbt",
-    "tree metadata": lambda d: d / "state" / "_METADATA",
-    "data state": lambda d: d / "data" / "process_0-of-1.json",
-    "stored config": lambda d: d / "config" / "metadata",
-    "checksum manifest": lambda d: d / "checksums.json",
-}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", sorted(_CORRUPTIONS))
+@pytest.mark.parametrize("kind", sorted(FILE_KINDS))
 def test_corrupt_latest_file_then_resume_equals_an_uninterrupted_run(setup, kind):
     root, config_file, cache, reference = setup
     workdir = _new_workdir(root, f"corrupt_{kind.replace(' ', '_')}")
     kill_at(config_file, workdir, cache, 5)
     latest = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    flip_bit(_CORRUPTIONS[kind](workdir / "checkpoints" / str(latest)))
+    flip_bit(FILE_KINDS[kind](workdir / "checkpoints" / str(latest)))
     had = user_files(workdir)
     code, output = run(config_file, workdir, cache)
     assert code == 0, output[-4000:]
