@@ -29,10 +29,10 @@ def snapshot(root: pathlib.Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def flip_bit(path: pathlib.Path, offset: int | None = None) -> None:
+def flip_bit(path: pathlib.Path, offset: int | None = None, mask: int = 0x10) -> None:
     data = bytearray(path.read_bytes())
     i = len(data) // 2 if offset is None else offset
-    data[i] ^= 0x10
+    data[i] ^= mask
     path.write_bytes(bytes(data))
 
 
@@ -79,6 +79,8 @@ def _restore(workdir, config=None, **kwargs):
 ])
 def test_mismatched_restart_stops_with_the_diff_and_moves_nothing(workdir, overrides, expected):
     from udit_jax import checkpoints, train
+    # A save the previous run left uncommitted stays too (moved only once a restart goes on).
+    shutil.copytree(workdir / "checkpoints" / "6", workdir / "checkpoints" / "9.orbax-checkpoint-tmp")
     before = snapshot(workdir)
     for _ in range(2):   # a second mismatched restart deletes nothing either
         with pytest.raises(checkpoints.IncompatibleCheckpointError, match=expected) as error:
@@ -87,7 +89,8 @@ def test_mismatched_restart_stops_with_the_diff_and_moves_nothing(workdir, overr
         after = snapshot(workdir)
         assert {k: v for k, v in after.items() if k in before} == before
         assert not (workdir / checkpoints.SET_ASIDE_DIR).exists()
-        assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3", "6"]
+        assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [
+            "3", "6", "9.orbax-checkpoint-tmp"]
 
 
 def test_data_state_refused_by_the_iterator_is_incompatible(workdir, monkeypatch):
@@ -352,9 +355,12 @@ def _worker(job: dict) -> None:
 def test_two_processes_agree_when_only_one_cannot_read(workdir, tmp_path, tmp_path_factory):
     from udit_jax import checkpoints
     latest = workdir / "checkpoints" / "6"
-    manifest = sorted(json.loads((latest / checkpoints.MANIFEST_FILE).read_text())["files"])
-    # Process p verifies files p, p+2, ...: a file with an odd index is only process 1's.
-    flip_bit(latest / manifest[1])
+    # The data state {"index": 6} becomes {"index": 7}: still valid JSON, so only the process
+    # whose share of the manifest holds this file (process p verifies files p, p+2, ...) sees
+    # the checksum mismatch; the other one alone would resume from it.
+    data_file = latest / "data" / "process_0-of-1.json"
+    flip_bit(data_file, offset=data_file.read_bytes().index(b"6"), mask=0x01)
+    assert json.loads(data_file.read_text()) == {"index": 7}
     coordinator = f"127.0.0.1:{_free_port()}"
     cache = tmp_path_factory.mktemp("cache2")
     procs = [subprocess.Popen(

@@ -100,7 +100,7 @@ def write_manifest(directory: epath.Path) -> None:
              for name in _files(directory)}
     tmp = directory / f".{MANIFEST_FILE}.tmp"
     tmp.write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1, sort_keys=True))
-    tmp.rename(directory / MANIFEST_FILE)
+    tmp.replace(directory / MANIFEST_FILE)
 
 
 def verify_manifest(directory: epath.Path, shard: int = 0, num_shards: int = 1) -> str | None:
@@ -427,8 +427,6 @@ class Checkpointer:
           (0, init()) and the on_mismatch opt-ins can start fresh. Without it, None.
         step: restore exactly this step (readers); None = the newest that restores.
         """
-        if not self.read_only:
-            self._set_aside_uncommitted()
         steps = sorted(self.manager.all_steps(), reverse=True)
         if step is not None:
             if step not in steps:
@@ -453,6 +451,7 @@ class Checkpointer:
             self._restored = None
             for bad, reason in corrupt:
                 self._set_aside(bad, "corrupt", reason)
+            self._set_aside_uncommitted()
             logging.info("restored the checkpoint at step %d from %s", candidate, self.directory)
             return candidate, restored
         if iterator is not None:
@@ -473,6 +472,7 @@ class Checkpointer:
                             self.set_aside_dir)
         if init is None:
             return None
+        self._set_aside_uncommitted()
         logging.info("no checkpoint in %s: starting from step 0", self.directory)
         return 0, init()
 
@@ -572,6 +572,7 @@ class Checkpointer:
                            else initial_data.decode())
         for s in sorted(self.manager.all_steps()):
             self._set_aside(s, "superseded", message)
+        self._set_aside_uncommitted()
         logging.warning("checkpoint.on_mismatch=%s: starting at step 0%s; the old checkpoints are "
                         "kept in %s (%s)", self.on_mismatch,
                         " from the params of step %d" % step if self.on_mismatch == "load_params"
@@ -579,6 +580,9 @@ class Checkpointer:
         return 0, state
 
     def _set_aside_uncommitted(self) -> None:
+        """Saves a killed run left half-written; done once the restore decided to go on."""
+        if self.read_only:
+            return
         if jax.process_index() == 0 and self.directory.exists():
             for tmp in sorted(self.directory.glob(f"*{_TMP_MARK}*")):
                 self._move(tmp, "incomplete")
