@@ -336,6 +336,7 @@ class Checkpointer:
         A failed earlier save makes this one synchronous, retried; raises CheckpointSaveError
         naming the path and the cause when the retries fail too.
         """
+        wait = wait or not self.async_save   # a sync save is committed: hash it right away
         failure = self._settle()
         if failure is not None:
             logging.error("the checkpoint save at step %d to %s failed (%s); saving step %d now and "
