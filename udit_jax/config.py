@@ -107,6 +107,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 3             # the last N checkpoints ...
     c.checkpoint.keep_every = 50_000  # ... plus every K-th step (0: none)
     c.checkpoint.async_save = True
+    # When the workdir's checkpoints do not fit this config, or none can be read: "stop"
+    # (default, says what differs), or an explicit opt-in, both keeping the old checkpoints in
+    # <workdir>/checkpoints_set_aside: "start_fresh" (step 0) or "load_params" (fine-tune:
+    # their params and EMA, fresh optimizer and data state, step 0).
+    c.checkpoint.on_mismatch = "stop"
 
     c.sample = ml_collections.ConfigDict()
     c.sample.classes = [88, 207, 279, 360, 387, 388, 417, 980]  # rows of the preview grid

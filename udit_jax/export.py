@@ -19,8 +19,9 @@ Layout of an export directory:
                     optional: the official PyTorch state_dict (official key names and
                     layouts; U-DiT in the unfused training form the official code loads)
 
-An export holds no optimizer state. Exports are written to a staging directory and moved
-into place at the end, so a directory that exists is complete.
+An export holds no optimizer state. Exports are written to a staging directory, read back,
+and only then moved into place (the previous export is removed after the move), so a
+directory that exists is complete and a failed export leaves the previous one as it was.
 """
 
 from __future__ import annotations
@@ -109,9 +110,15 @@ def _write_text(path: epath.Path, text: str) -> None:
 
 
 def _replace_dir(staging: epath.Path, target: epath.Path) -> None:
+    """Moves the verified `staging` to `target`; an old `target` is removed only afterwards."""
+    old = target.parent / f".{target.name}.replaced"
+    if old.exists():   # left by an interrupted replacement, whose new export is in place
+        old.rmtree()
     if target.exists():
-        target.rmtree()
+        target.rename(old)
     staging.rename(target)
+    if old.exists():
+        old.rmtree()
 
 
 def _barrier(name: str) -> None:
@@ -168,6 +175,7 @@ def write_export(out_dir: str | os.PathLike, model, params, *, name: str | None 
         if config is not None:
             _write_text(staging / CONFIG_FILE, config.to_json_best_effort(indent=2, sort_keys=True))
         _write_text(staging / INFO_FILE, json.dumps(info, indent=2, sort_keys=True) + "\n")
+        load_export(staging)   # the new export reads back before it replaces anything
         _replace_dir(staging, out_dir)
     _barrier("export_done")
     return out_dir
@@ -230,51 +238,20 @@ def load_export(export_dir: str | os.PathLike, *, mesh=None, dtype=None):
 # ----------------------------------------------------------------------------------------
 # --mode=export: EMA params of a training checkpoint.
 
-def _restore_ema(checkpoint_dir: epath.Path, model, step: int | None) -> tuple[int, Any]:
-    """(step, EMA params as numpy) from the training checkpoints, without the optimizer state.
+def _restore_ema(workdir: epath.Path, model, step: int | None, config) -> tuple[int, Any]:
+    """(step, EMA params as numpy) of the training checkpoints, without the optimizer state.
 
-    step None: the newest checkpoint that can be read (older ones are tried in turn).
+    step None: the newest checkpoint that restores. Raises IncompatibleCheckpointError when
+    `config` differs from the one the checkpoint was written with. Moves nothing.
     """
-    import orbax.checkpoint as ocp
     import flax.linen as nn
+    from udit_jax import checkpoints
     from udit_jax.models.info import abstract_params
-    if not checkpoint_dir.exists():
-        raise FileNotFoundError(f"no training checkpoints in {checkpoint_dir}: pass the --workdir "
-                                "of a training run (or train first)")
-    manager = ocp.CheckpointManager(checkpoint_dir, item_names=("state", "data"),
-                                    options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-    steps = sorted(manager.all_steps(), reverse=True)
-    if not steps:
-        raise FileNotFoundError(f"{checkpoint_dir} holds no finished checkpoint")
-    if step is not None:
-        if step not in steps:
-            raise ValueError(f"export.step={step}: no checkpoint at that step in {checkpoint_dir}; "
-                             f"available steps: {sorted(steps)} (0 = the latest)")
-        steps = [step]
     # ShapeDtypeStructs without shardings restore as host numpy arrays: any topology reads them.
     target = {"ema_params": nn.unbox(abstract_params(model)),
               "step": jax.ShapeDtypeStruct((), np.int32)}
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    errors = []
-    for candidate in steps:
-        try:
-            restored = manager.restore(candidate, args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                             partial_restore=True)))
-        except Exception as e:  # noqa: BLE001 - any failure means "try the previous one"
-            errors.append(f"step {candidate}: {type(e).__name__}: {str(e)[:300]}")
-            if step is None:
-                from absl import logging
-                logging.warning("checkpoint at step %d is unreadable (%s); trying the previous one",
-                                candidate, errors[-1])
-            continue
-        manager.close()
-        state = restored["state"]
-        return int(state["step"]), state["ema_params"]
-    manager.close()
-    raise ValueError(f"no readable checkpoint with EMA params for {model.__class__.__name__} in "
-                     f"{checkpoint_dir}:\n  " + "\n  ".join(errors)
-                     + "\n  (does the config describe the model that was trained?)")
+    _, state = checkpoints.restore_params(workdir, target, config=config, step=step)
+    return int(state["step"]), state["ema_params"]
 
 
 def _data_section(config) -> dict[str, Any]:
@@ -306,7 +283,7 @@ def export_from_config(config, workdir: str) -> str:
     settings = config_defaults()
     settings.update(dict(config.get("export") or {}))
     model = config_lib.build_model(config)
-    step, ema = _restore_ema(workdir / "checkpoints", model, settings.step or None)
+    step, ema = _restore_ema(workdir, model, settings.step or None, config)
     data = _data_section(config)
     vae = None
     if data["space"] == "latent":

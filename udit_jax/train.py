@@ -159,22 +159,15 @@ def _with_shardings(abstract: TrainState, shardings: TrainState) -> TrainState:
 
 
 def restore_ema_params(config, workdir: str) -> tuple[Any, PyTree, int]:
-    """(model, EMA params, step) of the latest readable checkpoint in `workdir`, laid out on
-    the current devices (any count); for exporting and sampling a trained model."""
-    workdir = epath.Path(workdir)
+    """(model, EMA params, step) of the newest readable checkpoint in `workdir`, laid out on
+    the current devices (any count); for exporting and sampling a trained model. Read only."""
     model = config_lib.build_model(config)
     tx, _ = config_lib.make_optimizer(config.optimizer)
     mesh = config_lib.make_mesh(config)
-    ckpt = checkpoints.Checkpointer(workdir, keep=config.checkpoint.keep,
-                                    keep_every=config.checkpoint.keep_every, async_save=False)
-    try:
-        restored = ckpt.restore_latest(abstract_state_on_mesh(config, model, tx, mesh))
-    finally:
-        ckpt.close()
-    if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first (--mode=train)")
-    step, state = restored
-    return model, state.ema_params, step
+    target = abstract_state_on_mesh(config, model, tx, mesh)
+    step, state = checkpoints.restore_params(workdir, {"ema_params": target.ema_params},
+                                             config=config)
+    return model, state["ema_params"], step
 
 
 # ========================================================================================
@@ -427,11 +420,6 @@ class _Logger:
             self.writer.close()
 
 
-def write_config(workdir: epath.Path, config) -> None:
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-
-
 # ========================================================================================
 # The loop.
 
@@ -458,8 +446,10 @@ class _MetricsDrain:
                     f"loss or gradient is NaN/Inf at step {at} (loss={metrics['loss']}, grad_norm="
                     f"{metrics['grad_norm']}); stopped without saving, the last good checkpoint "
                     f"(step {self.ckpt.latest_step()}) in {self.ckpt.directory} is intact. Lower "
-                    "optimizer.learning_rate, set optimizer.grad_clip_norm, or set "
-                    "optimizer.skip_nonfinite=True to skip such updates")
+                    "optimizer.learning_rate, set optimizer.grad_clip_norm (with "
+                    "checkpoint.on_mismatch=load_params to keep the trained weights: clipping "
+                    "changes the optimizer state), or set optimizer.skip_nonfinite=True to skip "
+                    "such updates")
             logging.warning("non-finite loss/gradient at step %d: update skipped", at)
         self.log.add(metrics)
 
@@ -475,22 +465,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     workdir = epath.Path(workdir)
     trainer = make_trainer(config)
     check_workdir(workdir)
-    write_config(workdir, config)
     model, mesh = trainer.model, trainer.mesh
     iterator = make_data_iterator(config, workdir)
     ckpt = checkpoints.Checkpointer(workdir, keep=config.checkpoint.keep,
                                     keep_every=config.checkpoint.keep_every,
-                                    async_save=config.checkpoint.async_save)
+                                    async_save=config.checkpoint.async_save, config=config,
+                                    on_mismatch=config.checkpoint.on_mismatch)
 
     # ---- restore or initialise ----------------------------------------------------------
-    restored = ckpt.restore_latest(trainer.restore_target(), iterator)
-    if restored is None:
-        state = trainer.init_state()
-        logging.info("starting from scratch in %s", workdir)
-    else:
-        step, state = restored
-        logging.info("resumed from the checkpoint at step %d in %s", step, workdir)
+    _, state = ckpt.restore(trainer.restore_target(), iterator, init=trainer.init_state)
     start_step = int(jax.device_get(state.step))
+    checkpoints.write_config_history(workdir, config, start_step)
 
     # ---- logging, previews, evaluation, preemption ------------------------------------
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract.params))
@@ -528,7 +513,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 log.flush(step)
             if every(config.checkpoint_every_steps) or preempted:
                 drain()   # never save a state that went non-finite
-                ckpt.save(step, state, iterator)
+                ckpt.save(step, state, iterator, wait=step == config.total_steps or preempted)
             if preempted:
                 logging.warning("preempted: checkpoint saved at step %d; exiting", step)
                 break
@@ -541,9 +526,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 log.scalars("eval", evaluate(state.ema_params, step), step)
         drain()
     finally:
-        ckpt.wait()
-        ckpt.close()
-        log.close()
+        try:
+            ckpt.close()
+        finally:
+            log.close()
         if sigterm is not None:
             sigterm.restore_handler()
     return state
