@@ -37,6 +37,7 @@ import shlex
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -59,11 +60,11 @@ TINY_LATENT = ["--config.data.image_size=64", "--config.model.name=DiT",
                '--config.model.kwargs={"patch_size": 2, "hidden_size": 32, "depth": 2, '
                '"num_heads": 2}']
 SMALL_VAE_ARGS = {"block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4}
-SMALL_VAE = ["--config.vae.arguments=" + json.dumps(SMALL_VAE_ARGS).replace("[", "(").replace("]", ")")]
+SMALL_VAE = ["--config.vae.arguments=" + repr(SMALL_VAE_ARGS)]   # a Python literal, as typed
 TINY_UDIT_KWARGS = {"hidden_size": 16, "depth": [0, 1, 1, 1, 0], "num_heads": 1}
 TINY_DIT_KWARGS = {"hidden_size": 32, "depth": 2, "num_heads": 2}
-FASHION = ["--config.data.dir=fashion-mnist"]
-DEMO_SMALL = ["--config.sample.per_class=1", "--config.sample.steps=2"]
+FASHION = ("--config.data.dir=fashion-mnist",)   # the small idx files the test writes
+DEMO_SMALL = ("--config.sample.per_class=1", "--config.sample.steps=2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,7 @@ class Recipe:
     needs: tuple = ()
     torch: bool = False
     slow: bool = False
+    before: Callable[[pathlib.Path], None] | None = None   # writes files it alone needs
 
 
 RECIPES = [
@@ -90,9 +92,9 @@ RECIPES = [
            (*FASHION, "--config.total_steps=5", "--config.checkpoint_every_steps=5",
             "--config.sample_every_steps=5", "--config.log_every_steps=1", *DEMO_SMALL),
            creates=("runs/demo/checkpoints/5", "runs/demo/samples/step_00000005.png")),
-    Recipe(r"configs/demo\.py --workdir=runs/demo --mode=export$", (*FASHION,),
+    Recipe(r"configs/demo\.py --workdir=runs/demo --mode=export$", (),
            creates=("runs/demo/export/export.json",), needs=("runs/demo$",)),
-    Recipe(r"configs/demo\.py --workdir=runs/demo --mode=sample$", (*FASHION, *DEMO_SMALL),
+    Recipe(r"configs/demo\.py --workdir=runs/demo --mode=sample$", DEMO_SMALL,
            creates=("runs/demo/samples/dpm-2-cfg3-seed0-grid/grid.png",),
            needs=("runs/demo --mode=export$",)),
     # The ImageNet configs' docstrings: encode a few JPEGs with a small VAE, train on them.
@@ -131,7 +133,8 @@ RECIPES = [
            ("--config.sample.num_images=1", "--config.sample.steps=2",
             "--config.sample.per_device_batch=1"),
            creates=("runs/udit_b_official/samples/ddpm-2-cfg4-seed0-1/samples.npz",),
-           needs=("exports/udit_b$",), slow=True),
+           needs=("exports/udit_b$",), slow=True,
+           before=lambda root: _write_sd_vae(root)),   # defined below
     # The full-size Inception network: slow.
     Recipe(r"--mode=evaluate --config=configs/udit_b\.py --workdir=runs/eval "
            r"--config\.eval\.sample_npz=samples\.npz "
@@ -287,6 +290,16 @@ def _random_like(abstract) -> dict:
                         abstract)
 
 
+def _write_sd_vae(root: pathlib.Path) -> None:
+    """Random weights of the full-size SD VAE (what an import records), 335 MB."""
+    import jax
+    from udit_jax import convert, models
+    vae = models.build_vae()
+    abstract = jax.eval_shape(vae.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32))
+    convert.save_state_dict(root / "sd-vae-ft-ema.safetensors",
+                            convert.vae_params_to_torch(vae, _random_like(abstract["params"])))
+
+
 def _write_small_vae(path: pathlib.Path) -> None:
     import jax
     from udit_jax import convert, models
@@ -371,6 +384,8 @@ def run_documented(root: pathlib.Path, command: Command) -> subprocess.Completed
         matches = [c for c in COMMANDS if needed in c.text or re.search(needed, c.text)]
         assert matches, f"{recipe.pattern}: needs {needed!r}, which no documented command is"
         run_documented(root, matches[0])
+    if recipe.before is not None:
+        recipe.before(root)
     result = run(root, command.argv + list(recipe.overrides))
     output = result.stdout[-8000:]
     if recipe.torch and not TORCH:
