@@ -40,6 +40,8 @@ import jax
 import numpy as np
 from etils import epath
 
+from udit_jax import paths
+
 FORMAT_VERSION = 1
 INFO_FILE = "export.json"
 PARAMS_DIR = "params"
@@ -156,7 +158,7 @@ def write_export(out_dir: str | os.PathLike, model, params, *, name: str | None 
                          created=datetime.datetime.now(datetime.timezone.utc).isoformat(
                              timespec="seconds")),
     }
-    if out_dir.exists() and not (out_dir / INFO_FILE).exists():
+    if out_dir.exists() and not (out_dir / INFO_FILE).exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not an export directory; refusing to "
                               "replace it (choose another export directory)")
     staging = out_dir.parent / f".{out_dir.name}.staging"
@@ -431,9 +433,16 @@ def main(argv: list[str] | None = None) -> int:
         overrides = json.loads(args.model_kwargs)
     except json.JSONDecodeError as e:
         parser.error(f"--model_kwargs is not valid JSON ({e})")
-    out = import_official(args.import_weights, args.model, args.out, image_size=args.image_size,
-                          num_classes=args.num_classes, space=args.space, channels=args.channels,
-                          vae_weights=args.vae_weights, torch_weights=args.torch_weights,
+    out_dir = paths.resolve(args.out)
+    try:
+        paths.check_output_dir(out_dir, "--out", own_entries={INFO_FILE})
+    except ValueError as e:
+        parser.error(str(e))
+    vae_weights = paths.resolve(args.vae_weights) if args.vae_weights else ""
+    out = import_official(paths.resolve(args.import_weights), args.model, out_dir,
+                          image_size=args.image_size, num_classes=args.num_classes,
+                          space=args.space, channels=args.channels,
+                          vae_weights=vae_weights, torch_weights=args.torch_weights,
                           **overrides)
     print(f"wrote {out}")
     return 0

@@ -18,6 +18,8 @@ import logging as py_logging
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from udit_jax import paths
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and samples go (local "
@@ -61,6 +63,7 @@ def mode_function(mode: str):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    workdir = paths.prepare_job(_CONFIG.value, _WORKDIR.value)   # before anything is written
     if not _VERBOSE_CHECKPOINTS.value:
         logging.get_absl_handler().addFilter(_QuietOrbax())
     from udit_jax import parallel
@@ -71,7 +74,7 @@ def main(argv):
     logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  parallel.device_kind())
-    mode_function(_MODE.value)(_CONFIG.value, _WORKDIR.value)
+    mode_function(_MODE.value)(_CONFIG.value, workdir)
 
 
 def run():
