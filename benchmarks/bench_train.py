@@ -44,14 +44,14 @@ def load_config(path: str, overrides: list[str]):
 def bench(config, steps: int, warmup: int) -> dict:
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     model = config_lib.build_model(config)
-    diffusion = config_lib.make_diffusion(config)
+    objective = config_lib.make_objective(config)
     tx, schedule = config_lib.make_optimizer(config.optimizer)
     _, shardings = train.state_shardings(model, tx, config.seed, mesh, config.mesh.rules)
     state = train.init_state(model, tx, config.seed, shardings)
     data = train.SyntheticBatches(config, jax.process_index(), jax.process_count())
     local = next(data)
     batch = {k: parallel.global_batch_from_local(mesh, v) for k, v in local.items()}
-    step = train.jit_train_step(train.make_train_step(model, diffusion, tx, schedule, config, mesh),
+    step = train.jit_train_step(train.make_train_step(model, objective, tx, schedule, config, mesh),
                                 shardings, mesh, local)
     t0 = time.perf_counter()
     state, metrics = step(state, batch)

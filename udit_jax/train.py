@@ -69,8 +69,7 @@ def validate(config, workdir: epath.Path):
     parallel.resolve_rules(config.mesh.rules)
     parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     model = config_lib.build_model(config)
-    if config.sample.sampler not in ("ddpm", "ddim", "dpm"):
-        raise ValueError(f"sample.sampler={config.sample.sampler!r}; use ddpm, ddim or dpm")
+    config_lib.validate_objective(config)   # objective switches; the sampler fits the objective
     if config.sample_every_steps and not config.sample.classes:
         raise ValueError("sample.classes is empty; list the class ids of the preview rows")
     bad = [c for c in config.sample.classes if not 0 <= c < config.data.num_classes]
@@ -223,8 +222,11 @@ def x0_from_batch(batch: dict, key: jax.Array, latent_scale: float) -> jax.Array
     return data.sample_latents(batch, key, latent_scale)
 
 
-def make_train_step(model, diffusion, tx, schedule, config, mesh):
-    """train_step(state, batch) -> (state, metrics), pure; jit it with shardings."""
+def make_train_step(model, objective, tx, schedule, config, mesh):
+    """train_step(state, batch) -> (state, metrics), pure; jit it with shardings.
+
+    objective: config_lib.make_objective(config) (DDPM or transport, with their time
+    sampling and loss weighting)."""
     opt = config.optimizer
     accum = opt.grad_accum_steps
     images = parallel.batch_sharding(mesh, 4)
@@ -234,7 +236,7 @@ def make_train_step(model, diffusion, tx, schedule, config, mesh):
         k_x0, k_t, k_noise = jax.random.split(key, 3)
         x0 = jax.lax.with_sharding_constraint(
             x0_from_batch(batch, k_x0, config.data.latent_scale), images)
-        t = jax.random.randint(k_t, x0.shape[:1], 0, diffusion.num_timesteps)
+        t = objective.sample_t(k_t, x0.shape[:1])
         noise = jax.lax.with_sharding_constraint(jax.random.normal(k_noise, x0.shape, x0.dtype),
                                                  images)
         return {"x0": x0, "t": t, "noise": noise, "y": batch["label"]}
@@ -244,7 +246,7 @@ def make_train_step(model, diffusion, tx, schedule, config, mesh):
             return model.apply({"params": params}, x, t, y, train=True,
                                rngs={"label_dropout": dropout_key})
 
-        terms = diffusion.training_losses(model_fn, inputs["x0"], inputs["t"],
+        terms = objective.training_losses(model_fn, inputs["x0"], inputs["t"],
                                           noise=inputs["noise"], model_kwargs={"y": inputs["y"]})
         metrics = {k: jnp.mean(terms[k]) for k in ("loss", "mse", "vb") if k in terms}
         return metrics["loss"], metrics
@@ -481,7 +483,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     model = validate(config, workdir)
     write_config(workdir, config)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-    diffusion = config_lib.make_diffusion(config)
+    objective = config_lib.make_objective(config)
     tx, schedule = config_lib.make_optimizer(config.optimizer)
     abstract, shardings = state_shardings(model, tx, config.seed, mesh, config.mesh.rules)
     iterator = make_data_iterator(config, workdir)
@@ -537,7 +539,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             batch = {k: parallel.global_batch_from_local(mesh, v) for k, v in local.items()}
             if step_fn is None:
                 logging.info("compiling the train step...")
-                step_fn = jit_train_step(make_train_step(model, diffusion, tx, schedule, config, mesh),
+                step_fn = jit_train_step(make_train_step(model, objective, tx, schedule, config, mesh),
                                          shardings, mesh, local)
             state, metrics = step_fn(state, batch)
             step += 1

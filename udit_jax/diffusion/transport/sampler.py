@@ -75,36 +75,36 @@ class Sampler:
 
     # ---- which settings give finite numbers ---------------------------------------------
 
-    def _singular_ends(self, *, sde: bool, diffusion_form: str | None) -> dict[float, str]:
-        """Times where the drift / score / diffusion this sampler uses divide by zero."""
+    def _singular_ends(self, *, sde: bool, diffusion_form: str | None) -> dict[float, tuple[str, str]]:
+        """{time: (what divides by zero there, how to avoid it)} for this sampler's drift/score."""
         tr = self.transport
+        eps_hint = "Use sample_eps > 0 (create_transport(train_eps=..., sample_eps=...))."
         ends = {}
         if tr.path_type != "VP" and tr.prediction != "velocity":
-            ends[0.0] = "d alpha / alpha = 1/alpha_t"
+            ends[0.0] = ("d alpha / alpha = 1/alpha_t", eps_hint)
         if tr.path_type != "VP" and sde and diffusion_form == "SBDM":
-            ends[0.0] = "the SBDM diffusion (1/alpha_t)"
+            ends[0.0] = ("the SBDM diffusion (1/alpha_t)",
+                         "Use another diffusion_form (SiT's sample.py uses 'sigma')."
+                         if tr.prediction == "velocity" else eps_hint)
         if tr.prediction == "noise":
-            ends[1.0] = "the noise-to-score conversion (1/sigma_t)"
+            ends[1.0] = ("the noise-to-score conversion (1/sigma_t)", eps_hint)
         if tr.prediction == "velocity" and sde:
-            ends[1.0] = "the velocity-to-score conversion (1/sigma_t^2)"
+            ends[1.0] = ("the velocity-to-score conversion (1/sigma_t^2)",
+                         "Use last_step 'Mean', 'Tweedie' or 'Euler' with last_step_size > 0, or "
+                         "sampling_method 'Euler' with last_step=None."
+                         if tr.path_type != "VP" else eps_hint)
         return ends
 
     def _check_times(self, what: str, times: dict[str, float], *, sde: bool,
                      diffusion_form: str | None = None) -> None:
-        for end, reason in self._singular_ends(sde=sde, diffusion_form=diffusion_form).items():
+        ends = self._singular_ends(sde=sde, diffusion_form=diffusion_form)
+        for end, (reason, hint) in ends.items():
             for name, t in times.items():
                 if np.float32(t) == end:
                     raise ValueError(
                         f"{what} evaluates the model at {name} t={t} where {reason} is infinite: "
                         f"SiT returns NaN for path_type={self.transport.path_type!r}, "
-                        f"prediction={self.transport.prediction!r} there. {self._hint(sde)}")
-
-    def _hint(self, sde: bool) -> str:
-        tr = self.transport
-        if tr.prediction == "velocity" and tr.path_type != "VP":
-            return ("Use a last step (last_step='Mean'/'Tweedie'/'Euler' with last_step_size > 0) "
-                    "or the Euler method, and a diffusion_form other than 'SBDM'." if sde else "")
-        return "Use sample_eps > 0 (create_transport(train_eps=..., sample_eps=...))."
+                        f"prediction={self.transport.prediction!r} there. {hint}")
 
     def _interval(self, **kwargs) -> tuple[float, float]:
         if self.transport.sample_eps is None:
