@@ -213,6 +213,20 @@ def test_ode_converges_to_the_exact_flow(method, order):
     assert np.mean(rates[-3:]) > order - 0.3, (errors, rates)
 
 
+def test_likelihood_of_gaussian_data_is_exact():
+    """The Jacobian of the Gaussian velocity is a multiple of I, so Hutchinson's estimate is
+    exact and the ODE's log-likelihood converges to the closed form; z = (x - mu) / s."""
+    mu, s = 0.5, 0.7
+    fn = transport.Sampler(transport.create_transport()).sample_ode_likelihood(
+        sampling_method="rk4", num_steps=41)
+    with jax.enable_x64(True):
+        x = mu + s * jax.random.normal(jax.random.PRNGKey(0), (3, 2, 2, 2), jnp.float64)
+        logp, z = fn(x, lambda x, t: gaussian_velocity(mu, s)(x, t), key=jax.random.PRNGKey(1))
+        exact = stats.norm.logpdf(np.asarray(x), mu, s).reshape(3, -1).sum(1)
+        np.testing.assert_allclose(logp, exact, rtol=1e-7)
+        np.testing.assert_allclose(z, (x - mu) / s, atol=1e-7)
+
+
 def test_trajectory_final_and_sample_loop_agree():
     fn = transport.Sampler(transport.create_transport("GVP", "velocity")).sample_sde(
         sampling_method="Heun", diffusion_form="sigma", num_steps=5)
@@ -226,6 +240,9 @@ def test_trajectory_final_and_sample_loop_agree():
     np.testing.assert_allclose(fn.final(z, model_fn, key=k_steps), traj[-1], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(transport.sample_loop(fn, model_fn, z.shape, key=key), traj[-1],
                                rtol=1e-6, atol=1e-6)
+    noise = jax.random.normal(jax.random.PRNGKey(2), (4,) + z.shape)
+    np.testing.assert_array_equal(fn(z, model_fn, noise_fn=lambda i: noise[i]),
+                                  fn(z, model_fn, noise=noise))
 
 
 def test_learned_sigma_outputs_use_the_first_channels():

@@ -3,7 +3,8 @@
 Each `sample_*` method checks its settings (refusing, with the reason, those upstream
 crashes on or turns into NaN) and returns a pure function of (initial state, model_fn,
 **model_kwargs), as SiT's do; the loop inside is one `lax.scan`. Random draws are inputs:
-the SDE takes `noise=` [num_steps - 1, B, ...] or `key=`, the likelihood `probes=` or `key=`.
+the SDE takes `noise=` [num_steps - 1, B, ...], `noise_fn=` (step -> noise) or `key=`, the
+likelihood `probes=`, `probes_fn=` or `key=`.
 """
 
 from __future__ import annotations
@@ -34,16 +35,27 @@ def _batch_t(t, x):
     return jnp.full(x.shape[:1], t, x.dtype)
 
 
-def _draws(what: str, given, key, shape, draw: Callable):
-    """`given` (checked against shape) or draw(key, shape)."""
+def step_draws(what: str, num_steps: int, shape, *, given, given_fn, key, draw: Callable):
+    """The random input of each of num_steps loop steps, without materialising them all.
+
+    Returns (scan inputs with leading axis num_steps or None, get(input, i) -> the draw of
+    step i [shape]). Sources, first given wins: `given` [num_steps, *shape] (replay stored
+    draws), `given_fn(i)` (e.g. each image's noise from its own key), or `key` (split per
+    step; draw(key, shape) runs inside the loop).
+    """
+    shape = tuple(shape)
     if given is not None:
         given = jnp.asarray(given)
-        if given.shape != tuple(shape):
-            raise ValueError(f"{what} has shape {given.shape}, expected {tuple(shape)}")
-        return given
+        if given.shape != (num_steps,) + shape:
+            raise ValueError(f"{what} has shape {given.shape}, expected {(num_steps,) + shape} "
+                             "(one draw per step, in order)")
+        return given, lambda g, i: g
+    if given_fn is not None:
+        return None, lambda _, i: given_fn(i)
     if key is None:
-        raise ValueError(f"this sampler draws {what}: pass {what}=<array of shape {tuple(shape)}> or key=")
-    return draw(key, shape)
+        raise ValueError(f"this sampler draws {what} at every step: pass {what}=<array of shape "
+                         f"{(num_steps,) + shape}>, {what}_fn=<step -> array> or key=")
+    return jax.random.split(key, num_steps), lambda k, i: draw(k, shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,10 +164,11 @@ class Sampler:
                               atol: float = 1e-6, rtol: float = 1e-3) -> Callable:
         """log p(x) through the ODE from data to noise, with Hutchinson's divergence estimate.
 
-        Returns fn(x [B, ...], model_fn, *, probes=None, key=None, return_trajectory=False,
-        **model_kwargs) -> (logp [B], z [B, ...]) (plus (traj_x, traj_dlogp) with
-        return_trajectory). probes: the 0/1 draws [evaluations, B, ...] of SiT's Rademacher
-        probes (2 probe - 1), one per drift evaluation in order; or key= to draw them.
+        Returns fn(x [B, ...], model_fn, *, probes=None, probes_fn=None, key=None,
+        return_trajectory=False, **model_kwargs) -> (logp [B], z [B, ...]) (plus (traj_x,
+        traj_dlogp) with return_trajectory). probes: the 0/1 draws [evaluations, B, ...] of
+        SiT's Rademacher probes (2 probe - 1), one per drift evaluation in order; or
+        probes_fn(step) -> [evaluations per step, B, ...]; or key= to draw them.
         """
         del atol, rtol
         t0, t1 = self._ode_settings(sampling_method, num_steps, reverse=False)
@@ -167,15 +180,24 @@ class Sampler:
         stages = integrators.ODE_STAGES[sampling_method]
         drift = self.drift
 
-        def fn(x, model_fn, *, probes=None, key=None, return_trajectory=False, **model_kwargs):
+        def fn(x, model_fn, *, probes=None, probes_fn=None, key=None, return_trajectory=False,
+               **model_kwargs):
             dtype = _float_dtype(x)
-            probes = _draws("probes", probes, key, ((num_steps - 1) * stages,) + x.shape,
-                            lambda k, s: jax.random.bernoulli(k, 0.5, s).astype(dtype))
+            per_step = (stages,) + x.shape
+            if probes is not None:
+                if tuple(probes.shape) != ((num_steps - 1) * stages,) + x.shape:
+                    raise ValueError(f"probes has shape {probes.shape}, expected "
+                                     f"{((num_steps - 1) * stages,) + x.shape} (one per drift "
+                                     "evaluation, in order)")
+                probes = jnp.reshape(probes, (num_steps - 1,) + per_step)
+            inputs, get = step_draws("probes", num_steps - 1, per_step, given=probes,
+                                     given_fn=probes_fn, key=key,
+                                     draw=lambda k, s: jax.random.bernoulli(k, 0.5, s).astype(dtype))
             grid = integrators.time_grid(t0, t1, num_steps, dtype)
 
-            def field(s, y, step_probes, stage):
+            def field(s, y, step_input, stage):
                 x_s, _ = y
-                e = step_probes[stage].astype(dtype) * 2 - 1
+                e = get(step_input[0], step_input[1])[stage].astype(dtype) * 2 - 1
                 t = _batch_t(1 - s, x_s)
                 out, vjp = jax.vjp(lambda v: drift(v, t, model_fn, **model_kwargs), x_s)
                 logp_grad = jnp.sum(vjp(e)[0] * e, axis=tuple(range(1, x_s.ndim)))
@@ -183,7 +205,7 @@ class Sampler:
 
             out = integrators.integrate_ode(
                 sampling_method, field, (x, jnp.zeros(x.shape[:1], dtype)), grid,
-                step_inputs=probes.reshape((num_steps - 1, stages) + x.shape),
+                step_inputs=(inputs, jnp.arange(num_steps - 1)),
                 keep_trajectory=return_trajectory)
             z, dlogp = jax.tree.map(lambda a: a[-1], out) if return_trajectory else out
             logp = self.transport.prior_logp(z) - dlogp
@@ -201,8 +223,9 @@ class Sampler:
         num_steps - 1 stochastic steps on torch.linspace(t0, t1, num_steps), all of size
         T[1] - T[0], then `last_step` at t1: None (identity; last_step_size becomes 0, moving
         t1), "Mean" (x + sde_drift * size), "Euler" (x + ODE drift * size) or "Tweedie"
-        (the posterior mean). Returns fn(z, model_fn, *, noise=None, key=None, **model_kwargs)
-        -> [num_steps, B, ...]; noise: the standard normal draws [num_steps - 1, B, ...].
+        (the posterior mean). Returns fn(z, model_fn, *, noise=None, noise_fn=None, key=None,
+        **model_kwargs) -> [num_steps, B, ...]; noise: the standard normal draws
+        [num_steps - 1, B, ...], or noise_fn(step) -> [B, ...], or key= to draw them.
         """
         if sampling_method not in integrators.SDE_METHODS:
             raise ValueError(f"sampling_method={sampling_method!r}; use one of {integrators.SDE_METHODS}")
@@ -237,10 +260,12 @@ class Sampler:
         drift, score = self.drift, self.score
         diffusion = lambda x, t: path.compute_diffusion(x, t, diffusion_form, diffusion_norm)
 
-        def run(z, model_fn, *, keep_trajectory, noise=None, key=None, **model_kwargs):
+        def run(z, model_fn, *, keep_trajectory, noise=None, noise_fn=None, key=None,
+                **model_kwargs):
             dtype = _float_dtype(z)
-            noise = _draws("noise", noise, key, (num_steps - 1,) + z.shape,
-                           lambda k, s: jax.random.normal(k, s, dtype))
+            inputs, get = step_draws("noise", num_steps - 1, z.shape, given=noise,
+                                     given_fn=noise_fn, key=key,
+                                     draw=lambda k, s: jax.random.normal(k, s, dtype))
             grid = integrators.time_grid(t0, t1, num_steps, dtype)
             dt = jnp.asarray(grid[1] - grid[0], dtype)
 
@@ -249,12 +274,13 @@ class Sampler:
                         + diffusion(x, t) * score(x, t, model_fn, **model_kwargs))
 
             def body(x, xs):
-                t, w = xs
-                x = integrators.sde_step(sampling_method, sde_drift, diffusion, x,
-                                         _batch_t(t, x), dt, w.astype(dtype))
+                t, i, step_input = xs
+                x = integrators.sde_step(sampling_method, sde_drift, diffusion, x, _batch_t(t, x),
+                                         dt, get(step_input, i).astype(dtype))
                 return x, (x if keep_trajectory else None)
 
-            x, xs = jax.lax.scan(body, z, (jnp.asarray(grid[:-1]), noise))
+            x, xs = jax.lax.scan(body, z, (jnp.asarray(grid[:-1]), jnp.arange(num_steps - 1),
+                                           inputs))
             ts = _batch_t(t1, x)
             if last_step == "Mean":
                 x = x + sde_drift(x, ts) * last_step_size
