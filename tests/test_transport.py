@@ -213,6 +213,30 @@ def test_ode_converges_to_the_exact_flow(method, order):
     assert np.mean(rates[-3:]) > order - 0.3, (errors, rates)
 
 
+@pytest.mark.parametrize("path_type, reverse", [("Linear", False), ("GVP", True)])
+def test_adaptive_dopri5_meets_its_tolerance(path_type, reverse):
+    """dopri5 (jit, while_loop) on the exact Gaussian flow; reverse runs data -> noise."""
+    mu, s = 1.5, 0.6
+    tr = transport.create_transport(path_type, "velocity")
+    path = tr.path_sampler
+
+    def velocity(x, t):   # exact for data N(mu, s^2): x_t ~ N(alpha mu, alpha^2 s^2 + sigma^2)
+        t = t[:, None, None, None]
+        (a, da), (g, dg) = path.compute_alpha_t(t), path.compute_sigma_t(t)
+        var = a ** 2 * s ** 2 + g ** 2
+        return da * mu + (a * da * s ** 2 + g * dg) / var * (x - a * mu)
+
+    fn = transport.Sampler(tr).sample_ode(sampling_method="dopri5", num_steps=5, atol=1e-7,
+                                          rtol=1e-7, reverse=reverse)
+    z = jax.random.normal(jax.random.PRNGKey(0), (2, 2, 2, 3))
+    start, end = (mu + s * z, z) if reverse else (z, mu + s * z)
+    traj = jax.jit(lambda z: fn(z, velocity))(start)
+    assert traj.shape == (5,) + z.shape
+    np.testing.assert_array_equal(traj[0], start)
+    np.testing.assert_allclose(traj[-1], end, atol=2e-5)
+    np.testing.assert_allclose(jax.jit(lambda z: fn.final(z, velocity))(start), traj[-1], atol=1e-6)
+
+
 def test_likelihood_of_gaussian_data_is_exact():
     """The Jacobian of the Gaussian velocity is a multiple of I, so Hutchinson's estimate is
     exact and the ODE's log-likelihood converges to the closed form; z = (x - mu) / s."""
@@ -281,8 +305,10 @@ def test_learned_sigma_outputs_use_the_first_channels():
      "noise-to-score"),
     (lambda: transport.Sampler(transport.create_transport("Linear", "noise", None, 1e-3)).sample_ode(),
      "sample_eps=None"),
-    (lambda: transport.Sampler(transport.create_transport()).sample_ode(sampling_method="dopri5"),
-     "fixed-step"),
+    (lambda: transport.Sampler(transport.create_transport()).sample_ode_likelihood(
+        sampling_method="dopri5"), "fixed-step"),
+    (lambda: transport.Sampler(transport.create_transport()).sample_ode(sampling_method="rk45"),
+     "sampling_method"),
     (lambda: transport.Sampler(transport.create_transport()).sample_ode(num_steps=1), "grid points"),
 ])
 def test_settings_sit_cannot_run_are_refused(make, message):

@@ -152,7 +152,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.transport.sample_eps = ml_collections.config_dict.placeholder(float)
     # Transport samplers are sample.sampler / eval.sampler "ode" or "sde"; their steps count
     # time-grid points, as SiT's num_sampling_steps.
-    c.transport.ode_method = "heun2"  # euler | midpoint | heun2 | heun3 | rk4
+    # dopri5 (adaptive, SiT's default) | euler | midpoint | heun2 | heun3 | rk4 (fixed steps)
+    c.transport.ode_method = "dopri5"
+    c.transport.atol = 1e-6           # dopri5's error tolerances (SiT's defaults)
+    c.transport.rtol = 1e-3
     c.transport.sde_method = "Euler"  # Euler | Heun
     c.transport.diffusion_form = "sigma"  # SBDM | sigma | linear | decreasing | inccreasing-decreasing
     c.transport.diffusion_norm = 1.0
@@ -298,7 +301,8 @@ def make_transport_sampling_fn(config, sampler: str, steps):
     s = transport.Sampler(make_transport(config))
     try:
         if sampler == "ode":
-            return s.sample_ode(sampling_method=t.ode_method, num_steps=num_steps)
+            return s.sample_ode(sampling_method=t.ode_method, num_steps=num_steps, atol=t.atol,
+                                rtol=t.rtol)
         return s.sample_sde(sampling_method=t.sde_method, diffusion_form=t.diffusion_form,
                             diffusion_norm=t.diffusion_norm, last_step=_transport_arg(t.last_step),
                             last_step_size=t.last_step_size, num_steps=num_steps)

@@ -1,7 +1,9 @@
 """Time grids and fixed-step integrators of SiT's samplers, each one `lax.scan`.
 
 The ODE steps are torchdiffeq's fixed-grid solvers (what SiT's `ode` calls) with their
-operation order; the SDE steps are SiT's Euler-Maruyama and Heun. States may be pytrees
+operation order; the adaptive dopri5 is JAX's Dormand-Prince (jax.experimental.ode, a
+while_loop; same method and tolerances as torchdiffeq's, not its exact step choices). The SDE
+steps are SiT's Euler-Maruyama and Heun. States may be pytrees
 (the likelihood ODE integrates (x, log-density change) together).
 """
 
@@ -14,10 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ODE_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
+FIXED_STEP_ODE_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
+ADAPTIVE_ODE_METHODS = ("dopri5",)
+ODE_METHODS = FIXED_STEP_ODE_METHODS + ADAPTIVE_ODE_METHODS
 SDE_METHODS = ("Euler", "Heun")
-# Solver stages that evaluate the drift at the step's end point t_{i+1}.
-ODE_METHODS_AT_END = ("heun2", "rk4")
+# Solvers that evaluate the drift at a step's end point t_{i+1}.
+ODE_METHODS_AT_END = ("heun2", "rk4", "dopri5")
+# Error control of the adaptive solver: at most this many steps between two grid points.
+ADAPTIVE_MAX_STEPS = 4096
 # Drift evaluations per step.
 ODE_STAGES = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4}
 
@@ -115,6 +121,26 @@ def integrate_ode(method: str, f: Callable, y0, grid, *, step_inputs=None,
     if not keep_trajectory:
         return y
     return jax.tree.map(lambda a, b: jnp.concatenate([a[None], b], axis=0), y0, traj)
+
+
+def integrate_adaptive(f: Callable, y0, grid, *, rtol: float, atol: float,
+                       keep_trajectory: bool = True):
+    """dopri5 with error control (rtol, atol) through the points of `grid` [N], monotone.
+
+    A decreasing grid is integrated in negated time, as torchdiffeq does. Returns the
+    states at every grid point, [N, ...] per leaf (y0 first), or only the last.
+    """
+    from jax.experimental.ode import odeint
+    grid = np.asarray(grid)   # a host array: the direction is static
+    sign = 1.0 if grid[-1] > grid[0] else -1.0
+    if not keep_trajectory:   # steps do not depend on the output points: keep only the ends
+        grid = grid[[0, -1]]
+
+    def field(y, s):
+        return jax.tree.map(lambda d: sign * d, f(sign * s, y))
+
+    traj = odeint(field, y0, jnp.asarray(sign * grid), rtol=rtol, atol=atol, mxstep=ADAPTIVE_MAX_STEPS)
+    return traj if keep_trajectory else jax.tree.map(lambda a: a[-1], traj)
 
 
 def sde_step(method: str, sde_drift: Callable, diffusion: Callable, x, t, dt, w):

@@ -128,9 +128,8 @@ class Sampler:
 
     def _ode_settings(self, sampling_method: str, num_steps: int, reverse: bool):
         if sampling_method not in integrators.ODE_METHODS:
-            raise ValueError(f"sampling_method={sampling_method!r}; use a fixed-step method, one of "
-                             f"{integrators.ODE_METHODS} (adaptive solvers such as SiT's default "
-                             "'dopri5' are not available)")
+            raise ValueError(f"sampling_method={sampling_method!r}; use one of "
+                             f"{integrators.ODE_METHODS}")
         if not isinstance(num_steps, int) or num_steps < 2:
             raise ValueError(f"num_steps={num_steps!r}: SiT's num_steps counts grid points, so it "
                              "needs at least 2 (num_steps - 1 solver steps)")
@@ -140,11 +139,12 @@ class Sampler:
                    atol: float = 1e-6, rtol: float = 1e-3, reverse: bool = False) -> SamplingFn:
         """Probability-flow ODE from noise (t0) to data (t1), or back with reverse=True.
 
-        num_steps grid points torch.linspace(t0, t1, num_steps), i.e. num_steps - 1 steps.
-        atol/rtol are accepted for SiT's signature; fixed-step solvers ignore them. Returns
+        num_steps grid points torch.linspace(t0, t1, num_steps), i.e. num_steps - 1 steps of
+        the fixed-step methods (euler, midpoint, heun2, heun3, rk4: torchdiffeq's, bit for bit
+        up to float rounding). "dopri5" (SiT's default) steps adaptively to atol/rtol and
+        reports the state at the grid points; fixed-step methods ignore atol/rtol. Returns
         fn(z [B, ...], model_fn, **model_kwargs) -> [num_steps, B, ...] (z first).
         """
-        del atol, rtol
         t0, t1 = self._ode_settings(sampling_method, num_steps, reverse)
         evaluated = {"the start": t0}
         if sampling_method in integrators.ODE_METHODS_AT_END:
@@ -155,6 +155,9 @@ class Sampler:
         def run(z, model_fn, *, keep_trajectory, **model_kwargs):
             grid = integrators.time_grid(t0, t1, num_steps, _float_dtype(z))
             f = lambda t, x: drift(x, _batch_t(t, x), model_fn, **model_kwargs)
+            if sampling_method in integrators.ADAPTIVE_ODE_METHODS:
+                return integrators.integrate_adaptive(f, z, grid, rtol=rtol, atol=atol,
+                                                      keep_trajectory=keep_trajectory)
             return integrators.integrate_ode(sampling_method, f, z, grid,
                                              keep_trajectory=keep_trajectory)
 
@@ -171,6 +174,10 @@ class Sampler:
         probes_fn(step) -> [evaluations per step, B, ...]; or key= to draw them.
         """
         del atol, rtol
+        if sampling_method not in integrators.FIXED_STEP_ODE_METHODS:
+            raise ValueError(f"sample_ode_likelihood draws one probe per drift evaluation, so it "
+                             f"needs a fixed-step method, one of {integrators.FIXED_STEP_ODE_METHODS}; "
+                             f"got {sampling_method!r}")
         t0, t1 = self._ode_settings(sampling_method, num_steps, reverse=False)
         # The drift runs at t = 1 - s for s in [t0, t1].
         evaluated = {"the start": 1 - t0}
