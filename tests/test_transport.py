@@ -350,6 +350,7 @@ def transport_config(**overrides):
       "transport.loss_weight": "velocity"}, "replaces transport.loss_weight"),
     ({"loss_weighting.kind": "snr"}, "loss_weighting.kind"),
     ({"sample.guidance_interval": (0.5, 2.0)}, "guidance_interval"),
+    ({"eval_every_steps": 100}, "in-loop evaluation"),
 ])
 def test_invalid_objective_configs_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -377,19 +378,23 @@ def test_config_builds_each_objective():
 
 
 def test_train_step_with_the_transport_objective(tmp_path):
-    """A tiny DiT (learned sigma: 2C outputs) trains with transport + logit-normal + min-SNR."""
+    """A tiny DiT (learned sigma: 2C outputs) trains with transport + logit-normal + min-SNR
+    and previews through the SDE with guidance on an interval."""
     from udit_jax import train
     config = config_lib.base_config()
     config.update_from_flattened_dict({
         "model.name": "DiT",
         "model.kwargs": {"patch_size": 2, "hidden_size": 32, "depth": 1, "num_heads": 2,
-                         "class_dropout_prob": 0.0},
+                         "class_dropout_prob": 0.1},
         "data.source": "synthetic", "data.space": "pixel", "data.image_size": 8,
         "data.channels": 1, "data.num_classes": 3, "batch_size": 8, "total_steps": 2,
-        "log_every_steps": 1, "checkpoint_every_steps": 2, "sample_every_steps": 0,
+        "log_every_steps": 1, "checkpoint_every_steps": 2, "sample_every_steps": 2,
+        "sample.classes": [0, 2], "sample.per_class": 2, "sample.cfg_scale": 2.0,
+        "sample.guidance_interval": (0.2, 0.8),
         "objective": "transport", "sample.sampler": "sde", "sample.steps": "10",
         "timestep_sampling.kind": "logit_normal", "loss_weighting.kind": "min_snr"})
     state = train.train_and_evaluate(config, str(tmp_path))
+    assert (tmp_path / "samples" / "step_00000002.png").is_file()
     leaves = jax.tree.leaves(state.params)
     assert all(np.all(np.isfinite(np.asarray(p))) for p in leaves)
     assert int(state.step) == 2

@@ -343,6 +343,10 @@ def validate_objective(config) -> None:
     for what, (sampler, _) in samplers.items():
         check_sampler_for_objective(sampler, config.objective, what)
     if config.objective == "transport":
+        if config.eval_every_steps:
+            raise ValueError("eval_every_steps > 0: in-loop evaluation samples with the DDPM "
+                             "samplers only; set it to 0 for objective='transport' and score "
+                             "an export with --mode=evaluate")
         tr = make_transport(config)
         if lw.kind == "min_snr" and tr.loss_weight is not None:
             raise ValueError(f"loss_weighting.kind='min_snr' replaces transport.loss_weight="

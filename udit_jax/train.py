@@ -306,6 +306,7 @@ def jit_train_step(train_step, shardings: TrainState, mesh, example_batch: dict)
 def make_sampler(model, config, shardings: TrainState, mesh):
     """sample(ema_params) -> uint8 grid [rows*H, cols*W, C], rows = sample.classes."""
     from udit_jax import diffusion as diffusion_lib
+    from udit_jax.diffusion import guidance, transport
     s = config.sample
     d = diffusion_lib.create_diffusion(str(s.steps), noise_schedule=config.diffusion.noise_schedule,
                                        learn_sigma=config.diffusion.learn_sigma,
@@ -324,19 +325,27 @@ def make_sampler(model, config, shardings: TrainState, mesh):
             y = jnp.concatenate([classes, null])
             shape = (2 * n, size, size, channels)
 
+            guided = guidance.with_guidance_interval(
+                lambda x, t, y, scale: model.apply({"params": ema_params}, x, t, y, scale,
+                                                   method="forward_with_cfg"),
+                s.guidance_interval, config_lib.guidance_noise_level(config))
+
             def model_fn(x, t, y):
-                return model.apply({"params": ema_params}, x, t, y, s.cfg_scale,
-                                   method="forward_with_cfg")
+                return guided(x, t, y, s.cfg_scale)
         else:
             y, shape = classes, (n, size, size, channels)
 
             def model_fn(x, t, y):
                 return model.apply({"params": ema_params}, x, t, y)
-        loop = {"ddpm": d.p_sample_loop, "ddim": d.ddim_sample_loop,
-                "dpm": d.dpm_solver_sample_loop}[s.sampler]
-        # Pixels are clipped to [-1, 1] at each step; latents are not (official samplers).
-        x = loop(model_fn, shape, key=k_noise, clip_denoised=not config_lib.is_latent(config),
-                 model_kwargs={"y": y})[:n]
+        if config.objective == "transport":
+            x = transport.sample_loop(config_lib.make_transport_sampling_fn(config, s.sampler, s.steps),
+                                      model_fn, shape, key=k_noise, model_kwargs={"y": y})[:n]
+        else:
+            loop = {"ddpm": d.p_sample_loop, "ddim": d.ddim_sample_loop,
+                    "dpm": d.dpm_solver_sample_loop}[s.sampler]
+            # Pixels are clipped to [-1, 1] at each step; latents are not (official samplers).
+            x = loop(model_fn, shape, key=k_noise, clip_denoised=not config_lib.is_latent(config),
+                     model_kwargs={"y": y})[:n]
         if vae is not None:
             x = vae.apply({"params": vae_params}, x / config.data.latent_scale, method="decode")
         return x
