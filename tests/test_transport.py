@@ -398,3 +398,25 @@ def test_train_step_with_the_transport_objective(tmp_path):
     leaves = jax.tree.leaves(state.params)
     assert all(np.all(np.isfinite(np.asarray(p))) for p in leaves)
     assert int(state.step) == 2
+
+
+def test_export_records_the_objective_and_refuses_the_other_samplers(tmp_path):
+    from udit_jax import export, models
+    model = models.build_model("DiT", input_size=4, in_channels=1, num_classes=2, patch_size=2,
+                               hidden_size=16, depth=1, num_heads=2)
+    params = jax.tree.map(lambda a: np.zeros(a.shape, np.float32),
+                          jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0))))
+    config = transport_config(**{"transport.path_type": "VP", "transport.prediction": "noise"})
+    kwargs = dict(diffusion={"noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma": True},
+                  data={"space": "pixel", "image_size": 4, "channels": 1, "num_classes": 2,
+                        "latent_scale": 0.18215}, vae=None, metadata={"source": "test"})
+    export.write_export(tmp_path / "t", model, params,
+                        objective=config_lib.objective_description(config), **kwargs)
+    info = export.read_info(tmp_path / "t")
+    assert config_lib.export_objective(info) == "transport"
+    tr = transport.create_transport(**info["objective"]["transport"])
+    assert (tr.path_type, tr.prediction, tr.train_eps) == ("VP", "noise", 1e-5)
+    with pytest.raises(ValueError, match="trained with objective='transport'"):
+        config_lib.check_sampler_for_objective("ddpm", config_lib.export_objective(info))
+    export.write_export(tmp_path / "d", model, params, **kwargs)       # DDPM (and older) exports
+    assert config_lib.export_objective(export.read_info(tmp_path / "d")) == "ddpm"

@@ -310,6 +310,24 @@ def make_transport_sampling_fn(config, sampler: str, steps):
         raise ValueError(f"config.transport with sampler {sampler!r}: {e}") from e
 
 
+def objective_description(config) -> dict[str, Any]:
+    """What an export records of the objective: {"name"} and, for transport, the
+    create_transport arguments {"transport": {...}}."""
+    if config.objective != "transport":
+        return {"name": config.objective}
+    t = config.transport
+    return {"name": "transport",
+            "transport": {"path_type": t.path_type, "prediction": t.prediction,
+                          "loss_weight": _transport_arg(t.loss_weight),
+                          "train_eps": t.train_eps, "sample_eps": t.sample_eps}}
+
+
+def export_objective(info: dict) -> str:
+    """The objective an export's info (export.read_info) was trained with; older exports
+    without the record are DDPM's."""
+    return (info.get("objective") or {"name": "ddpm"})["name"]
+
+
 def guidance_noise_level(config) -> Callable:
     """u(t): the noise level (0 data, 1 noise) of the model's time input, for the interval."""
     from udit_jax.diffusion import guidance

@@ -15,7 +15,9 @@ Time runs from t = 0 (noise) to t = 1 (data), the reverse of DDPM's indexing; `m
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
+from udit_jax.diffusion import sampling
 from udit_jax.diffusion.transport.integrators import (ODE_METHODS, SDE_METHODS, integrate_ode,
                                                       time_grid)
 from udit_jax.diffusion.transport.path import (DIFFUSION_FORMS, PATH_TYPES, GVPPath, LinearPath,
@@ -41,13 +43,8 @@ def sample_loop(sampling_fn: SamplingFn, model_fn, shape, *, noise=None, key=Non
     k_z = k_steps = None
     if key is not None:
         k_z, k_steps = jax.random.split(key)
-    if noise is None:
-        if k_z is None:
-            raise ValueError("sample_loop needs the start noise: pass noise=<array of shape "
-                             f"{tuple(shape)}> or key=")
-        noise = jax.random.normal(k_z, tuple(shape), jax.numpy.float32)
-    elif tuple(noise.shape) != tuple(shape):
-        raise ValueError(f"sample_loop: noise has shape {noise.shape}, expected {tuple(shape)}")
+    noise = sampling.noise_like(jax.ShapeDtypeStruct(tuple(shape), jnp.float32), noise, k_z,
+                                "sample_loop (the start noise)")
     if sampling_fn.stochastic:
         if k_steps is None:
             raise ValueError("an SDE sampler draws noise at every step: pass key=")
