@@ -163,6 +163,36 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.write_reference_to = ""
     c.eval.reference_max_images = 0  # 0 = every image
     c.eval.reference_with_images = False
+
+    # Training objective and its switches (validate_objective checks them; see make_objective).
+    c.objective = "ddpm"              # "ddpm" (DiT / U-DiT's eps objective) or "transport" (SiT)
+    c.transport = ml_collections.ConfigDict()   # SiT's create_transport / sample.py arguments
+    c.transport.path_type = "Linear"  # Linear | GVP | VP
+    c.transport.prediction = "velocity"  # velocity | noise | score
+    c.transport.loss_weight = "none"  # none | velocity | likelihood (noise / score models)
+    c.transport.train_eps = ml_collections.config_dict.placeholder(float)   # None: SiT's rule
+    c.transport.sample_eps = ml_collections.config_dict.placeholder(float)
+    # Transport samplers are sample.sampler / eval.sampler "ode" or "sde"; their steps count
+    # time-grid points, as SiT's num_sampling_steps.
+    # dopri5 (adaptive, SiT's default) | euler | midpoint | heun2 | heun3 | rk4 (fixed steps)
+    c.transport.ode_method = "dopri5"
+    c.transport.atol = 1e-6           # dopri5's error tolerances (SiT's defaults)
+    c.transport.rtol = 1e-3
+    c.transport.sde_method = "Euler"  # Euler | Heun
+    c.transport.diffusion_form = "sigma"  # SBDM | sigma | linear | decreasing | inccreasing-decreasing
+    c.transport.diffusion_norm = 1.0
+    c.transport.last_step = "Mean"    # Mean | Tweedie | Euler | none
+    c.transport.last_step_size = 0.04
+    c.timestep_sampling = ml_collections.ConfigDict()   # training times, both objectives
+    c.timestep_sampling.kind = "uniform"  # uniform | logit_normal (noise level sigmoid(mean + std n))
+    c.timestep_sampling.mean = 0.0
+    c.timestep_sampling.std = 1.0
+    c.loss_weighting = ml_collections.ConfigDict()
+    c.loss_weighting.kind = "none"    # none | min_snr (min(SNR, gamma) on the data-prediction MSE)
+    c.loss_weighting.gamma = 5.0
+    # CFG only at noise levels u in [low, high] (u = t/T for DDPM, 1 - t for SiT's time; 0 is
+    # data, 1 noise), for previews, sampling jobs and evaluation; (0, 1) guides everywhere.
+    c.sample.guidance_interval = (0.0, 1.0)
     return c
 
 
@@ -215,6 +245,7 @@ def validate(config):
     parallel.resolve_rules(config.mesh.rules, tuple(config.mesh.axes))
     make_mesh(config)
     model = build_model(config)
+    validate_objective(config)   # objective switches; the samplers fit the objective
     preview = sampling(config, "sample")
     if config.sample_every_steps and not config.sample.classes:
         raise ValueError("sample.classes is empty; list the class ids of the preview rows")
@@ -341,3 +372,140 @@ def make_sampler(config, model, mesh, section: str = "sample"):
                                   sampler=settings["sampler"], cfg_scale=settings["cfg_scale"],
                                   vae=vae, mesh=mesh)
     return sampler, vae_params
+
+
+# ========================================================================================
+# The objective: DDPM or transport, timestep sampling, loss weighting, guidance interval.
+
+DDPM_SAMPLERS = ("ddpm", "ddim", "dpm")
+TRANSPORT_SAMPLERS = ("ode", "sde")
+
+
+def sampler_objective(sampler: str) -> str:
+    """The objective whose models `sampler` samples ("ddpm" or "transport")."""
+    if sampler in DDPM_SAMPLERS:
+        return "ddpm"
+    if sampler in TRANSPORT_SAMPLERS:
+        return "transport"
+    raise ValueError(f"sampler={sampler!r}; use one of {DDPM_SAMPLERS} (objective 'ddpm') or "
+                     f"{TRANSPORT_SAMPLERS} (objective 'transport')")
+
+
+def check_sampler_for_objective(sampler: str, objective: str, what: str = "sampler") -> None:
+    """ValueError unless `sampler` samples models trained with `objective` (e.g. an export's)."""
+    if sampler_objective(sampler) != objective:
+        wanted = DDPM_SAMPLERS if objective == "ddpm" else TRANSPORT_SAMPLERS
+        raise ValueError(f"{what}={sampler!r} samples '{sampler_objective(sampler)}' models, but "
+                         f"this model was trained with objective={objective!r}; use one of {wanted}")
+
+
+def _transport_arg(value: str | None) -> str | None:
+    return None if value in (None, "none", "None") else value
+
+
+def make_transport(config):
+    from udit_jax.diffusion import transport
+    t = config.transport
+    try:
+        return transport.create_transport(t.path_type, t.prediction, _transport_arg(t.loss_weight),
+                                          t.train_eps, t.sample_eps)
+    except ValueError as e:
+        raise ValueError(f"config.transport: {e}") from e
+
+
+def make_transport_sampling_fn(config, sampler: str, steps):
+    """The SiT sampling function (diffusion.transport.SamplingFn) of config.transport for
+    sampler "ode" / "sde" with `steps` grid points; run it with transport.sample_loop."""
+    from udit_jax.diffusion import transport
+    check_sampler_for_objective(sampler, "transport")
+    try:
+        num_steps = int(steps)
+    except (TypeError, ValueError):
+        raise ValueError(f"steps={steps!r}: transport samplers take a number of time-grid "
+                         "points such as 250") from None
+    t = config.transport
+    s = transport.Sampler(make_transport(config))
+    try:
+        if sampler == "ode":
+            return s.sample_ode(sampling_method=t.ode_method, num_steps=num_steps, atol=t.atol,
+                                rtol=t.rtol)
+        return s.sample_sde(sampling_method=t.sde_method, diffusion_form=t.diffusion_form,
+                            diffusion_norm=t.diffusion_norm, last_step=_transport_arg(t.last_step),
+                            last_step_size=t.last_step_size, num_steps=num_steps)
+    except ValueError as e:
+        raise ValueError(f"config.transport with sampler {sampler!r}: {e}") from e
+
+
+def objective_description(config) -> dict[str, Any]:
+    """What an export records of the objective: {"name"} and, for transport, the
+    create_transport arguments {"transport": {...}}."""
+    if config.objective != "transport":
+        return {"name": config.objective}
+    t = config.transport
+    return {"name": "transport",
+            "transport": {"path_type": t.path_type, "prediction": t.prediction,
+                          "loss_weight": _transport_arg(t.loss_weight),
+                          "train_eps": t.train_eps, "sample_eps": t.sample_eps}}
+
+
+def export_objective(info: dict) -> str:
+    """The objective an export's info (export.read_info) was trained with; older exports
+    without the record are DDPM's."""
+    return (info.get("objective") or {"name": "ddpm"})["name"]
+
+
+def guidance_noise_level(config) -> Callable:
+    """u(t): the noise level (0 data, 1 noise) of the model's time input, for the interval."""
+    from udit_jax.diffusion import guidance
+    if config.objective == "transport":
+        return guidance.transport_noise_level
+    return guidance.ddpm_noise_level(config.diffusion.diffusion_steps)
+
+
+def validate_objective(config) -> None:
+    """ValueError naming the field for an unknown option or a setting SiT cannot run."""
+    from udit_jax.diffusion import guidance, objective, timesteps
+    if config.objective not in objective.OBJECTIVES:
+        raise ValueError(f"objective={config.objective!r}; use one of {objective.OBJECTIVES}")
+    ts = config.timestep_sampling
+    try:
+        timesteps.TimestepSampling(ts.kind, ts.mean, ts.std)
+    except ValueError as e:
+        raise ValueError(f"config.timestep_sampling: {e}") from e
+    lw = config.loss_weighting
+    if lw.kind not in ("none", "min_snr"):
+        raise ValueError(f"loss_weighting.kind={lw.kind!r}; use 'none' or 'min_snr'")
+    if lw.kind == "min_snr" and not lw.gamma > 0:
+        raise ValueError(f"loss_weighting.gamma={lw.gamma}; min_snr needs gamma > 0 (5 is usual)")
+    try:
+        guidance.check_interval(config.sample.guidance_interval)
+    except ValueError as e:
+        raise ValueError(f"sample.guidance_interval: {e}") from e
+    samplers = {"sample.sampler": (config.sample.sampler, config.sample.steps)}
+    if config.eval.sampler:
+        samplers["eval.sampler"] = (config.eval.sampler, config.eval.steps or config.sample.steps)
+    for what, (sampler, _) in samplers.items():
+        check_sampler_for_objective(sampler, config.objective, what)
+    if config.objective == "transport":
+        if config.eval_every_steps:
+            raise ValueError("eval_every_steps > 0: in-loop evaluation samples with the DDPM "
+                             "samplers only; set it to 0 for objective='transport' and score "
+                             "an export with --mode=evaluate")
+        tr = make_transport(config)
+        if lw.kind == "min_snr" and tr.loss_weight is not None:
+            raise ValueError(f"loss_weighting.kind='min_snr' replaces transport.loss_weight="
+                             f"{config.transport.loss_weight!r}; set one of them to 'none'")
+        for sampler, steps in samplers.values():
+            make_transport_sampling_fn(config, sampler, steps)
+
+
+def make_objective(config):
+    """The training objective (diffusion.objective) of a validated config."""
+    from udit_jax.diffusion import objective, timesteps
+    validate_objective(config)
+    ts = config.timestep_sampling
+    sampling = timesteps.TimestepSampling(ts.kind, ts.mean, ts.std)
+    gamma = config.loss_weighting.gamma if config.loss_weighting.kind == "min_snr" else None
+    if config.objective == "transport":
+        return objective.TransportObjective(make_transport(config), sampling, gamma)
+    return objective.DDPMObjective(make_diffusion(config), sampling, gamma)

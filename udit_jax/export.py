@@ -132,6 +132,7 @@ def _barrier(name: str) -> None:
 def write_export(out_dir: str | os.PathLike, model, params, *, name: str | None = None,
                  diffusion: Mapping[str, Any], data: Mapping[str, Any],
                  vae: Mapping[str, Any] | None, metadata: Mapping[str, Any],
+                 objective: Mapping[str, Any] | None = None,
                  config=None, torch_weights: bool = False) -> epath.Path:
     """Writes an export directory (replacing an existing one) and returns its path.
 
@@ -139,6 +140,7 @@ def write_export(out_dir: str | os.PathLike, model, params, *, name: str | None 
     diffusion: create_diffusion arguments {"noise_schedule", "diffusion_steps", "learn_sigma"}.
     data: {"space": "pixel"|"latent", "image_size", "channels", "num_classes", "latent_scale"}.
     vae: {"arguments": AutoencoderKL overrides, "weights": path} for latent models, else None.
+    objective: config.objective_description (default DDPM's), so sampling picks its samplers.
     Every process calls it (the params are written collectively); process 0 writes the rest.
     """
     from udit_jax import convert
@@ -152,6 +154,7 @@ def write_export(out_dir: str | os.PathLike, model, params, *, name: str | None 
         "format_version": FORMAT_VERSION,
         "model": model_description(model, name),
         "diffusion": dict(diffusion),
+        "objective": _jsonable(dict(objective or {"name": "ddpm"})),
         "data": dict(data),
         "vae": None if vae is None else _jsonable(dict(vae)),
         "metadata": dict(_jsonable(dict(metadata)),
@@ -299,7 +302,8 @@ def export_from_config(config, workdir: str) -> str:
                  diffusion={"noise_schedule": config.diffusion.noise_schedule,
                             "diffusion_steps": int(config.diffusion.diffusion_steps),
                             "learn_sigma": bool(config.diffusion.learn_sigma)},
-                 data=data, vae=vae, metadata=metadata, config=config,
+                 data=data, vae=vae, metadata=metadata,
+                 objective=config_lib.objective_description(config), config=config,
                  torch_weights=bool(settings.torch_weights))
     if jax.process_index() == 0:
         from absl import logging

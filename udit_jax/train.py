@@ -181,8 +181,11 @@ def x0_from_batch(batch: dict, key: jax.Array, latent_scale: float) -> jax.Array
     return data.sample_latents(batch, key, latent_scale)
 
 
-def make_train_step(model, diffusion, tx, schedule, config, mesh):
-    """train_step(state, batch) -> (state, metrics), pure; jit it with shardings."""
+def make_train_step(model, objective, tx, schedule, config, mesh):
+    """train_step(state, batch) -> (state, metrics), pure; jit it with shardings.
+
+    objective: config_lib.make_objective(config) (DDPM or transport, with their time
+    sampling and loss weighting)."""
     opt = config.optimizer
     accum = opt.grad_accum_steps
     images = parallel.batch_sharding(mesh, 4)
@@ -192,7 +195,7 @@ def make_train_step(model, diffusion, tx, schedule, config, mesh):
         k_x0, k_t, k_noise = jax.random.split(key, 3)
         x0 = jax.lax.with_sharding_constraint(
             x0_from_batch(batch, k_x0, config.data.latent_scale), images)
-        t = jax.random.randint(k_t, x0.shape[:1], 0, diffusion.num_timesteps)
+        t = objective.sample_t(k_t, x0.shape[:1])
         noise = jax.lax.with_sharding_constraint(jax.random.normal(k_noise, x0.shape, x0.dtype),
                                                  images)
         return {"x0": x0, "t": t, "noise": noise, "y": batch["label"]}
@@ -202,7 +205,7 @@ def make_train_step(model, diffusion, tx, schedule, config, mesh):
             return model.apply({"params": params}, x, t, y, train=True,
                                rngs={"label_dropout": dropout_key})
 
-        terms = diffusion.training_losses(model_fn, inputs["x0"], inputs["t"],
+        terms = objective.training_losses(model_fn, inputs["x0"], inputs["t"],
                                           noise=inputs["noise"], model_kwargs={"y": inputs["y"]})
         metrics = {k: jnp.mean(terms[k]) for k in ("loss", "mse", "vb") if k in terms}
         return metrics["loss"], metrics
@@ -273,7 +276,7 @@ class Trainer:
     config: ml_collections.ConfigDict
     model: Any
     mesh: jax.sharding.Mesh
-    diffusion: Any
+    objective: Any            # config_lib.make_objective: DDPM or transport
     tx: optax.GradientTransformation
     schedule: Callable
     abstract: TrainState      # unboxed ShapeDtypeStructs
@@ -290,19 +293,19 @@ class Trainer:
         return {k: parallel.global_batch_from_local(self.mesh, v) for k, v in local.items()}
 
     def jit_step(self, example_local: dict) -> Callable:
-        step = make_train_step(self.model, self.diffusion, self.tx, self.schedule, self.config,
+        step = make_train_step(self.model, self.objective, self.tx, self.schedule, self.config,
                                self.mesh)
         return jit_train_step(step, self.shardings, self.mesh, example_local)
 
 
 def make_trainer(config) -> Trainer:
-    """Validates the config (ValueError before compiling) and builds model, mesh, diffusion,
+    """Validates the config (ValueError before compiling) and builds model, mesh, objective,
     optimizer and the train state's shardings."""
     model = config_lib.validate(config)
     mesh = config_lib.make_mesh(config)
     tx, schedule = config_lib.make_optimizer(config.optimizer)
     abstract, shardings = state_shardings(model, tx, config.seed, mesh, config.mesh.rules)
-    return Trainer(config, model, mesh, config_lib.make_diffusion(config), tx, schedule,
+    return Trainer(config, model, mesh, config_lib.make_objective(config), tx, schedule,
                    abstract, shardings)
 
 
