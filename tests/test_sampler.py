@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = {
@@ -43,17 +44,21 @@ def make_config(overrides: dict | None = None):
     return config
 
 
-def model_and_params(config):
-    """The config's model and random N(0, 0.05^2) params of its shapes (nothing zero)."""
+def random_params(model, std: float = 0.05) -> dict:
+    """Random N(0, std^2) params of the model's shapes (nothing zero)."""
     import flax.linen as nn
     import jax
-    from udit_jax import config as config_lib
     from udit_jax.models.info import abstract_params
-    model = config_lib.build_model(config)
     rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(np.float32),
-                          nn.unbox(abstract_params(model)))
-    return model, params
+    return jax.tree.map(lambda a: (std * rng.standard_normal(a.shape)).astype(np.float32),
+                        nn.unbox(abstract_params(model)))
+
+
+def model_and_params(config):
+    """The config's model and random N(0, 0.05^2) params of its shapes."""
+    from udit_jax import config as config_lib
+    model = config_lib.build_model(config)
+    return model, random_params(model)
 
 
 def write_export(config, model, params, path) -> None:
@@ -121,6 +126,76 @@ def test_in_loop_evaluation_samples_each_image_once_on_8_devices():
     sampled = sorted(i for b in out["images_per_batch"] for i in b if i is not None)
     assert sampled == list(range(11))                # each image once, none missing
     np.testing.assert_array_equal(np.asarray(out["images"], np.uint8), one_device)
+
+
+def _interval_case(objective: str):
+    """(sampler name, process, draws, reference(model_fn, z, y, step_noise) -> x): the
+    reference runs the sampler's loop directly; step_noise[s] is the noise of DDPM step index
+    s or of SDE step s (sampler.py draws it with salt s + 1)."""
+    from udit_jax import diffusion, sampler
+    if objective == "ddpm":
+        d = diffusion.create_diffusion("4")
+
+        def reference(model_fn, z, y, step_noise):   # p_sample_loop takes them last step first
+            return d.p_sample_loop(model_fn, z.shape, noise=z, step_noise=step_noise[::-1],
+                                   clip_denoised=True, model_kwargs={"y": y})
+        return "ddpm", d, d.num_timesteps, reference
+    fn = sampler.transport_process({"path_type": "Linear", "prediction": "velocity"}, "sde", 5,
+                                   {"diffusion_form": "sigma"})
+
+    def reference(model_fn, z, y, step_noise):
+        return fn.final(z, model_fn, noise=step_noise, y=y)
+    return "sde", fn, fn.num_steps - 1, reference
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "transport"])
+def test_guidance_interval_through_the_sampler(objective):
+    """Images of sampler.py with a guidance interval against the official forward_with_cfg
+    guided by diffusion.guidance.with_guidance_interval in the same loop; (0, 1) is plain
+    guidance and an empty interval no guidance."""
+    import jax
+    import jax.numpy as jnp
+    from udit_jax import models, sampler
+    from udit_jax.diffusion import guidance
+    model = models.build_model("DiT", input_size=8, in_channels=3, num_classes=3, patch_size=4,
+                               hidden_size=16, depth=1, num_heads=2, class_dropout_prob=0.1)
+    params = random_params(model, 0.3)
+    name, process, num_draws, reference = _interval_case(objective)
+    labels = np.asarray([2, 0, 1], np.int32)
+    key = sampler.noise_key(3)
+    keys = [jax.random.fold_in(key, i) for i in range(3)]
+    normal = lambda salt: jnp.stack([jax.random.normal(jax.random.fold_in(k, salt), (8, 8, 3))
+                                     for k in keys])   # noqa: E731
+    z = normal(0)
+    # Draw s is the noise of step index s (DDPM) or step number s (SDE), salt s + 1.
+    step_noise = jnp.stack([normal(s + 1) for s in range(num_draws)])
+    # Noise levels: DDPM's original step / 1000, 1 - SiT's time.
+    level = (guidance.ddpm_noise_level(1000) if objective == "ddpm"
+             else guidance.transport_noise_level)
+
+    def fwd(x, t, y, scale):
+        return model.apply({"params": params}, x, t, y, scale, method="forward_with_cfg")
+
+    def run_reference(guided):
+        """guided(x, t, y) on [cond; uncond] halves; the images of the first half."""
+        y = jnp.concatenate([labels, jnp.full_like(labels, model.num_classes)])
+        both = lambda a, axis=0: jnp.concatenate([a, a], axis=axis)   # noqa: E731
+        return np.asarray(jax.jit(lambda: reference(guided, both(z), y, both(step_noise, 1)))()[:3])
+
+    def run_sampler(interval, cfg_scale=3.0):
+        return sampler.sample_images(model, params, process, labels, key, cfg_scale=cfg_scale,
+                                     sampler=name, guidance_interval=interval)
+
+    inside = run_sampler((0.3, 0.8))
+    in_interval = guidance.with_guidance_interval(fwd, (0.3, 0.8), level)
+    np.testing.assert_allclose(inside, run_reference(lambda x, t, y: in_interval(x, t, y, 3.0)),
+                               atol=1e-4)
+    full = run_sampler((0.0, 1.0))                 # plain guidance, as the official sampler
+    np.testing.assert_allclose(full, run_reference(lambda x, t, y: fwd(x, t, y, 3.0)), atol=1e-4)
+    unguided = run_sampler((1.0, 0.0))             # empty: as cfg_scale 1 (no null-class rows)
+    np.testing.assert_array_equal(unguided, run_sampler((0.0, 1.0), cfg_scale=1.0))
+    # The interval guides some steps, not all: other images than either.
+    assert np.abs(inside - full).max() > 1e-2 and np.abs(inside - unguided).max() > 1e-2
 
 
 def _worker() -> None:

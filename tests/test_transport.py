@@ -5,6 +5,7 @@ closed forms; refusals of settings SiT cannot run; config switches and the train
 """
 
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ import pytest
 from scipy import special, stats
 
 from udit_jax import config as config_lib
+from udit_jax import sampler as sampler_lib
 from udit_jax.diffusion import create_diffusion, guidance, objective, transport
 from udit_jax.diffusion.timesteps import TimestepSampling
 from udit_jax.diffusion.weighting import min_snr_weight
@@ -350,7 +352,6 @@ def transport_config(**overrides):
       "transport.loss_weight": "velocity"}, "replaces transport.loss_weight"),
     ({"loss_weighting.kind": "snr"}, "loss_weighting.kind"),
     ({"sample.guidance_interval": (0.5, 2.0)}, "guidance_interval"),
-    ({"eval_every_steps": 100}, "in-loop evaluation"),
 ])
 def test_invalid_objective_configs_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -363,7 +364,7 @@ def test_ddpm_objective_refuses_transport_samplers():
     with pytest.raises(ValueError, match="objective='ddpm'; use one of \\('ddpm'"):
         config_lib.make_objective(config)
     with pytest.raises(ValueError, match="objective='transport'"):
-        config_lib.check_sampler_for_objective("ddim", "transport", "the export's sampler")
+        sampler_lib.check_sampler("ddim", "transport", "the export's sampler")
 
 
 def test_config_builds_each_objective():
@@ -377,27 +378,92 @@ def test_config_builds_each_objective():
     assert fn.stochastic and fn.num_steps == 20
 
 
-def test_train_step_with_the_transport_objective(tmp_path):
-    """A tiny DiT (learned sigma: 2C outputs) trains with transport + logit-normal + min-SNR
-    and previews through the SDE with guidance on an interval."""
-    from udit_jax import train
-    config = config_lib.base_config()
-    config.update_from_flattened_dict({
+def test_transport_model_trains_exports_and_samples_as_its_previews(tmp_path, monkeypatch):
+    """A tiny DiT (learned sigma: 2C outputs) trains with transport + logit-normal + min-SNR,
+    previews through the SDE with guidance on an interval; its export samples the preview's
+    images with --mode=sample (sde) and the ODE; in-loop evaluation draws --mode=sample's
+    images; samplers of the other objective fail before compiling."""
+    from PIL import Image
+    from udit_jax import export, sample, sampler, train
+    from udit_jax.evaluation import in_training
+    overrides = {
         "model.name": "DiT",
         "model.kwargs": {"patch_size": 2, "hidden_size": 32, "depth": 1, "num_heads": 2,
                          "class_dropout_prob": 0.1},
         "data.source": "synthetic", "data.space": "pixel", "data.image_size": 8,
         "data.channels": 1, "data.num_classes": 3, "batch_size": 8, "total_steps": 2,
+        # Large steps and EMA = params: the zero-initialised output layer moves, so the
+        # images depend on the model and its guidance.
+        "optimizer.learning_rate": 0.05, "optimizer.ema_decay": 0.0,
         "log_every_steps": 1, "checkpoint_every_steps": 2, "sample_every_steps": 2,
         "sample.classes": [0, 2], "sample.per_class": 2, "sample.cfg_scale": 2.0,
-        "sample.guidance_interval": (0.2, 0.8),
+        "sample.guidance_interval": (0.2, 0.8), "sample.write_png": False,
         "objective": "transport", "sample.sampler": "sde", "sample.steps": "10",
-        "timestep_sampling.kind": "logit_normal", "loss_weighting.kind": "min_snr"})
+        "timestep_sampling.kind": "logit_normal", "loss_weighting.kind": "min_snr",
+        "eval.num_samples": 3, "eval.sample_batch": 4, "eval.seed": 5,
+        "eval.reference_npz": "unused.npz", "eval.inception_weights": "unused.pth"}
+    config = transport_config(**overrides)
     state = train.train_and_evaluate(config, str(tmp_path))
-    assert (tmp_path / "samples" / "step_00000002.png").is_file()
-    leaves = jax.tree.leaves(state.params)
-    assert all(np.all(np.isfinite(np.asarray(p))) for p in leaves)
     assert int(state.step) == 2
+    assert all(np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves(state.params))
+    preview = np.asarray(Image.open(tmp_path / "samples" / "step_00000002.png"))
+    export.export_from_config(config, str(tmp_path))
+    assert export.read_info(tmp_path / "export")["objective"]["name"] == "transport"
+
+    # --mode=sample (SDE) of the export: the preview grid, image for image.
+    job = sample.sample_from_config(config, str(tmp_path))
+    assert pathlib.Path(job["out_dir"]).name == "sde_Euler-10-cfg2-interval0.2-0.8-seed0-grid"
+    with np.load(job["npz"]) as f:
+        images, labels = f["arr_0"], f["arr_1"]
+    np.testing.assert_array_equal(labels, [0, 0, 2, 2])
+    assert images.std() > 10
+    np.testing.assert_array_equal(sampler.make_grid(images, 2)[..., 0], preview)
+
+    # The ODE samples it too; other images than the SDE's.
+    ode = sample.sample_from_config(transport_config(**{
+        **overrides, "sample.sampler": "ode", "sample.steps": "4",
+        "transport.ode_method": "heun2"}), str(tmp_path))
+    with np.load(ode["npz"]) as f:
+        ode_images = f["arr_0"]
+    assert ode_images.shape == images.shape and ode_images.std() > 10
+    assert (ode_images != images).mean() > 0.5
+
+    # In-loop evaluation (now allowed for transport) draws --mode=sample's images.
+    config_lib.validate(transport_config(**{**overrides, "eval_every_steps": 2}))
+    model, ema, _ = export.load_export(tmp_path / "export")
+    in_loop = np.concatenate(list(in_training.InTrainingEvaluation(
+        config, model, config_lib.make_mesh(config)).images(ema)))
+    job = sample.sample_from_config(transport_config(**{
+        **overrides, "sample.num_images": 3, "sample.seed": 5}), str(tmp_path))
+    with np.load(job["npz"]) as f:
+        np.testing.assert_array_equal(in_loop[..., :1], f["arr_0"])
+
+    # A DDPM sampler of this export fails before anything compiles (and the other way round).
+    def no_compiling(*args):
+        raise AssertionError("a sampler was built")
+
+    monkeypatch.setattr(sample, "_job_sampler", no_compiling)
+    ddpm = config_lib.base_config()
+    ddpm.update_from_flattened_dict({k: v for k, v in overrides.items() if k.startswith("data.")
+                                     or k.startswith("model.")})
+    ddpm.sample.out_dir = str(tmp_path / "ddpm")
+    for sampler_name in ("ddpm", "dpm"):
+        ddpm.sample.sampler = sampler_name
+        with pytest.raises(ValueError, match=f"sample.sampler='{sampler_name}' samples 'ddpm' "
+                                             "models, but this model was trained with "
+                                             "objective='transport'"):
+            sample.sample_from_config(ddpm, str(tmp_path))
+    assert not (tmp_path / "ddpm").exists()
+    with pytest.raises(ValueError, match="trained with objective='transport'"):
+        sample.run_sampling_job(tmp_path / "export", tmp_path / "ddim", classes=[0],
+                                sampler="ddim")
+    ddpm_export = tmp_path / "ddpm_export"
+    export.write_export(ddpm_export, model, ema, diffusion=config_lib.diffusion_arguments(ddpm),
+                        data=export.read_info(tmp_path / "export")["data"], vae=None,
+                        metadata={"source": "test"})
+    with pytest.raises(ValueError, match="sampler='sde' samples 'transport' models, but this "
+                                         "model was trained with objective='ddpm'"):
+        sample.run_sampling_job(ddpm_export, tmp_path / "sde", classes=[0], sampler="sde")
 
 
 def test_export_records_the_objective_and_refuses_the_other_samplers(tmp_path):
@@ -417,6 +483,6 @@ def test_export_records_the_objective_and_refuses_the_other_samplers(tmp_path):
     tr = transport.create_transport(**info["objective"]["transport"])
     assert (tr.path_type, tr.prediction, tr.train_eps) == ("VP", "noise", 1e-5)
     with pytest.raises(ValueError, match="trained with objective='transport'"):
-        config_lib.check_sampler_for_objective("ddpm", config_lib.export_objective(info))
+        sampler_lib.check_sampler("ddpm", config_lib.export_objective(info))
     export.write_export(tmp_path / "d", model, params, **kwargs)       # DDPM (and older) exports
     assert config_lib.export_objective(export.read_info(tmp_path / "d")) == "ddpm"

@@ -23,6 +23,7 @@ import optax
 
 from udit_jax import diffusion as diffusion_lib
 from udit_jax import models, parallel
+from udit_jax.diffusion import guidance
 from udit_jax import sampler as sampler_lib
 
 # ========================================================================================
@@ -116,16 +117,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample = ml_collections.ConfigDict()
     c.sample.classes = [88, 207, 279, 360, 387, 388, 417, 980]  # rows of the preview grid
     c.sample.per_class = 8
-    c.sample.sampler = "ddpm"         # "ddpm", "ddim" or "dpm" (DPM-Solver++, ~20 steps)
-    c.sample.steps = ""               # timestep respacing; "" = the sampler's default
-                                      # (udit_jax.sampler.SAMPLERS: ddpm 250, ddim ddim50, dpm 20)
+    c.sample.sampler = "ddpm"         # "ddpm", "ddim" or "dpm" (DPM-Solver++, ~20 steps);
+                                      # "ode" or "sde" for objective="transport"
+    c.sample.steps = ""               # timestep respacing (transport: time-grid points); "" =
+                                      # the sampler's default (udit_jax.sampler.SAMPLERS:
+                                      # ddpm 250, ddim ddim50, dpm 20, ode 250, sde 250)
     c.sample.cfg_scale = 4.0
     c.sample.seed = 0                 # fixed noise: grids are comparable across steps
     # Sampling jobs (--mode=sample, udit_jax.sample) from an export.
     c.sample.num_images = 0           # 0: the class grid (classes x per_class); N: N random classes
     c.sample.per_device_batch = 32
     c.sample.export_dir = ""          # "" = <workdir>/export
-    c.sample.out_dir = ""             # "" = <workdir>/samples/<sampler>-<steps>-cfg<s>-seed<k>-<N>
+    c.sample.out_dir = ""             # "" = <workdir>/samples/<config.sampling_tag>-<grid or N>
     c.sample.write_png = True
     c.sample.guide_all_channels = False  # CFG on every output channel instead of the official 3
 
@@ -261,7 +264,6 @@ def validate(config):
             raise ValueError(f"eval_every_steps > 0 needs config.eval.{', config.eval.'.join(missing)} "
                              "(ADM reference batch, pytorch-fid Inception weights); or set "
                              "eval_every_steps=0")
-        sampling(config, "eval")
     return model
 
 
@@ -335,27 +337,59 @@ def vae_arguments(config) -> dict[str, Any]:
     return dict(config.vae.arguments, scaling_factor=config.data.latent_scale)
 
 
-def sampling(config, section: str = "sample") -> dict[str, Any]:
+def sampling(config, section: str = "sample", objective: str | None = None) -> dict[str, Any]:
     """The resolved sampling settings of config.sample (previews, --mode=sample) or config.eval
-    (in-loop evaluation, --mode=evaluate): {sampler, steps, cfg_scale, guide_all_channels, seed}.
+    (in-loop evaluation, --mode=evaluate): {sampler, steps, cfg_scale, guidance_interval,
+    guide_all_channels, transport_options, seed}.
 
     config.eval's sampler, steps and cfg_scale fall back to config.sample's; steps "" is the
-    sampler's default (udit_jax.sampler.SAMPLERS).
+    sampler's default (udit_jax.sampler.SAMPLERS). The sampler must sample models of
+    `objective` (default config.objective; a job passes its export's, export_objective);
+    transport_options are its settings from config.transport ({} for DDPM samplers).
     """
     if section not in ("sample", "eval"):
         raise ValueError(f"section={section!r}; use 'sample' or 'eval'")
+    objective = config.objective if objective is None else objective
     s, own = config.sample, config[section]
     name = own.sampler or s.sampler
-    sampler_lib.check_sampler(name)
+    sampler_lib.check_sampler(name, objective,
+                              f"{section}.sampler" if own.sampler else "sample.sampler")
     steps = own.steps or (s.steps if name == s.sampler else "") or sampler_lib.default_steps(name)
     cfg_scale = own.cfg_scale if own.cfg_scale is not None else s.cfg_scale
-    settings = {"sampler": name, "steps": str(steps), "cfg_scale": float(cfg_scale),
-                "guide_all_channels": bool(s.guide_all_channels), "seed": int(own.seed)}
     try:
-        make_diffusion(config, settings["steps"])
+        low, high = guidance.check_interval(s.guidance_interval)
     except ValueError as e:
-        raise ValueError(f"{section}.steps={settings['steps']!r}: {e}") from e
+        raise ValueError(f"sample.guidance_interval: {e}") from e
+    settings = {"sampler": name, "steps": str(steps), "cfg_scale": float(cfg_scale),
+                "guidance_interval": (low, high), "guide_all_channels": bool(s.guide_all_channels),
+                "transport_options": transport_options(config, name), "seed": int(own.seed)}
+    if objective == config.objective:
+        # (A job's export of another objective is checked against its own record.)
+        try:
+            sampling_process(config, settings)
+        except ValueError as e:
+            raise ValueError(f"{section}: sampler {name!r} with steps {settings['steps']!r}: "
+                             f"{e}") from e
     return settings
+
+
+def sampling_process(config, settings: dict):
+    """What the sampler of sampling(config, ...)'s settings integrates (sampler.Sampler's
+    process): the diffusion respaced to its steps, or the transport sampling function."""
+    if config.objective == "transport":
+        return make_transport_sampling_fn(config, settings["sampler"], settings["steps"])
+    return make_diffusion(config, settings["steps"])
+
+
+def sampling_tag(settings: dict) -> str:
+    """A folder name of sampling settings, e.g. "ddpm-250-cfg4-seed0" (with the transport
+    method and a guidance interval other than (0, 1) when set)."""
+    method = settings["transport_options"].get("sampling_method")
+    low, high = settings["guidance_interval"]
+    return (settings["sampler"] + (f"_{method}" if method else "") + f"-{settings['steps']}"
+            + f"-cfg{settings['cfg_scale']:g}"
+            + ("" if (low, high) == (0.0, 1.0) else f"-interval{low:g}-{high:g}")
+            + f"-seed{settings['seed']}")
 
 
 def make_sampler(config, model, mesh, section: str = "sample"):
@@ -368,36 +402,15 @@ def make_sampler(config, model, mesh, section: str = "sample"):
     vae = vae_params = None
     if is_latent(config):
         vae, vae_params = sampler_lib.load_vae(vae_arguments(config), config.vae.weights, mesh)
-    sampler = sampler_lib.Sampler(model, make_diffusion(config, settings["steps"]),
+    sampler = sampler_lib.Sampler(model, sampling_process(config, settings),
                                   sampler=settings["sampler"], cfg_scale=settings["cfg_scale"],
-                                  vae=vae, mesh=mesh)
+                                  guidance_interval=settings["guidance_interval"], vae=vae,
+                                  mesh=mesh)
     return sampler, vae_params
 
 
 # ========================================================================================
 # The objective: DDPM or transport, timestep sampling, loss weighting, guidance interval.
-
-DDPM_SAMPLERS = ("ddpm", "ddim", "dpm")
-TRANSPORT_SAMPLERS = ("ode", "sde")
-
-
-def sampler_objective(sampler: str) -> str:
-    """The objective whose models `sampler` samples ("ddpm" or "transport")."""
-    if sampler in DDPM_SAMPLERS:
-        return "ddpm"
-    if sampler in TRANSPORT_SAMPLERS:
-        return "transport"
-    raise ValueError(f"sampler={sampler!r}; use one of {DDPM_SAMPLERS} (objective 'ddpm') or "
-                     f"{TRANSPORT_SAMPLERS} (objective 'transport')")
-
-
-def check_sampler_for_objective(sampler: str, objective: str, what: str = "sampler") -> None:
-    """ValueError unless `sampler` samples models trained with `objective` (e.g. an export's)."""
-    if sampler_objective(sampler) != objective:
-        wanted = DDPM_SAMPLERS if objective == "ddpm" else TRANSPORT_SAMPLERS
-        raise ValueError(f"{what}={sampler!r} samples '{sampler_objective(sampler)}' models, but "
-                         f"this model was trained with objective={objective!r}; use one of {wanted}")
-
 
 def _transport_arg(value: str | None) -> str | None:
     return None if value in (None, "none", "None") else value
@@ -413,25 +426,28 @@ def make_transport(config):
         raise ValueError(f"config.transport: {e}") from e
 
 
+def transport_options(config, sampler: str) -> dict[str, Any]:
+    """config.transport's settings of a transport sampler as its sample_ode / sample_sde
+    keyword arguments ({} for DDPM samplers)."""
+    t = config.transport
+    if sampler == "ode":
+        return {"sampling_method": t.ode_method, "atol": float(t.atol), "rtol": float(t.rtol)}
+    if sampler == "sde":
+        return {"sampling_method": t.sde_method, "diffusion_form": t.diffusion_form,
+                "diffusion_norm": float(t.diffusion_norm),
+                "last_step": _transport_arg(t.last_step),
+                "last_step_size": float(t.last_step_size)}
+    return {}
+
+
 def make_transport_sampling_fn(config, sampler: str, steps):
     """The SiT sampling function (diffusion.transport.SamplingFn) of config.transport for
-    sampler "ode" / "sde" with `steps` grid points; run it with transport.sample_loop."""
-    from udit_jax.diffusion import transport
-    check_sampler_for_objective(sampler, "transport")
+    sampler "ode" / "sde" with `steps` grid points (sampler.transport_process)."""
+    sampler_lib.check_sampler(sampler, "transport")
+    make_transport(config)   # names config.transport in its errors
     try:
-        num_steps = int(steps)
-    except (TypeError, ValueError):
-        raise ValueError(f"steps={steps!r}: transport samplers take a number of time-grid "
-                         "points such as 250") from None
-    t = config.transport
-    s = transport.Sampler(make_transport(config))
-    try:
-        if sampler == "ode":
-            return s.sample_ode(sampling_method=t.ode_method, num_steps=num_steps, atol=t.atol,
-                                rtol=t.rtol)
-        return s.sample_sde(sampling_method=t.sde_method, diffusion_form=t.diffusion_form,
-                            diffusion_norm=t.diffusion_norm, last_step=_transport_arg(t.last_step),
-                            last_step_size=t.last_step_size, num_steps=num_steps)
+        return sampler_lib.transport_process(objective_description(config)["transport"], sampler,
+                                             steps, transport_options(config, sampler))
     except ValueError as e:
         raise ValueError(f"config.transport with sampler {sampler!r}: {e}") from e
 
@@ -454,17 +470,9 @@ def export_objective(info: dict) -> str:
     return (info.get("objective") or {"name": "ddpm"})["name"]
 
 
-def guidance_noise_level(config) -> Callable:
-    """u(t): the noise level (0 data, 1 noise) of the model's time input, for the interval."""
-    from udit_jax.diffusion import guidance
-    if config.objective == "transport":
-        return guidance.transport_noise_level
-    return guidance.ddpm_noise_level(config.diffusion.diffusion_steps)
-
-
 def validate_objective(config) -> None:
     """ValueError naming the field for an unknown option or a setting SiT cannot run."""
-    from udit_jax.diffusion import guidance, objective, timesteps
+    from udit_jax.diffusion import objective, timesteps
     if config.objective not in objective.OBJECTIVES:
         raise ValueError(f"objective={config.objective!r}; use one of {objective.OBJECTIVES}")
     ts = config.timestep_sampling
@@ -477,26 +485,14 @@ def validate_objective(config) -> None:
         raise ValueError(f"loss_weighting.kind={lw.kind!r}; use 'none' or 'min_snr'")
     if lw.kind == "min_snr" and not lw.gamma > 0:
         raise ValueError(f"loss_weighting.gamma={lw.gamma}; min_snr needs gamma > 0 (5 is usual)")
-    try:
-        guidance.check_interval(config.sample.guidance_interval)
-    except ValueError as e:
-        raise ValueError(f"sample.guidance_interval: {e}") from e
-    samplers = {"sample.sampler": (config.sample.sampler, config.sample.steps)}
-    if config.eval.sampler:
-        samplers["eval.sampler"] = (config.eval.sampler, config.eval.steps or config.sample.steps)
-    for what, (sampler, _) in samplers.items():
-        check_sampler_for_objective(sampler, config.objective, what)
     if config.objective == "transport":
-        if config.eval_every_steps:
-            raise ValueError("eval_every_steps > 0: in-loop evaluation samples with the DDPM "
-                             "samplers only; set it to 0 for objective='transport' and score "
-                             "an export with --mode=evaluate")
         tr = make_transport(config)
         if lw.kind == "min_snr" and tr.loss_weight is not None:
             raise ValueError(f"loss_weighting.kind='min_snr' replaces transport.loss_weight="
                              f"{config.transport.loss_weight!r}; set one of them to 'none'")
-        for sampler, steps in samplers.values():
-            make_transport_sampling_fn(config, sampler, steps)
+    # The samplers of previews, sampling jobs and evaluation fit the objective and can run.
+    sampling(config, "sample")
+    sampling(config, "eval")
 
 
 def make_objective(config):
@@ -504,8 +500,8 @@ def make_objective(config):
     from udit_jax.diffusion import objective, timesteps
     validate_objective(config)
     ts = config.timestep_sampling
-    sampling = timesteps.TimestepSampling(ts.kind, ts.mean, ts.std)
+    times = timesteps.TimestepSampling(ts.kind, ts.mean, ts.std)
     gamma = config.loss_weighting.gamma if config.loss_weighting.kind == "min_snr" else None
     if config.objective == "transport":
-        return objective.TransportObjective(make_transport(config), sampling, gamma)
-    return objective.DDPMObjective(make_diffusion(config), sampling, gamma)
+        return objective.TransportObjective(make_transport(config), times, gamma)
+    return objective.DDPMObjective(make_diffusion(config), times, gamma)

@@ -39,6 +39,7 @@ from udit_jax import config as config_lib
 from udit_jax import diffusion as diffusion_lib
 from udit_jax import export, models, parallel
 from udit_jax import sampler as sampler_lib
+from udit_jax.diffusion import guidance
 
 GRID_IMAGES = 64  # images in the grid of a job with random classes
 
@@ -139,15 +140,18 @@ def merge_parts(out_dir: epath.Path, num_images: int, grid_columns: int) -> tupl
 # ----------------------------------------------------------------------------------------
 # Jobs.
 
-_SPEC_KEYS = ("export_created", "export_config_hash", "seed", "sampler", "steps", "cfg_scale",
-              "guide_all_channels", "num_images", "labels")
+_SPEC_KEYS = ("export_created", "export_config_hash", "objective", "seed", "sampler", "steps",
+              "cfg_scale", "guidance_interval", "guide_all_channels", "transport_options",
+              "num_images", "labels")
+# What job.json files written before these keys existed meant.
+_SPEC_DEFAULTS = {"objective": "ddpm", "guidance_interval": [0.0, 1.0], "transport_options": {}}
 
 
 def _check_spec(path: epath.Path, spec: dict) -> None:
     if not path.exists():
         return
     old = json.loads(path.read_text())
-    differs = [k for k in _SPEC_KEYS if old.get(k) != spec.get(k)]
+    differs = [k for k in _SPEC_KEYS if old.get(k, _SPEC_DEFAULTS.get(k)) != spec.get(k)]
     if differs:
         raise ValueError(f"{path.parent} holds samples of another job (it differs in "
                          f"{', '.join(differs)}): use another out_dir, or delete that one to start over")
@@ -157,42 +161,62 @@ def _vae_arguments(info: dict) -> dict:
     return dict(info["vae"]["arguments"] or {}, scaling_factor=info["data"]["latent_scale"])
 
 
+def _process(info: dict, sampler: str, steps: str, transport_options: dict):
+    """What `sampler` integrates for the export `info` describes: its diffusion respaced to
+    `steps`, or the sampling function of the transport it records."""
+    if config_lib.export_objective(info) == "transport":
+        return sampler_lib.transport_process(info["objective"]["transport"], sampler, steps,
+                                             transport_options)
+    return diffusion_lib.create_diffusion(steps, **info["diffusion"])
+
+
 @functools.lru_cache(maxsize=8)
-def _job_sampler(model_json: str, guide_all_channels: bool, diffusion_json: str, steps: str,
-                 sampler: str, cfg_scale: float, vae_json: str | None, mesh) -> sampler_lib.Sampler:
+def _job_sampler(info_json: str, guide_all_channels: bool, steps: str, sampler: str,
+                 cfg_scale: float, guidance_interval: tuple[float, float],
+                 transport_options_json: str, vae_json: str | None, mesh) -> sampler_lib.Sampler:
     """The sampler of a job, kept across jobs with the same settings in one process (a
     resumed or repeated job does not compile again)."""
-    model = export.model_from_description(json.loads(model_json))
+    info = json.loads(info_json)
+    model = export.model_from_description(info["model"])
     if guide_all_channels:
         model = model.clone(cfg_channels=None)
-    diffusion = diffusion_lib.create_diffusion(steps, **json.loads(diffusion_json))
+    process = _process(info, sampler, steps, json.loads(transport_options_json))
     vae = None if vae_json is None else models.build_vae(**json.loads(vae_json))
-    return sampler_lib.Sampler(model, diffusion, sampler=sampler, cfg_scale=cfg_scale, vae=vae,
-                               mesh=mesh)
+    return sampler_lib.Sampler(model, process, sampler=sampler, cfg_scale=cfg_scale,
+                               guidance_interval=guidance_interval, vae=vae, mesh=mesh)
 
 
 def run_sampling_job(export_dir, out_dir, *, num_images: int | None = None,
                      classes: Sequence[int] | None = None, per_class: int = 1, seed: int = 0,
                      sampler: str = "ddpm", steps: str | None = None, cfg_scale: float = 1.0,
+                     guidance_interval=(0.0, 1.0), transport_options: dict | None = None,
                      guide_all_channels: bool = False, per_device_batch: int = 32,
                      write_png: bool = True, vae_weights: str | None = None,
                      max_batches: int | None = None, mesh=None) -> dict[str, Any]:
     """Samples a job's images into out_dir, resuming whatever an earlier run left there.
 
     Either `classes` (each repeated per_class times: a grid with one row per class) or
-    `num_images` with uniformly random classes drawn from the seed. steps: the timestep
-    respacing ("250", "ddim50", "20"; default per sampler). Every process calls this; each
-    writes the images its devices made. max_batches: stop after that many batches (the
-    rest is sampled by the next run). Returns {"out_dir", "num_images", "finished",
-    "npz", "grid"} (npz and grid are None until every image is done).
+    `num_images` with uniformly random classes drawn from the seed. sampler: one of the
+    export's objective (info["objective"]): "ddpm", "ddim", "dpm", or for a transport export
+    "ode", "sde". steps: the timestep respacing ("250", "ddim50", "20") or transport time-grid
+    points ("250"); default per sampler. guidance_interval: the noise levels where cfg_scale
+    applies. transport_options: the ode / sde settings (config.transport_options; default
+    base_config's, SiT's sample.py defaults). Every process calls this; each writes the
+    images its devices made. max_batches: stop after that many batches (the rest is sampled
+    by the next run). Returns {"out_dir", "num_images", "finished", "npz", "grid"} (npz and
+    grid are None until every image is done).
     """
-    sampler_lib.check_sampler(sampler)
+    info = export.read_info(export_dir)
+    objective = config_lib.export_objective(info)
+    sampler_lib.check_sampler(sampler, objective)
+    if transport_options is None:
+        transport_options = config_lib.transport_options(config_lib.base_config(), sampler)
+    guidance_interval = guidance.check_interval(guidance_interval)
     if (classes is None) == (num_images is None or num_images <= 0):
         raise ValueError("give either classes (a class grid) or num_images > 0 (random classes)")
     if per_device_batch < 1 or per_class < 1:
         raise ValueError(f"per_device_batch={per_device_batch} and per_class={per_class} must be >= 1")
     steps = str(steps or sampler_lib.default_steps(sampler))
-    info = export.read_info(export_dir)
     num_classes = info["data"]["num_classes"]
     if classes is not None:
         classes = [int(c) for c in classes]
@@ -204,11 +228,13 @@ def run_sampling_job(export_dir, out_dir, *, num_images: int | None = None,
         labels = sampler_lib.random_labels(seed, num_images, num_classes)
     sampler_lib.check_labels(labels, num_classes)
     spec = {"export_dir": str(export_dir), "export_created": info["metadata"].get("created"),
-            "export_config_hash": info["metadata"].get("config_hash"), "seed": int(seed),
-            "sampler": sampler, "steps": steps, "cfg_scale": float(cfg_scale),
-            "guide_all_channels": bool(guide_all_channels), "num_images": int(num_images),
+            "export_config_hash": info["metadata"].get("config_hash"), "objective": objective,
+            "seed": int(seed), "sampler": sampler, "steps": steps, "cfg_scale": float(cfg_scale),
+            "guidance_interval": list(guidance_interval),
+            "guide_all_channels": bool(guide_all_channels),
+            "transport_options": dict(transport_options), "num_images": int(num_images),
             "labels": "random" if classes is None else {"classes": classes, "per_class": per_class}}
-    diffusion_lib.create_diffusion(steps, **info["diffusion"])   # a bad `steps` fails here
+    _process(info, sampler, steps, transport_options)   # bad steps / options fail here
     out_dir = epath.Path(out_dir)
     _check_spec(out_dir / "job.json", spec)
     mesh = parallel.make_mesh() if mesh is None else mesh
@@ -219,10 +245,11 @@ def run_sampling_job(export_dir, out_dir, *, num_images: int | None = None,
                                              vae_weights or info["vae"]["weights"], mesh)
     model, params, _ = export.load_export(export_dir, mesh=mesh)
     sampler_lib.check_settings(model, sampler, cfg_scale)
-    job_sampler = _job_sampler(json.dumps(info["model"], sort_keys=True), bool(guide_all_channels),
-                               json.dumps(info["diffusion"], sort_keys=True), steps, sampler,
-                               float(cfg_scale), json.dumps(_vae_arguments(info)) if latent else None,
-                               mesh)
+    job_sampler = _job_sampler(
+        json.dumps({k: info.get(k) for k in ("model", "diffusion", "objective")}, sort_keys=True),
+        bool(guide_all_channels), steps, sampler, float(cfg_scale), guidance_interval,
+        json.dumps(transport_options, sort_keys=True),
+        json.dumps(_vae_arguments(info)) if latent else None, mesh)
 
     parts_dir = out_dir / "parts"
     if jax.process_index() == 0:
@@ -288,24 +315,27 @@ def sample_from_config(config, workdir: str) -> dict[str, Any]:
     """`--mode=sample`: a sampling job from an export, settings from config.sample.
 
     Fields: sample.export_dir ("" = <workdir>/export), sample.num_images (0: the class grid
-    sample.classes x sample.per_class; N: N images of random classes), sample.sampler,
-    sample.steps, sample.cfg_scale, sample.guide_all_channels, sample.seed,
-    sample.per_device_batch, sample.write_png, sample.out_dir, vae.weights (latent models;
-    default: the weights recorded in the export).
+    sample.classes x sample.per_class; N: N images of random classes), sample.sampler (one
+    of the export's objective), sample.steps, sample.cfg_scale, sample.guidance_interval,
+    sample.guide_all_channels, sample.seed, sample.per_device_batch, sample.write_png,
+    sample.out_dir, config.transport's sampler settings (ode / sde), vae.weights (latent
+    models; default: the weights recorded in the export).
     """
     s = config.sample
-    settings = config_lib.sampling(config, "sample")
     workdir = epath.Path(workdir)
     export_dir = epath.Path(s.export_dir) if s.export_dir else workdir / "export"
+    settings = config_lib.sampling(config, "sample",
+                                   config_lib.export_objective(export.read_info(export_dir)))
     grid = not s.num_images
-    tag = (f"{settings['sampler']}-{settings['steps']}-cfg{settings['cfg_scale']:g}-"
-           f"seed{settings['seed']}-" + ("grid" if grid else str(s.num_images)))
+    tag = config_lib.sampling_tag(settings) + "-" + ("grid" if grid else str(s.num_images))
     out_dir = epath.Path(s.out_dir) if s.out_dir else workdir / "samples" / tag
     result = run_sampling_job(
         export_dir, out_dir, num_images=None if grid else s.num_images,
         classes=list(s.classes) if grid else None, per_class=s.per_class,
         seed=settings["seed"], sampler=settings["sampler"], steps=settings["steps"],
-        cfg_scale=settings["cfg_scale"], guide_all_channels=settings["guide_all_channels"],
+        cfg_scale=settings["cfg_scale"], guidance_interval=settings["guidance_interval"],
+        transport_options=settings["transport_options"],
+        guide_all_channels=settings["guide_all_channels"],
         per_device_batch=s.per_device_batch, write_png=s.write_png,
         vae_weights=config.vae.weights or None, mesh=config_lib.make_mesh(config))
     if jax.process_index() == 0:

@@ -10,20 +10,27 @@
 Training previews, in-loop evaluation, `--mode=sample` and `--mode=evaluate` all sample
 through `Sampler` here; they differ only in where images go.
 
-Samplers (SAMPLERS, name -> loop and default steps): "ddpm" (ancestral with the learned
-variance, the papers' 250 respaced steps), "ddim" (eta = 0; "ddim50") and "dpm"
-(DPM-Solver++(2M), 20 steps). Adding a sampler is an entry in SAMPLERS.
+Samplers (SAMPLERS, name -> objective, loop and default steps). For models trained with
+DDPM's objective, the process is a GaussianDiffusion respaced to the steps: "ddpm"
+(ancestral with the learned variance, the papers' 250 respaced steps), "ddim" (eta = 0;
+"ddim50") and "dpm" (DPM-Solver++(2M), 20 steps). For transport-trained (SiT) models the
+process is the transport sampling function with `steps` time-grid points
+(transport_process): "ode" (probability flow) and "sde", 250 points as SiT's sample.py.
+Adding a sampler is an entry in SAMPLERS.
 
 Guidance: with cfg_scale > 1 each image's conditional and unconditional rows run in one
 model batch and are mixed as the official forward_with_cfg does (the model's `cfg_channels`
-guided, the rest conditional; model.clone(cfg_channels=None) guides every channel).
-Models run in their inference form (U-DiT's FFNs fused, as the official code samples after
-`.eval()`): pass training-form params, the fusion happens here. Latent models are decoded
-with the SD VAE; pixel models are not, and their x_0 predictions are clipped to [-1, 1].
+guided, the rest conditional; model.clone(cfg_channels=None) guides every channel), at
+noise levels inside `guidance_interval` only (diffusion.guidance: (0, 1) everywhere, an
+empty interval nowhere). Models run in their inference form (U-DiT's FFNs fused, as the
+official code samples after `.eval()`): pass training-form params, the fusion happens here.
+Latent models are decoded with the SD VAE; pixel models are not, and DDPM's x_0 predictions
+are clipped to [-1, 1] for them.
 
 Determinism: image i starts from noise drawn with fold_in(fold_in(key, i), 0) and takes its
-step-t noise from fold_in(fold_in(key, i), t + 1), so an image depends on the key, its index,
-its label and the settings only: the same on 1 or on 256 devices, in any batch.
+step-t noise from fold_in(fold_in(key, i), t + 1) (t: the DDPM step index, or the SDE's step
+number), so an image depends on the key, its index, its label and the settings only: the
+same on 1 or on 256 devices, in any batch.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ import numpy as np
 from etils import epath
 
 from udit_jax import parallel
+from udit_jax.diffusion import guidance, transport
+from udit_jax.diffusion.gaussian import GaussianDiffusion
 from udit_jax.models.layers import guided_output
 from udit_jax.models.udit import fuse_ffn_params
 from udit_jax.models.vae import decode_latents
@@ -49,18 +58,33 @@ from udit_jax.models.vae import decode_latents
 
 @dataclasses.dataclass(frozen=True)
 class Loop:
-    """run(diffusion, model_fn, x_T, step_noise_fn, clip_denoised, model_kwargs) -> x_0."""
+    """One sampler: the models it samples and how it runs.
+
+    objective: "ddpm" (process: a GaussianDiffusion) or "transport" (process: a
+    transport.SamplingFn). run(process, model_fn, x_T, step_noise_fn, clip_denoised,
+    model_kwargs) -> x_0.
+    """
+    objective: str
     run: Callable
-    default_steps: str   # the timestep respacing used when none is given
+    default_steps: str   # the respacing (DDPM) or time-grid points (transport) by default
+
+
+def _transport_run(fn, f, x, noise_fn, clip, kw):
+    del clip   # SiT's samplers return the final state as it is
+    if fn.stochastic:
+        return fn.final(x, f, noise_fn=noise_fn, **kw)
+    return fn.final(x, f, **kw)
 
 
 SAMPLERS: dict[str, Loop] = {
-    "ddpm": Loop(lambda d, f, x, noise_fn, clip, kw: d.p_sample_loop(
+    "ddpm": Loop("ddpm", lambda d, f, x, noise_fn, clip, kw: d.p_sample_loop(
         f, x.shape, noise=x, step_noise_fn=noise_fn, clip_denoised=clip, model_kwargs=kw), "250"),
-    "ddim": Loop(lambda d, f, x, noise_fn, clip, kw: d.ddim_sample_loop(
+    "ddim": Loop("ddpm", lambda d, f, x, noise_fn, clip, kw: d.ddim_sample_loop(
         f, x.shape, noise=x, clip_denoised=clip, model_kwargs=kw), "ddim50"),
-    "dpm": Loop(lambda d, f, x, noise_fn, clip, kw: d.dpm_solver_sample_loop(
+    "dpm": Loop("ddpm", lambda d, f, x, noise_fn, clip, kw: d.dpm_solver_sample_loop(
         f, x.shape, noise=x, clip_denoised=clip, model_kwargs=kw), "20"),
+    "ode": Loop("transport", _transport_run, "250"),
+    "sde": Loop("transport", _transport_run, "250"),
 }
 
 
@@ -69,9 +93,59 @@ def default_steps(sampler: str) -> str:
     return SAMPLERS[sampler].default_steps
 
 
-def check_sampler(sampler: str) -> None:
+def samplers_of(objective: str) -> tuple[str, ...]:
+    return tuple(name for name, loop in SAMPLERS.items() if loop.objective == objective)
+
+
+def check_sampler(sampler: str, objective: str | None = None, what: str = "sampler") -> None:
+    """ValueError unless `sampler` is known and (objective given) samples models trained
+    with `objective` ("ddpm" or "transport", e.g. an export's)."""
     if sampler not in SAMPLERS:
-        raise ValueError(f"sampler={sampler!r}; use one of {tuple(SAMPLERS)}")
+        raise ValueError(f"{what}={sampler!r}; use one of {samplers_of('ddpm')} (objective "
+                         f"'ddpm') or {samplers_of('transport')} (objective 'transport')")
+    if objective is not None and SAMPLERS[sampler].objective != objective:
+        raise ValueError(f"{what}={sampler!r} samples '{SAMPLERS[sampler].objective}' models, "
+                         f"but this model was trained with objective={objective!r}; use one of "
+                         f"{samplers_of(objective)}")
+
+
+def check_process(sampler: str, process) -> None:
+    """ValueError unless `process` is what `sampler` integrates."""
+    check_sampler(sampler)
+    if SAMPLERS[sampler].objective == "ddpm":
+        if not isinstance(process, GaussianDiffusion):
+            raise ValueError(f"sampler={sampler!r} runs a GaussianDiffusion "
+                             f"(diffusion.create_diffusion(steps)), got {type(process).__name__}")
+    elif not (isinstance(process, transport.SamplingFn) and process.stochastic == (sampler == "sde")):
+        raise ValueError(f"sampler={sampler!r} runs a transport sampling function "
+                         f"(transport_process(..., {sampler!r}, ...)), got {process!r}")
+
+
+def transport_process(transport_arguments: dict, sampler: str, steps,
+                      options: dict | None = None) -> transport.SamplingFn:
+    """SiT's sampling function for sampler "ode" or "sde" with `steps` time-grid points (SiT's
+    num_sampling_steps) of create_transport(**transport_arguments) (an export's
+    info["objective"]["transport"]). options: sample_ode's (sampling_method, atol, rtol) or
+    sample_sde's (sampling_method, diffusion_form, diffusion_norm, last_step,
+    last_step_size) keyword arguments; the library's defaults where missing."""
+    check_sampler(sampler, "transport")
+    try:
+        num_steps = int(steps)
+    except (TypeError, ValueError):
+        raise ValueError(f"steps={steps!r}: transport samplers take a number of time-grid "
+                         "points such as 250") from None
+    s = transport.Sampler(transport.create_transport(**transport_arguments))
+    if sampler == "ode":
+        return s.sample_ode(num_steps=num_steps, **(options or {}))
+    return s.sample_sde(num_steps=num_steps, **(options or {}))
+
+
+def model_noise_level(process) -> Callable:
+    """u(t) (0 data, 1 noise) of the time the process's loops give the model: the original
+    DDPM step t / T, or 1 - SiT's time."""
+    if isinstance(process, transport.SamplingFn):
+        return guidance.transport_noise_level
+    return guidance.ddpm_noise_level(process.original_num_steps)
 
 
 def check_settings(model, sampler: str, cfg_scale: float) -> None:
@@ -118,15 +192,19 @@ def inference_form(model) -> tuple[object, Callable]:
     return model, lambda params: params
 
 
-def guided_model_fn(model, params, cfg_scale: float) -> Callable:
+def guided_model_fn(model, params, cfg_scale: float, interval=(0.0, 1.0),
+                    noise_level: Callable | None = None) -> Callable:
     """model_fn(x [n, H, W, C], t [n], y [n]) -> [n, H, W, C_out], guided when cfg_scale > 1.
 
     The guided output of each image is the official forward_with_cfg's first half. Each
     image's conditional and unconditional rows sit next to each other in the model batch, so
     a batch sharded over devices stays where it is ([cond; uncond] halves would move rows
-    between devices).
+    between devices). Each image is guided with cfg_scale where noise_level(t) lies in
+    `interval`, with scale 1 elsewhere (guidance.guidance_scale); an empty interval runs the
+    model unguided (no unconditional rows).
     """
-    if cfg_scale <= 1.0:
+    low, high = guidance.check_interval(interval)
+    if cfg_scale <= 1.0 or low > high:
         return lambda x, t, y: model.apply({"params": params}, x, t, y)
 
     def model_fn(x, t, y):
@@ -135,21 +213,26 @@ def guided_model_fn(model, params, cfg_scale: float) -> Callable:
         y_pair = jnp.stack([y, jnp.full_like(y, model.num_classes)], axis=1).reshape(-1)
         out = model.apply({"params": params}, pair(x), pair(t), y_pair)
         out = out.reshape((n, 2) + out.shape[1:])
-        return jax.vmap(lambda o: guided_output(o, cfg_scale, model.cfg_channels)[0])(out)
+        scale = guidance.guidance_scale(cfg_scale, noise_level(t), (low, high))   # [n]
+        return jax.vmap(lambda o, s: guided_output(o, s, model.cfg_channels)[0])(out, scale)
 
     return model_fn
 
 
-def make_batch_sampler(model, diffusion, *, sampler: str = "ddpm", cfg_scale: float = 1.0,
-                       vae=None, mesh=None, clip_denoised: bool | None = None) -> Callable:
+def make_batch_sampler(model, process, *, sampler: str = "ddpm", cfg_scale: float = 1.0,
+                       guidance_interval=(0.0, 1.0), vae=None, mesh=None,
+                       clip_denoised: bool | None = None) -> Callable:
     """A jitted fn(params, vae_params, key, indices [B], labels [B]) -> images [B, H, W, C].
 
-    params: training- or inference-form params of `model`. indices: the images' indices
-    (their noise comes from fold_in(key, index)); labels: their classes. The output is
-    float32, decoded with `vae` (vae_params) for latent models, about [-1, 1], not clipped;
-    sharded over the batch when a mesh is given. clip_denoised defaults to pixel space.
+    process: what `sampler` integrates (see Sampler). params: training- or inference-form
+    params of `model`. indices: the images' indices (their noise comes from fold_in(key,
+    index)); labels: their classes. The output is float32, decoded with `vae` (vae_params)
+    for latent models, about [-1, 1], not clipped; sharded over the batch when a mesh is
+    given. clip_denoised (DDPM samplers) defaults to pixel space.
     """
     check_settings(model, sampler, cfg_scale)
+    check_process(sampler, process)
+    noise_level = model_noise_level(process)
     model, to_inference = inference_form(model)
     clip = vae is None if clip_denoised is None else clip_denoised
     sample_shape = (model.input_size, model.input_size, model.in_channels)
@@ -161,8 +244,9 @@ def make_batch_sampler(model, diffusion, *, sampler: str = "ddpm", cfg_scale: fl
 
     def sample(params, vae_params, key, indices, labels):
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
-        model_fn = guided_model_fn(model, to_inference(params), cfg_scale)
-        x = loop.run(diffusion, model_fn, per_image_normal(keys, 0),
+        model_fn = guided_model_fn(model, to_inference(params), cfg_scale, guidance_interval,
+                                   noise_level)
+        x = loop.run(process, model_fn, per_image_normal(keys, 0),
                      lambda t: per_image_normal(keys, t + 1), clip, {"y": labels})
         return x if vae is None else decode_latents(vae, vae_params, x)
 
@@ -189,19 +273,25 @@ def _gather(x: jax.Array) -> np.ndarray:
 
 
 class Sampler:
-    """A compiled sampler of one model, diffusion and setting, sharded over `mesh`.
+    """A compiled sampler of one model, process and setting, sharded over `mesh`.
 
-    model: training or inference form. diffusion: e.g. create_diffusion("250") (ddpm),
-    ("ddim50") (ddim), ("20") (dpm). vae: decodes latents (latent models). mesh: each device
-    samples its share of every batch (default: all devices, data parallel).
+    model: training or inference form. process: what the sampler integrates: for "ddpm",
+    "ddim", "dpm" a diffusion respaced to the steps, e.g. create_diffusion("250"),
+    ("ddim50"), ("20"); for "ode", "sde" the transport sampling function,
+    transport_process(info["objective"]["transport"], "ode", 250). guidance_interval: the
+    noise levels (0 data, 1 noise) where cfg_scale applies. vae: decodes latents (latent
+    models). mesh: each device samples its share of every batch (default: all devices, data
+    parallel).
     """
 
-    def __init__(self, model, diffusion, *, sampler: str = "ddpm", cfg_scale: float = 1.0,
-                 vae=None, mesh=None, clip_denoised: bool | None = None):
+    def __init__(self, model, process, *, sampler: str = "ddpm", cfg_scale: float = 1.0,
+                 guidance_interval=(0.0, 1.0), vae=None, mesh=None,
+                 clip_denoised: bool | None = None):
         self.model = model
         self.mesh = parallel.make_mesh() if mesh is None else mesh
-        self.fn = make_batch_sampler(model, diffusion, sampler=sampler, cfg_scale=cfg_scale,
-                                     vae=vae, mesh=self.mesh, clip_denoised=clip_denoised)
+        self.fn = make_batch_sampler(model, process, sampler=sampler, cfg_scale=cfg_scale,
+                                     guidance_interval=guidance_interval, vae=vae,
+                                     mesh=self.mesh, clip_denoised=clip_denoised)
 
     def batches(self, params, vae_params, key, labels: np.ndarray, indices: np.ndarray,
                 batch: int) -> Iterator[tuple[np.ndarray, jax.Array]]:
@@ -244,16 +334,17 @@ class Sampler:
                                                      batch_size or len(labels))))
 
 
-def sample_images(model, params, diffusion, labels, key, *, cfg_scale: float = 1.0,
-                  sampler: str = "ddpm", vae=None, vae_params=None, mesh=None,
-                  indices: Sequence[int] | None = None, batch_size: int | None = None,
-                  clip_denoised: bool | None = None) -> np.ndarray:
+def sample_images(model, params, process, labels, key, *, cfg_scale: float = 1.0,
+                  sampler: str = "ddpm", guidance_interval=(0.0, 1.0), vae=None,
+                  vae_params=None, mesh=None, indices: Sequence[int] | None = None,
+                  batch_size: int | None = None, clip_denoised: bool | None = None) -> np.ndarray:
     """Samples one image per label with a one-off Sampler; float32 [N, H, W, C], about [-1, 1].
 
     key: image j's noise comes from fold_in(key, indices[j]) (indices default 0..N-1).
     batch_size: images per call (default all, rounded up to the device count).
     """
-    s = Sampler(model, diffusion, sampler=sampler, cfg_scale=cfg_scale, vae=vae, mesh=mesh,
+    s = Sampler(model, process, sampler=sampler, cfg_scale=cfg_scale,
+                guidance_interval=guidance_interval, vae=vae, mesh=mesh,
                 clip_denoised=clip_denoised)
     params = jax.device_put(params, parallel.replicated(s.mesh))
     if vae_params is not None:

@@ -58,4 +58,4 @@ def create_diffusion(timestep_respacing: str | Sequence[int] | None = "",
     return GaussianDiffusion(
         betas, timestep_map,
         model_mean_type=ModelMeanType.START_X if predict_xstart else ModelMeanType.EPSILON,
-        model_var_type=var_type, loss_type=loss_type)
+        model_var_type=var_type, loss_type=loss_type, original_num_steps=diffusion_steps)

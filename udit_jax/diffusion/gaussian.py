@@ -113,13 +113,15 @@ class GaussianDiffusion:
     betas: [S] float64, the betas of THIS process (already respaced, see respace_betas).
     timestep_map: [S] int, the original timestep of each step (what the model is called
       with); defaults to 0..S-1.
+    original_num_steps: the steps of the process before respacing (what timestep_map
+      indexes; upstream SpacedDiffusion's original_num_steps); defaults to S without a map.
     Build it with `create_diffusion`, which matches the official constructor.
     """
 
     def __init__(self, betas, timestep_map=None, *,
                  model_mean_type: ModelMeanType = ModelMeanType.EPSILON,
                  model_var_type: ModelVarType = ModelVarType.LEARNED_RANGE,
-                 loss_type: LossType = LossType.MSE):
+                 loss_type: LossType = LossType.MSE, original_num_steps: int | None = None):
         betas = np.array(betas, dtype=np.float64)
         if betas.ndim != 1 or betas.size < 2:
             raise ValueError(f"betas must be 1-D with at least 2 steps, got shape {betas.shape}")
@@ -138,6 +140,12 @@ class GaussianDiffusion:
                              else np.asarray(timestep_map, np.int64))
         if self.timestep_map.shape != betas.shape:
             raise ValueError(f"timestep_map has shape {self.timestep_map.shape}, betas {betas.shape}")
+        if original_num_steps is None and timestep_map is not None:
+            raise ValueError("a respaced process (timestep_map given) needs original_num_steps")
+        self.original_num_steps = int(original_num_steps or self.num_timesteps)
+        if self.timestep_map.max() >= self.original_num_steps:
+            raise ValueError(f"timestep_map reaches {self.timestep_map.max()}, beyond "
+                             f"original_num_steps={self.original_num_steps}")
 
         # float64 tables, computed exactly as upstream does (same operations, same order).
         self.betas = betas

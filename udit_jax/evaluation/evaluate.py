@@ -22,6 +22,7 @@ import numpy as np
 from etils import epath
 
 from udit_jax import config as config_lib
+from udit_jax import export
 from udit_jax.evaluation import metrics as M
 from udit_jax.evaluation import reference as R
 from udit_jax.evaluation.convert_inception import load_inception_variables
@@ -199,13 +200,14 @@ def _sample_export(config, workdir: epath.Path) -> epath.Path:
     same settings is reused, an interrupted one resumed)."""
     from udit_jax import sample as sample_lib
     ev = config.eval
-    s = config_lib.sampling(config, "eval")
     export_dir = epath.Path(ev.export_dir) if ev.export_dir else workdir / "export"
-    out_dir = (workdir / "eval" / "samples"
-               / f"{s['sampler']}-{s['steps']}-cfg{s['cfg_scale']:g}-seed{s['seed']}-{ev.num_samples}")
+    s = config_lib.sampling(config, "eval",
+                            config_lib.export_objective(export.read_info(export_dir)))
+    out_dir = workdir / "eval" / "samples" / f"{config_lib.sampling_tag(s)}-{ev.num_samples}"
     result = sample_lib.run_sampling_job(
         export_dir, out_dir, num_images=ev.num_samples, seed=s["seed"], sampler=s["sampler"],
-        steps=s["steps"], cfg_scale=s["cfg_scale"], guide_all_channels=s["guide_all_channels"],
+        steps=s["steps"], cfg_scale=s["cfg_scale"], guidance_interval=s["guidance_interval"],
+        transport_options=s["transport_options"], guide_all_channels=s["guide_all_channels"],
         per_device_batch=config.sample.per_device_batch, write_png=False,
         vae_weights=config.vae.weights or None, mesh=config_lib.make_mesh(config))
     return epath.Path(result["npz"])
