@@ -115,6 +115,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.export.step = 0                 # 0 = the latest checkpoint
     c.export.torch_weights = False    # also write the official PyTorch state_dict
 
+    # --mode=compile (udit_jax.compile): the train step compiled for a TPU topology on any host
+    # (needs `pip install 'udit-jax[tpu]'`): HBM per chip, compile time, the cost model's step time.
+    c.compile = ml_collections.ConfigDict()
+    c.compile.topology = ""           # "v5p-8", "v5e-16" / "v5litepod-16", "v6e-256", "v4-8", "v5p:4x4x8"
+    c.compile.num_slices = 1          # multi-slice: this many copies of the topology
+    c.compile.what = "train"          # "train" (the train step) or "sample" (one sampling batch)
+
     # FID / sFID / IS of EMA samples (udit_jax.evaluation): in the loop every eval_every_steps
     # with the preview sampler's settings, and for --mode=evaluate on a sample .npz.
     c.eval = ml_collections.ConfigDict()

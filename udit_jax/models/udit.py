@@ -330,6 +330,11 @@ class UDiT(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     attention_impl: str | None = None
+    # The blocks of a stage as one scanned block with stacked params (leading axis = depth):
+    # XLA compiles each stage's block once instead of once per block. Param tree
+    # {"encoder_level_2": {... [depth, ...]}} instead of {"encoder_level_2_0": ..., ...};
+    # stack_blocks / unstack_blocks convert, the official state_dict is the same.
+    scan_blocks: bool = False
 
     # ------------------------------------------------------------------ config
     @property
@@ -441,10 +446,15 @@ class UDiT(nn.Module):
                            attn_downsample=self.attn_downsample, attention_impl=self.attention_impl)
 
         def run_stage(i, h):
+            block_args = (self.stage_widths[i], self.num_heads, self.mlp_ratio, self.down_factors[i],
+                          self.ffn_type, self.rep, self.fused_ffn, attn_kwargs, dtype)
+            if self.scan_blocks and self.depth[i]:
+                scan = nn.scan(lambda block, h, c: (block(h, c), None), variable_axes={"params": 0},
+                               split_rngs={"params": True}, in_axes=nn.broadcast,
+                               length=self.depth[i], metadata_params={nn.PARTITION_NAME: None})
+                return scan(block_cls(*block_args, name=STAGES[i]), h, stage_cond[i])[0]
             for j in range(self.depth[i]):
-                h = block_cls(self.stage_widths[i], self.num_heads, self.mlp_ratio, self.down_factors[i],
-                              self.ffn_type, self.rep, self.fused_ffn, attn_kwargs, dtype,
-                              name=f"{STAGES[i]}_{j}")(h, stage_cond[i])
+                h = block_cls(*block_args, name=f"{STAGES[i]}_{j}")(h, stage_cond[i])
             return h
 
         def down(name, h, width):  # 3x3 conv to width/2, then pixel-unshuffle: 2*width at half size
@@ -567,9 +577,36 @@ def fuse_ffn_params(params):
     Every re-parameterisable FFN is folded into one 1x1 -> GELU -> dw5x5 -> 1x1 chain; all
     other params are returned unchanged (the input is never modified). Unlike the official
     `model.eval()`, calling this any number of times on the same params gives the same result.
+    Stacked stages (scan_blocks) are fused block by block.
     """
     if isinstance(params, dict) or hasattr(params, "items"):
         if set(params.keys()) == _REP_FFN_KEYS:
             return _fuse_one_ffn(params)
-        return {k: fuse_ffn_params(v) for k, v in params.items()}
+        return {k: jax.vmap(fuse_ffn_params)(v) if k in STAGES else fuse_ffn_params(v)
+                for k, v in params.items()}
     return params
+
+
+# ----------------------------------------------------------------------------- scanned stages
+def stack_blocks(params, depth: Sequence[int]) -> dict:
+    """Params of the scan_blocks=True model from those of the unrolled one (same values).
+
+    {"<stage>_<j>": tree, ...} -> {"<stage>": tree with leaves stacked on a new axis 0}.
+    """
+    out = dict(params)
+    for stage, n in zip(STAGES, depth):
+        blocks = [out.pop(f"{stage}_{j}") for j in range(n)]
+        if blocks:
+            out[stage] = jax.tree.map(
+                lambda *xs: (np.stack if isinstance(xs[0], np.ndarray) else jnp.stack)(xs), *blocks)
+    return out
+
+
+def unstack_blocks(params, depth: Sequence[int]) -> dict:
+    """Inverse of stack_blocks: scanned params -> params of the unrolled model."""
+    out = dict(params)
+    for stage, n in zip(STAGES, depth):
+        if n:
+            stacked = out.pop(stage)
+            out.update({f"{stage}_{j}": jax.tree.map(lambda x: x[j], stacked) for j in range(n)})
+    return out
