@@ -186,6 +186,10 @@ class RepFeedForward(nn.Module):
     x: [B, H, W, d] -> [B, H, W, d]:
     1x1 (d -> h/2) -> 1x1 (h/2 -> h) -> exact GELU -> a + dw5(a) + dw3(a) + dw1(a)
     -> 1x1 (h -> h/2) -> 1x1 (h/2 -> d), h = int(d * mlp_ratio).
+
+    The identity and the three depthwise branches are linear in `a`, so they run as ONE
+    depthwise 5x5 conv whose kernel is their sum (same params, same gradients): a third of
+    the depthwise convs to compile and to stream the h-wide activation through.
     """
 
     dim: int
@@ -197,11 +201,42 @@ class RepFeedForward(nn.Module):
         h = self.hidden
         x = conv(h // 2, 1, ("embed", "mlp"), name="project_in_0", dtype=self.dtype)(x)
         a = layers.gelu_exact(conv(h, 1, ("mlp", "mlp"), name="project_in_1", dtype=self.dtype)(x))
-        out = a
-        for i, k in enumerate((5, 3, 1)):
-            out = out + conv(h, k, ("mlp", "mlp"), groups=h, name=f"dwconv_{i}", dtype=self.dtype)(a)
+        branches = [_DepthwiseParams(h, k, name=f"dwconv_{i}")() for i, k in enumerate((5, 3, 1))]
+        kernel, bias = merge_depthwise_branches(*branches)
+        out = jax.lax.conv_general_dilated(
+            a, kernel.astype(self.dtype), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=h) + bias.astype(self.dtype)
         out = conv(h // 2, 1, ("mlp", "mlp"), name="project_out_0", dtype=self.dtype)(out)
         return conv(self.dim, 1, ("mlp", "embed"), name="project_out_1", dtype=self.dtype)(out)
+
+
+class _DepthwiseParams(nn.Module):
+    """The params of a depthwise k x k conv over `features` channels, named and initialised
+    as `layers.conv(features, k, ("mlp", "mlp"), groups=features)` names and initialises them:
+    () -> (kernel [k, k, 1, features], bias [features])."""
+
+    features: int
+    size: int
+
+    @nn.compact
+    def __call__(self):
+        k = self.size
+        kernel = self.param("kernel", layers.with_axes(layers.xavier_uniform, ("conv_h", "conv_w", "mlp", "mlp")),
+                            (k, k, 1, self.features), jnp.float32)
+        bias = self.param("bias", layers.with_axes(layers.zeros, ("mlp",)), (self.features,), jnp.float32)
+        return kernel, bias
+
+
+def merge_depthwise_branches(dw5, dw3, dw1):
+    """identity + dw5 + dw3 + dw1 as one depthwise 5x5 conv: (kernel [5, 5, 1, h], bias [h]).
+
+    Each argument is (kernel [k, k, 1, h], bias [h]); the smaller kernels and the identity add
+    into the 5x5 kernel's centre.
+    """
+    k5 = jnp.asarray(dw5[0])
+    k5 = k5.at[1:4, 1:4].add(dw3[0])
+    k5 = k5.at[2:3, 2:3].add(dw1[0] + 1.0)
+    return k5, dw5[1] + dw3[1] + dw1[1]
 
 
 class ConvFeedForward(nn.Module):
@@ -561,12 +596,11 @@ def _fuse_one_ffn(p: dict) -> dict:
     def compose(first, second):
         wa, wb = jnp.asarray(first["kernel"][0, 0]), jnp.asarray(second["kernel"][0, 0])
         return {"kernel": mm(wa, wb)[None, None], "bias": mm(first["bias"], wb) + second["bias"]}
-    k5 = jnp.asarray(p["dwconv_0"]["kernel"])
-    k5 = k5.at[1:4, 1:4].add(p["dwconv_1"]["kernel"])
-    k5 = k5.at[2:3, 2:3].add(p["dwconv_2"]["kernel"] + 1.0)
+    k5, b5 = merge_depthwise_branches(*((p[f"dwconv_{i}"]["kernel"], p[f"dwconv_{i}"]["bias"])
+                                        for i in range(3)))
     return {
         "project_in": compose(p["project_in_0"], p["project_in_1"]),
-        "dwconv": {"kernel": k5, "bias": p["dwconv_0"]["bias"] + p["dwconv_1"]["bias"] + p["dwconv_2"]["bias"]},
+        "dwconv": {"kernel": k5, "bias": b5},
         "project_out": compose(p["project_out_0"], p["project_out_1"]),
     }
 
