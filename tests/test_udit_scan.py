@@ -23,9 +23,19 @@ def models_and_params():
     scanned = build_model("U-DiT", **KWARGS, scan_blocks=True)
     params = info.init_params(unrolled, jax.random.PRNGKey(0))
     # Non-zero adaLN/final weights so every block changes the output.
-    params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.PRNGKey(p.size), p.shape),
-                          params)
+    noise = jax.jit(lambda ps: jax.tree.map(
+        lambda p: p + 0.02 * jax.random.normal(jax.random.PRNGKey(p.size), p.shape), ps))
+    params = noise(params)
     return unrolled, scanned, params
+
+
+def apply(model, params, x, t, y):
+    """model.apply as one compiled program (op by op, a U-DiT takes minutes on a CPU)."""
+    return jax.jit(lambda p: model.apply({"params": p}, x, t, y))(params)
+
+
+def grads(model, params, x, t, y):
+    return jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x, t, y) ** 2)))(params)
 
 
 def inputs():
@@ -51,12 +61,10 @@ def test_same_outputs_and_gradients_float32(models_and_params):
     stacked = stack_blocks(params, DEPTH)
     x, t, y = inputs()
     with jax.default_matmul_precision("highest"):
-        out_u = unrolled.apply({"params": params}, x, t, y)
-        out_s = scanned.apply({"params": stacked}, x, t, y)
-        np.testing.assert_allclose(out_s, out_u, rtol=0, atol=1e-6)
-        loss = lambda m: lambda p: jnp.sum(m.apply({"params": p}, x, t, y) ** 2)
-        g_u = jax.grad(loss(unrolled))(params)
-        g_s = unstack_blocks(jax.grad(loss(scanned))(stacked), DEPTH)
+        np.testing.assert_allclose(apply(scanned, stacked, x, t, y), apply(unrolled, params, x, t, y),
+                                   rtol=0, atol=1e-6)
+        g_u = grads(unrolled, params, x, t, y)
+        g_s = unstack_blocks(grads(scanned, stacked, x, t, y), DEPTH)
     assert jax.tree.structure(g_s) == jax.tree.structure(g_u)
     scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g_u))
     for a, b in zip(jax.tree.leaves(g_s), jax.tree.leaves(g_u)):
@@ -68,8 +76,8 @@ def test_remat_scanned_model_matches(models_and_params):
     remat = build_model("U-DiT", **KWARGS, scan_blocks=True, remat=True)
     x, t, y = inputs()
     with jax.default_matmul_precision("highest"):
-        np.testing.assert_allclose(remat.apply({"params": stack_blocks(params, DEPTH)}, x, t, y),
-                                   unrolled.apply({"params": params}, x, t, y), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(apply(remat, stack_blocks(params, DEPTH), x, t, y),
+                                   apply(unrolled, params, x, t, y), rtol=0, atol=1e-6)
 
 
 def test_same_official_state_dict_both_ways(models_and_params):
@@ -88,12 +96,11 @@ def test_same_official_state_dict_both_ways(models_and_params):
 
 def test_fused_ffn_of_stacked_params(models_and_params):
     unrolled, scanned, params = models_and_params
-    fused_s = fuse_ffn_params(stack_blocks(params, DEPTH))
-    fused_u = stack_blocks(fuse_ffn_params(params), DEPTH)
+    fused_s = jax.jit(fuse_ffn_params)(stack_blocks(params, DEPTH))
+    fused_u = stack_blocks(jax.jit(fuse_ffn_params)(params), DEPTH)
     for a, b in zip(jax.tree.leaves(fused_s), jax.tree.leaves(fused_u)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     x, t, y = inputs()
     with jax.default_matmul_precision("highest"):
-        np.testing.assert_allclose(
-            scanned.inference_form().apply({"params": fused_s}, x, t, y),
-            unrolled.apply({"params": params}, x, t, y), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(apply(scanned.inference_form(), fused_s, x, t, y),
+                                   apply(unrolled, params, x, t, y), rtol=0, atol=1e-5)

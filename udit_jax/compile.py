@@ -211,7 +211,8 @@ def _with(config, **fields):
 
 
 def _train_program(config, model, mesh):
-    """(jitted train step, abstract args, images per step, model FLOPs per step)."""
+    """(jitted train step, abstract args, images per call, model FLOPs per step, steps per
+    call = 1)."""
     from udit_jax import train
     tx, schedule = config_lib.make_optimizer(config.optimizer)
     abstract, shardings = train.state_shardings(model, tx, config.seed, mesh, config.mesh.rules)
@@ -226,12 +227,13 @@ def _train_program(config, model, mesh):
              for k, v in example.items()}
     # The papers' count: backward = 2 x forward, 2 FLOPs per multiply-accumulate.
     flops = 3 * 2 * model.count_macs() * config.batch_size
-    return jitted, (_abstract(abstract, shardings), batch), config.batch_size, flops
+    return jitted, (_abstract(abstract, shardings), batch), config.batch_size, flops, 1
 
 
 def _sample_program(config, model, mesh):
     """One sampling batch of a sampling job (config.sample: sampler, steps, cfg_scale,
-    per_device_batch), without the VAE decode of latent models."""
+    per_device_batch), without the VAE decode of latent models: (jitted sampler, abstract
+    args, images per call, model FLOPs per denoising step, denoising steps per call)."""
     from udit_jax import diffusion as diffusion_lib
     from udit_jax import sample, train
     s = config.sample
@@ -249,8 +251,9 @@ def _sample_program(config, model, mesh):
             jax.ShapeDtypeStruct((2,), np.uint32, sharding=parallel.replicated(mesh)),
             jax.ShapeDtypeStruct((n,), np.int32, sharding=rows),
             jax.ShapeDtypeStruct((n,), np.int32, sharding=rows))
-    evaluations = diffusion.num_timesteps * (2 if s.cfg_scale > 1 else 1)
-    return fn, args, n, 2 * model.count_macs() * n * evaluations
+    # XLA counts a loop body once: FLOPs and the cost model's time are per denoising step.
+    model_batch = n * (2 if s.cfg_scale > 1 else 1)
+    return fn, args, n, 2 * model.count_macs() * model_batch, diffusion.num_timesteps
 
 
 def _check(config, chips: int) -> None:
@@ -289,8 +292,9 @@ def compile_report(config) -> dict[str, Any]:
     }
     build = _train_program if c.what == "train" else _sample_program
     start, cpu_start = time.perf_counter(), time.process_time()
-    fn, args, images, model_flops = build(config, model, mesh)
+    fn, args, images, model_flops, steps = build(config, model, mesh)
     report["global_batch"] = images
+    report["steps_per_call"] = steps
     lowered = fn.lower(*args)
     report["lowering_seconds"] = time.perf_counter() - start
     try:
@@ -327,7 +331,8 @@ def compile_report(config) -> dict[str, Any]:
     report["xla_flops_per_chip"] = float(cost.get("flops", 0.0))
     report["xla_bytes_accessed_per_chip"] = float(cost.get("bytes accessed", 0.0))
     report["estimated_step_seconds"] = seconds
-    report["estimated_images_per_second_per_chip"] = (images / chips / seconds) if seconds else None
+    report["estimated_images_per_second_per_chip"] = (images / chips / (seconds * steps)
+                                                      if seconds else None)
     report["estimated_mfu"] = (model_flops / chips / (seconds * peak_tflops * 1e12)
                                if seconds and peak_tflops else None)
     report["collectives"] = collectives(compiled.as_text())
@@ -370,7 +375,8 @@ def format_report(r: dict[str, Any]) -> str:
 
 def does_not_fit_message(r: dict[str, Any]) -> str:
     per_chip = r["global_batch"] / r["chips"]
-    return (f"{r['model']} {r['what']} step on {r['topology']} needs "
+    at_least = "at least " if "compile_error" in r else ""  # the compiler stopped early
+    return (f"{r['model']} {r['what']} step on {r['topology']} needs {at_least}"
             f"{_gib(r['hbm_bytes_per_chip']['total'])} of HBM per chip but a "
             f"{r['device_kind']} has {_gib(r['hbm_capacity_bytes'])} (global batch "
             f"{r['global_batch']}, {per_chip:g} per chip, mesh {r['mesh']}); try "
