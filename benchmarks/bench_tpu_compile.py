@@ -44,8 +44,7 @@ def case_config(model: str, topology: str, rules: str, remat: int, per_chip: int
     config.mesh.rules = rules
     if rules == "fsdp":                       # params and optimizer state over up to 8 chips
         config.mesh.fsdp, config.mesh.data = min(chips, 8), -1
-    if model.startswith("U-DiT"):
-        config.model.kwargs.scan_blocks = scan
+    config.model.scan_blocks = scan and model.startswith("U-DiT")
     return config
 
 

@@ -34,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.name = "U-DiT-B"          # a registry name or the family "DiT" / "U-DiT"
     c.model.dtype = "float32"         # compute dtype; params and optimizer state stay float32
     c.model.remat = False             # rematerialise each block in the backward pass
+    c.model.scan_blocks = False       # U-DiT: each stage's blocks as one scan (compiles faster)
     # Constructor overrides (official argument names). input_size, in_channels and
     # num_classes default to what the data implies.
     c.model.kwargs = ml_collections.ConfigDict()
@@ -193,6 +194,8 @@ def model_kwargs(config) -> dict[str, Any]:
         kwargs.setdefault("cfg_channels", None)
     kwargs["dtype"] = jnp.dtype(config.model.dtype)
     kwargs["remat"] = bool(config.model.remat)
+    if config.model.get("scan_blocks"):
+        kwargs["scan_blocks"] = True
     return kwargs
 
 
