@@ -33,5 +33,8 @@ setup(
         "test": ["pytest>=8"],
         # Only for reading official `.pt` checkpoints; never needed at run time otherwise.
         "torch": ["torch>=2.1"],
+        # --mode=compile: the TPU compiler (libtpu) for the jax we are tested with; compiles for
+        # any TPU topology on a host without TPUs.
+        "tpu": ["jax[tpu]==0.10.2"],
     },
 )

@@ -15,6 +15,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "udit_jax"
 # lower or its own, never a higher one.
 LAYERS = {
     "models": 0, "diffusion": 0, "data": 0, "parallel": 0, "checkpoints": 0, "convert": 0,
+    "paths": 0,
     "config": 1, "sampler": 1,
     "train": 2, "export": 2, "sample": 2, "evaluation": 2, "compile": 2,
     "main": 3,
@@ -91,6 +92,7 @@ def test_no_import_cycle():
 
 
 def test_no_job_imports_the_trainer():
-    """What a config means is udit_jax.config's: only main may import train."""
+    """What a config means is udit_jax.config's: no job imports train to learn it. The one
+    exception is compile, whose subject is the train step itself."""
     importers = sorted(m for m, targets in import_graph().items() if "udit_jax.train" in targets)
-    assert importers == [], importers
+    assert importers in ([], ["udit_jax.compile"]), importers

@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.name = "U-DiT-B"          # a registry name or the family "DiT" / "U-DiT"
     c.model.dtype = "float32"         # compute dtype; params and optimizer state stay float32
     c.model.remat = False             # rematerialise each block in the backward pass
+    c.model.scan_blocks = False       # U-DiT: each stage's blocks as one scan (compiles faster)
     # Constructor overrides (official argument names). input_size, in_channels and
     # num_classes default to what the data implies.
     c.model.kwargs = ml_collections.ConfigDict()
@@ -137,6 +138,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.export.dir = ""                 # "" = <workdir>/export
     c.export.step = 0                 # 0 = the latest checkpoint
     c.export.torch_weights = False    # also write the official PyTorch state_dict
+
+    # --mode=compile (udit_jax.compile): the train step compiled for a TPU topology on any host
+    # (needs `pip install 'udit-jax[tpu]'`): HBM per chip, compile time, the cost model's step time.
+    c.compile = ml_collections.ConfigDict()
+    c.compile.topology = ""           # "v5p-8", "v5e-16" / "v5litepod-16", "v6e-256", "v4-8", "v5p:4x4x8"
+    c.compile.num_slices = 1          # multi-slice: this many copies of the topology
+    c.compile.what = "train"          # "train" (the train step) or "sample" (one sampling batch)
 
     # FID / sFID / IS of EMA samples (udit_jax.evaluation): in the loop every eval_every_steps,
     # and for --mode=evaluate (of a sample .npz, or of the export's samples). Both sample
@@ -291,6 +299,8 @@ def model_kwargs(config) -> dict[str, Any]:
         kwargs.setdefault("cfg_channels", None)
     kwargs["dtype"] = jnp.dtype(config.model.dtype)
     kwargs["remat"] = bool(config.model.remat)
+    if config.model.scan_blocks:
+        kwargs["scan_blocks"] = True
     return kwargs
 
 

@@ -24,7 +24,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and samples go (local "
                                "path or gs://...).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "encode", "export", "sample", "evaluate"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "encode", "export", "sample", "evaluate", "compile"],
                           "What to do with the config.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (GPU "
                                    "clusters without SLURM); auto-detected on TPU pods and SLURM.")
@@ -45,6 +45,7 @@ _MODES = {
     "export": ("udit_jax.export", "export_from_config"),
     "sample": ("udit_jax.sample", "sample_from_config"),
     "evaluate": ("udit_jax.evaluation", "evaluate_from_config"),
+    "compile": ("udit_jax.compile", "compile_from_config"),
 }
 
 

@@ -203,10 +203,15 @@ def initialize_distributed(coordinator_address: str | None = None,
 # ----------------------------------------------------------------------------------------
 # Device facts for throughput reporting.
 
-# Peak dense bf16 TFLOP/s per device of accelerators we know, for MFU.
-PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0,
-                    "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
-                    "TPU v6 lite": 918.0, "TPU v6e": 918.0}
+# Per device of accelerators we know: peak dense bf16 TFLOP/s (for MFU) and HBM GiB (for
+# memory fit; None where the product comes in several sizes). Looked up by a substring of
+# device_kind, first match wins ("TPU v5 lite" before "TPU v5"). TPU v4/v5p devices are whole
+# (megacore) chips.
+DEVICE_FACTS: dict[str, tuple[float, float | None]] = {
+    "H100": (989.0, None), "H200": (989.0, 141.0), "A100": (312.0, None),
+    "TPU v4": (275.0, 32.0), "TPU v5 lite": (197.0, 16.0), "TPU v5e": (197.0, 16.0),
+    "TPU v5p": (459.0, 95.0), "TPU v5": (459.0, 95.0), "TPU v6 lite": (918.0, 32.0),
+    "TPU v6e": (918.0, 32.0)}
 
 
 def device_kind() -> str:
@@ -214,10 +219,15 @@ def device_kind() -> str:
     return getattr(d, "device_kind", d.platform)
 
 
+def device_facts(kind: str) -> tuple[float, int | None] | None:
+    """(peak bf16 TFLOP/s, HBM bytes or None) of a device kind; None when unknown (CPUs)."""
+    for key, (peak, hbm_gib) in DEVICE_FACTS.items():
+        if key.lower() in kind.lower():
+            return peak, None if hbm_gib is None else int(hbm_gib * 2**30)
+    return None
+
+
 def peak_tflops_per_device() -> float | None:
     """The bf16 peak of this device kind (None when unknown, e.g. CPUs)."""
-    kind = device_kind().lower()
-    for key, value in PEAK_TFLOPS_BF16.items():
-        if key.lower() in kind:
-            return value
-    return None
+    facts = device_facts(device_kind())
+    return None if facts is None else facts[0]

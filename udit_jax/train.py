@@ -265,6 +265,12 @@ def jit_train_step(train_step, shardings: TrainState, mesh, example_batch: dict)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jitted(state, batch)
 
+    def lower(*args):
+        # Ahead-of-time lowering (udit_jax.compile) under the same mesh and rules.
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted.lower(*args)
+
+    step.lower = lower
     return step
 
 

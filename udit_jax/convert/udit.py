@@ -13,7 +13,7 @@ from typing import Mapping
 import numpy as np
 
 from udit_jax.convert import common
-from udit_jax.models.udit import STAGES, UDiT
+from udit_jax.models.udit import STAGES, UDiT, stack_blocks, unstack_blocks
 
 _MODULE_RENAMES = {
     "x_embedder": "x_embedder.proj",
@@ -68,6 +68,8 @@ def _describe(model: UDiT):
 
 
 def torch_key_specs(model: UDiT) -> list[common.KeySpec]:
+    """Official keys <-> params of the unrolled model (scanned params are unstacked first)."""
+    model = model.clone(scan_blocks=False)
     shapes = common.abstract_param_shapes(model, *model.example_inputs(1))
     return common.build_specs(shapes, _describe(model))
 
@@ -80,8 +82,11 @@ def _describe_model(model: UDiT) -> str:
 
 
 def params_from_torch(model: UDiT, state_dict: Mapping[str, np.ndarray]) -> dict:
-    return common.params_from_state_dict(torch_key_specs(model), state_dict, _describe_model(model))
+    params = common.params_from_state_dict(torch_key_specs(model), state_dict, _describe_model(model))
+    return stack_blocks(params, model.depth) if model.scan_blocks else params
 
 
 def params_to_torch(model: UDiT, params) -> dict[str, np.ndarray]:
+    if model.scan_blocks:
+        params = unstack_blocks(params, model.depth)
     return common.state_dict_from_params(torch_key_specs(model), params)

@@ -185,6 +185,10 @@ class RepFeedForward(nn.Module):
     x: [B, H, W, d] -> [B, H, W, d]:
     1x1 (d -> h/2) -> 1x1 (h/2 -> h) -> exact GELU -> a + dw5(a) + dw3(a) + dw1(a)
     -> 1x1 (h -> h/2) -> 1x1 (h/2 -> d), h = int(d * mlp_ratio).
+
+    The identity and the three depthwise branches are linear in `a`, so they run as ONE
+    depthwise 5x5 conv whose kernel is their sum (same params, same gradients): a third of
+    the depthwise convs to compile and to stream the h-wide activation through.
     """
 
     dim: int
@@ -196,11 +200,42 @@ class RepFeedForward(nn.Module):
         h = self.hidden
         x = conv(h // 2, 1, ("embed", "mlp"), name="project_in_0", dtype=self.dtype)(x)
         a = layers.gelu_exact(conv(h, 1, ("mlp", "mlp"), name="project_in_1", dtype=self.dtype)(x))
-        out = a
-        for i, k in enumerate((5, 3, 1)):
-            out = out + conv(h, k, ("mlp", "mlp"), groups=h, name=f"dwconv_{i}", dtype=self.dtype)(a)
+        branches = [_DepthwiseParams(h, k, name=f"dwconv_{i}")() for i, k in enumerate((5, 3, 1))]
+        kernel, bias = merge_depthwise_branches(*branches)
+        out = jax.lax.conv_general_dilated(
+            a, kernel.astype(self.dtype), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=h) + bias.astype(self.dtype)
         out = conv(h // 2, 1, ("mlp", "mlp"), name="project_out_0", dtype=self.dtype)(out)
         return conv(self.dim, 1, ("mlp", "embed"), name="project_out_1", dtype=self.dtype)(out)
+
+
+class _DepthwiseParams(nn.Module):
+    """The params of a depthwise k x k conv over `features` channels, named and initialised
+    as `layers.conv(features, k, ("mlp", "mlp"), groups=features)` names and initialises them:
+    () -> (kernel [k, k, 1, features], bias [features])."""
+
+    features: int
+    size: int
+
+    @nn.compact
+    def __call__(self):
+        k = self.size
+        kernel = self.param("kernel", layers.with_axes(layers.xavier_uniform, ("conv_h", "conv_w", "mlp", "mlp")),
+                            (k, k, 1, self.features), jnp.float32)
+        bias = self.param("bias", layers.with_axes(layers.zeros, ("mlp",)), (self.features,), jnp.float32)
+        return kernel, bias
+
+
+def merge_depthwise_branches(dw5, dw3, dw1):
+    """identity + dw5 + dw3 + dw1 as one depthwise 5x5 conv: (kernel [5, 5, 1, h], bias [h]).
+
+    Each argument is (kernel [k, k, 1, h], bias [h]); the smaller kernels and the identity add
+    into the 5x5 kernel's centre.
+    """
+    k5 = jnp.asarray(dw5[0])
+    k5 = k5.at[1:4, 1:4].add(dw3[0])
+    k5 = k5.at[2:3, 2:3].add(dw1[0] + 1.0)
+    return k5, dw5[1] + dw3[1] + dw1[1]
 
 
 class ConvFeedForward(nn.Module):
@@ -330,6 +365,11 @@ class UDiT(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     attention_impl: str | None = None
+    # The blocks of a stage as one scanned block with stacked params (leading axis = depth):
+    # XLA compiles each stage's block once instead of once per block. Param tree
+    # {"encoder_level_2": {... [depth, ...]}} instead of {"encoder_level_2_0": ..., ...};
+    # stack_blocks / unstack_blocks convert, the official state_dict is the same.
+    scan_blocks: bool = False
 
     # ------------------------------------------------------------------ config
     @property
@@ -438,10 +478,15 @@ class UDiT(nn.Module):
                            attn_downsample=self.attn_downsample, attention_impl=self.attention_impl)
 
         def run_stage(i, h):
+            block_args = (self.stage_widths[i], self.num_heads, self.mlp_ratio, self.down_factors[i],
+                          self.ffn_type, self.rep, self.fused_ffn, attn_kwargs, dtype)
+            if self.scan_blocks and self.depth[i]:
+                scan = nn.scan(lambda block, h, c: (block(h, c), None), variable_axes={"params": 0},
+                               split_rngs={"params": True}, in_axes=nn.broadcast,
+                               length=self.depth[i], metadata_params={nn.PARTITION_NAME: None})
+                return scan(block_cls(*block_args, name=STAGES[i]), h, stage_cond[i])[0]
             for j in range(self.depth[i]):
-                h = block_cls(self.stage_widths[i], self.num_heads, self.mlp_ratio, self.down_factors[i],
-                              self.ffn_type, self.rep, self.fused_ffn, attn_kwargs, dtype,
-                              name=f"{STAGES[i]}_{j}")(h, stage_cond[i])
+                h = block_cls(*block_args, name=f"{STAGES[i]}_{j}")(h, stage_cond[i])
             return h
 
         def down(name, h, width):  # 3x3 conv to width/2, then pixel-unshuffle: 2*width at half size
@@ -548,12 +593,11 @@ def _fuse_one_ffn(p: dict) -> dict:
     def compose(first, second):
         wa, wb = jnp.asarray(first["kernel"][0, 0]), jnp.asarray(second["kernel"][0, 0])
         return {"kernel": mm(wa, wb)[None, None], "bias": mm(first["bias"], wb) + second["bias"]}
-    k5 = jnp.asarray(p["dwconv_0"]["kernel"])
-    k5 = k5.at[1:4, 1:4].add(p["dwconv_1"]["kernel"])
-    k5 = k5.at[2:3, 2:3].add(p["dwconv_2"]["kernel"] + 1.0)
+    k5, b5 = merge_depthwise_branches(*((p[f"dwconv_{i}"]["kernel"], p[f"dwconv_{i}"]["bias"])
+                                        for i in range(3)))
     return {
         "project_in": compose(p["project_in_0"], p["project_in_1"]),
-        "dwconv": {"kernel": k5, "bias": p["dwconv_0"]["bias"] + p["dwconv_1"]["bias"] + p["dwconv_2"]["bias"]},
+        "dwconv": {"kernel": k5, "bias": b5},
         "project_out": compose(p["project_out_0"], p["project_out_1"]),
     }
 
@@ -564,9 +608,36 @@ def fuse_ffn_params(params):
     Every re-parameterisable FFN is folded into one 1x1 -> GELU -> dw5x5 -> 1x1 chain; all
     other params are returned unchanged (the input is never modified). Unlike the official
     `model.eval()`, calling this any number of times on the same params gives the same result.
+    Stacked stages (scan_blocks) are fused block by block.
     """
     if isinstance(params, dict) or hasattr(params, "items"):
         if set(params.keys()) == _REP_FFN_KEYS:
             return _fuse_one_ffn(params)
-        return {k: fuse_ffn_params(v) for k, v in params.items()}
+        return {k: jax.vmap(fuse_ffn_params)(v) if k in STAGES else fuse_ffn_params(v)
+                for k, v in params.items()}
     return params
+
+
+# ----------------------------------------------------------------------------- scanned stages
+def stack_blocks(params, depth: Sequence[int]) -> dict:
+    """Params of the scan_blocks=True model from those of the unrolled one (same values).
+
+    {"<stage>_<j>": tree, ...} -> {"<stage>": tree with leaves stacked on a new axis 0}.
+    """
+    out = dict(params)
+    for stage, n in zip(STAGES, depth):
+        blocks = [out.pop(f"{stage}_{j}") for j in range(n)]
+        if blocks:
+            out[stage] = jax.tree.map(
+                lambda *xs: (np.stack if isinstance(xs[0], np.ndarray) else jnp.stack)(xs), *blocks)
+    return out
+
+
+def unstack_blocks(params, depth: Sequence[int]) -> dict:
+    """Inverse of stack_blocks: scanned params -> params of the unrolled model."""
+    out = dict(params)
+    for stage, n in zip(STAGES, depth):
+        if n:
+            stacked = out.pop(stage)
+            out.update({f"{stage}_{j}": jax.tree.map(lambda x: x[j], stacked) for j in range(n)})
+    return out

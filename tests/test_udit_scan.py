@@ -1,0 +1,106 @@
+"""U-DiT with scan_blocks=True (each stage's blocks scanned over stacked params) is the same
+model as the unrolled one: outputs, gradients, official state_dict, counts."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from udit_jax import convert
+from udit_jax.models import build_model, info
+from udit_jax.models.udit import fuse_ffn_params, stack_blocks, unstack_blocks
+
+DEPTH = (0, 2, 1, 0, 1)
+KWARGS = dict(input_size=8, in_channels=4, hidden_size=8, depth=DEPTH, num_heads=2,
+              mlp_ratio=2, num_classes=10, ffn_type="rep", rep=1, attn_type="v2",
+              posemb_type="rope2d", downsampler="dwconv5", down_shortcut=1)
+
+
+@pytest.fixture(scope="module")
+def models_and_params():
+    unrolled = build_model("U-DiT", **KWARGS)
+    scanned = build_model("U-DiT", **KWARGS, scan_blocks=True)
+    params = info.init_params(unrolled, jax.random.PRNGKey(0))
+    # Non-zero adaLN/final weights so every block changes the output.
+    noise = jax.jit(lambda ps: jax.tree.map(
+        lambda p: p + 0.02 * jax.random.normal(jax.random.PRNGKey(p.size), p.shape), ps))
+    params = noise(params)
+    return unrolled, scanned, params
+
+
+def apply(model, params, x, t, y):
+    """model.apply as one compiled program (op by op, a U-DiT takes minutes on a CPU)."""
+    return jax.jit(lambda p: model.apply({"params": p}, x, t, y))(params)
+
+
+def grads(model, params, x, t, y):
+    return jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x, t, y) ** 2)))(params)
+
+
+def inputs():
+    rng = np.random.default_rng(0)
+    return (jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32),
+            jnp.asarray([3, 700]) % 1000, jnp.asarray([1, 7]))
+
+
+def test_scanned_param_tree_is_the_stacked_unrolled_tree(models_and_params):
+    unrolled, scanned, params = models_and_params
+    shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)
+    got = info.abstract_params(scanned)
+    assert shapes(nn.unbox(got)) == shapes(stack_blocks(params, DEPTH))
+    assert set(got) >= {"encoder_level_2", "latent"} and "latent_0" not in got
+    assert info.model_info(scanned) == info.model_info(unrolled)
+    # The stacked axis is replicated (no logical name); the others keep theirs.
+    spec = info.logical_axes(scanned)["latent"]["attn1"]["to_qkv"]["kernel"]
+    assert tuple(spec) == (None, "embed", "mlp")
+
+
+def test_same_outputs_and_gradients_float32(models_and_params):
+    unrolled, scanned, params = models_and_params
+    stacked = stack_blocks(params, DEPTH)
+    x, t, y = inputs()
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(apply(scanned, stacked, x, t, y), apply(unrolled, params, x, t, y),
+                                   rtol=0, atol=1e-6)
+        g_u = grads(unrolled, params, x, t, y)
+        g_s = unstack_blocks(grads(scanned, stacked, x, t, y), DEPTH)
+    assert jax.tree.structure(g_s) == jax.tree.structure(g_u)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g_u))
+    for a, b in zip(jax.tree.leaves(g_s), jax.tree.leaves(g_u)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * max(1.0, scale))
+
+
+def test_remat_scanned_model_matches(models_and_params):
+    unrolled, _, params = models_and_params
+    remat = build_model("U-DiT", **KWARGS, scan_blocks=True, remat=True)
+    x, t, y = inputs()
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(apply(remat, stack_blocks(params, DEPTH), x, t, y),
+                                   apply(unrolled, params, x, t, y), rtol=0, atol=1e-6)
+
+
+def test_same_official_state_dict_both_ways(models_and_params):
+    unrolled, scanned, params = models_and_params
+    stacked = stack_blocks(jax.tree.map(np.asarray, params), DEPTH)
+    sd_u = convert.params_to_torch(unrolled, params)
+    sd_s = convert.params_to_torch(scanned, stacked)
+    assert sd_s.keys() == sd_u.keys() and "encoder_level_2.1.attn1.to_qkv.weight" in sd_s
+    for k in sd_u:
+        np.testing.assert_array_equal(sd_s[k], sd_u[k], err_msg=k)
+    back = convert.params_from_torch(scanned, sd_u)
+    assert jax.tree.structure(back) == jax.tree.structure(stacked)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(stacked)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fused_ffn_of_stacked_params(models_and_params):
+    unrolled, scanned, params = models_and_params
+    fused_s = jax.jit(fuse_ffn_params)(stack_blocks(params, DEPTH))
+    fused_u = stack_blocks(jax.jit(fuse_ffn_params)(params), DEPTH)
+    for a, b in zip(jax.tree.leaves(fused_s), jax.tree.leaves(fused_u)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    x, t, y = inputs()
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(apply(scanned.inference_form(), fused_s, x, t, y),
+                                   apply(unrolled, params, x, t, y), rtol=0, atol=1e-5)

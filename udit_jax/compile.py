@@ -1,0 +1,407 @@
+"""Compile the real train step for a TPU topology on any host: memory fit, compile time, cost.
+
+    python -m udit_jax.main --config=configs/udit_l.py --workdir=DIR --mode=compile \\
+        --config.compile.topology=v5p-256
+
+With libtpu installed (`pip install 'udit-jax[tpu]'`) the TPU compiler runs on a CPU host:
+`jax.experimental.topologies` describes the slice's devices, the mesh is built from them by
+the same `config.mesh` rules as training, and the train step (the real state shardings and
+global batch) is lowered and compiled to the TPU executable. Its memory analysis gives the
+HBM per chip, its cost analysis XLA's FLOP count and the cost model's step time. The report
+is printed and written to DIR/compile/<topology>.json; a program that does not fit raises
+`DoesNotFitError` after writing it (main prints one line, exit status non-zero).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+
+from udit_jax import config as config_lib
+from udit_jax import parallel
+from udit_jax import sampler as sampler_lib
+
+# Cloud TPU generation -> (libtpu's topology prefix, mesh dimensions, TensorCores per chip in
+# the accelerator-type name "<gen>-<N>"). v4/v5p names count TensorCores (v5p-8 = 4 chips), and
+# their chips are compiled as one megacore device; v5e/v6e names count chips.
+_GENERATIONS = {
+    "v4": ("v4", 3, 2),
+    "v5p": ("v5", 3, 2),
+    "v5e": ("v5e", 2, 1),
+    "v5litepod": ("v5e", 2, 1),
+    "v6e": ("v6e", 2, 1),
+}
+_KNOWN = "v4-8, v5p-128, v5e-16 / v5litepod-16, v6e-256, or a shape like v5p:4x4x8 / v5e:2x4"
+
+
+class TopologyError(ValueError):
+    """The topology name is not one we can compile for."""
+
+
+class DoesNotFitError(ValueError):
+    """The compiled program needs more HBM per chip than the chip has."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    name: str                  # as asked: "v5p-8" or "v5p:2x2x1"
+    generation: str            # "v4", "v5p", "v5e", "v6e"
+    shape: tuple[int, ...]     # chips along each torus/mesh dimension
+
+    @property
+    def chips(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def libtpu_name(self) -> str:
+        return f"{_GENERATIONS[self.generation][0]}:" + "x".join(map(str, self.shape))
+
+    @property
+    def megacore(self) -> bool:
+        return _GENERATIONS[self.generation][2] == 2
+
+    @property
+    def wraparound(self) -> tuple[bool, ...]:
+        """Torus links: full v4/v5p cubes from 4x4x4 up; v5e/v6e dimensions of 16 chips."""
+        if len(self.shape) == 3:
+            return (min(self.shape) >= 4,) * 3
+        return tuple(n == 16 for n in self.shape) + (False,)
+
+
+def _default_shape(chips: int, dims: int) -> tuple[int, ...]:
+    """The slice shape Cloud TPU gives `chips` (a power of two): 2-D a x b with a <= b; 3-D
+    from 2x2x1 by doubling the smallest, latest dimension (2x2x2, 2x2x4, 2x4x4, 4x4x4, ...)."""
+    k = int(math.log2(chips))
+    if dims == 2:
+        return (2 ** (k // 2), 2 ** (k - k // 2))
+    shape = [2, 2, 1]
+    for _ in range(k - 2):
+        i = max(j for j in range(3) if shape[j] == min(shape))
+        shape[i] *= 2
+    return tuple(shape)
+
+
+def parse_topology(name: str) -> Topology:
+    """A Topology from "v5p-128" / "v5litepod-16" (Cloud TPU accelerator types) or "v5p:4x4x8"."""
+    text = name.strip().lower()
+    if m := re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", text):
+        gen, count = m.group(1), int(m.group(2))
+        _, dims, cores = _GENERATIONS[gen]
+        chips = count // cores
+        if count % cores or chips < 1 or chips & (chips - 1) or (dims == 3 and chips < 4):
+            raise TopologyError(
+                f"compile.topology={name!r}: {gen}-N needs N = {cores} x a power of two"
+                + (" of at least 4 chips" if dims == 3 else "")
+                + f"; for other slice shapes give them, e.g. {gen}:{'4x4x12' if dims == 3 else '4x8'}")
+        return Topology(name, "v5e" if gen == "v5litepod" else gen, _default_shape(chips, dims))
+    if m := re.fullmatch(r"(v4|v5p|v5|v5e|v5litepod|v6e):(\d+(?:x\d+)*)", text):
+        gen = {"v5": "v5p", "v5litepod": "v5e"}.get(m.group(1), m.group(1))
+        shape = tuple(int(n) for n in m.group(2).split("x"))
+        dims = _GENERATIONS[gen][1]
+        if len(shape) != dims or min(shape) < 1:
+            raise TopologyError(f"compile.topology={name!r}: {gen} slices have {dims} dimensions "
+                                f"(e.g. {gen}:{'2x2x1' if dims == 3 else '2x2'})")
+        return Topology(name, gen, shape)
+    raise TopologyError(f"compile.topology={name!r} is not a TPU topology we know; use {_KNOWN}")
+
+
+def topology_devices(topology: Topology, num_slices: int = 1) -> list:
+    """Compile-only TPU devices of `num_slices` copies of `topology` (needs libtpu, no TPU)."""
+    # No cloud metadata look-up on a host that is not a TPU VM; other processes (CPU jobs
+    # that loaded libtpu on import) may hold libtpu's lock file, which compiling does not need.
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        import libtpu  # noqa: F401 - only to give a clear message when it is missing
+    except ImportError as e:
+        raise TopologyError("--mode=compile needs the TPU compiler: pip install 'udit-jax[tpu]' "
+                            "(libtpu for this jax)") from e
+    from jax.experimental import topologies
+    bounds = (1, 1, 1) if topology.chips == 1 else (2, 2, 1)
+    try:
+        desc = topologies.get_topology_desc(
+            platform="tpu", topology_name=topology.libtpu_name,
+            chip_config_name="megacore" if topology.megacore else "default",
+            chips_per_host_bounds=bounds, num_slices=num_slices, wrap=topology.wraparound)
+    except jax.errors.JaxRuntimeError as e:
+        raise TopologyError(f"compile.topology={topology.name!r} ({topology.libtpu_name}, "
+                            f"{num_slices} slice(s)): libtpu refused it: {e}") from e
+    return list(desc.devices)
+
+
+# ----------------------------------------------------------------------------------------
+# What the compiled program says.
+
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
+                "ragged-all-to-all")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(.+?)\s+(" + "|".join(_COLLECTIVES)
+                          + r")(-start)?\(", re.MULTILINE)
+_ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+
+
+def _shape_bytes(shape_text: str) -> list[int]:
+    return [_DTYPE_BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d)
+            for dt, dims in _ARRAY.findall(shape_text)]
+
+
+def collectives(hlo_text: str) -> list[dict[str, Any]]:
+    """[{kind, count, bytes}] of the collectives in optimised HLO text, by kind.
+
+    bytes: their results per chip per call (all operands of a combined collective; the output
+    buffer of an async all-gather / collective-permute start, whose result also holds the input).
+    Collectives inside loops are counted once, as written.
+    """
+    totals: dict[str, list[int]] = {}
+    for shape_text, kind, start in _INSTRUCTION.findall(hlo_text):
+        sizes = _shape_bytes(shape_text)
+        if start and kind in ("all-gather", "collective-permute") and len(sizes) >= 2:
+            sizes = sizes[1:2]
+        entry = totals.setdefault(kind, [0, 0])
+        entry[0] += 1
+        entry[1] += sum(sizes)
+    return [{"kind": k, "count": c, "bytes": b} for k, (c, b) in sorted(totals.items())]
+
+
+def _cost(compiled) -> dict[str, float]:
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+
+
+# XLA:TPU's out-of-memory errors: "... HLO temporaries (53.70G) exceeds available HBM (15.75G)"
+# and "Ran out of memory in memory space hbm. Used 20.5G of 15.75G hbm".
+_OOM = (re.compile(r"\(([\d.]+)([KMGT]?)\)\s+exceeds available HBM\s+\(([\d.]+)([KMGT]?)\)"),
+        re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm", re.IGNORECASE))
+
+
+def _oom_bytes(message: str) -> tuple[int, int] | None:
+    """(needed, capacity) bytes from XLA:TPU's out-of-memory message; None for other errors."""
+    for pattern in _OOM:
+        if m := pattern.search(message):
+            scale = lambda unit: 1024 ** " KMGT".index(unit.upper() or " ")
+            return (int(float(m.group(1)) * scale(m.group(2))),
+                    int(float(m.group(3)) * scale(m.group(4))))
+    return None
+
+
+# ----------------------------------------------------------------------------------------
+# The job.
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
+                        shardings)
+
+
+def _with(config, **fields):
+    """A copy of config with top-level fields replaced."""
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        for k, v in fields.items():
+            config[k] = v
+    return config
+
+
+def _train_program(config, model, mesh):
+    """(jitted train step, abstract args, images per call, model FLOPs per step, steps per
+    call = 1)."""
+    from udit_jax import train
+    tx, schedule = config_lib.make_optimizer(config.optimizer)
+    abstract, shardings = train.state_shardings(model, tx, config.seed, mesh, config.mesh.rules)
+    # The real batch's fields and dtypes (a one-row draw), at the global batch size.
+    one = next(train.SyntheticBatches(_with(config, batch_size=1), 0, 1))
+    example = {k: np.broadcast_to(v, (config.batch_size,) + v.shape[1:]) for k, v in one.items()}
+    step = train.make_train_step(model, config_lib.make_objective(config), tx, schedule, config,
+                                 mesh)
+    jitted = train.jit_train_step(step, shardings, mesh, example)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                     sharding=parallel.batch_sharding(mesh, np.ndim(v)))
+             for k, v in example.items()}
+    # The papers' count: backward = 2 x forward, 2 FLOPs per multiply-accumulate.
+    flops = 3 * 2 * model.count_macs() * config.batch_size
+    return jitted, (_abstract(abstract, shardings), batch), config.batch_size, flops, 1
+
+
+def _sample_program(config, model, mesh):
+    """One sampling batch of a sampling job (config.sample: sampler, steps, cfg_scale,
+    per_device_batch), without the VAE decode of latent models: (jitted sampler, abstract
+    args, images per call, model FLOPs per denoising step, denoising steps per call)."""
+    from udit_jax import train
+    settings = config_lib.sampling(config, "sample")
+    diffusion = config_lib.make_diffusion(config, settings["steps"])
+    fn = sampler_lib.make_batch_sampler(model, diffusion, sampler=settings["sampler"],
+                                        cfg_scale=settings["cfg_scale"], mesh=mesh,
+                                        clip_denoised=not config_lib.is_latent(config))
+    s = config.sample
+    tx, _ = config_lib.make_optimizer(config.optimizer)
+    abstract, shardings = train.state_shardings(model, tx, config.seed, mesh, config.mesh.rules)
+    n = s.per_device_batch * mesh.size
+    rows = parallel.batch_sharding(mesh, 1)
+    args = (_abstract(abstract.ema_params, shardings.ema_params), None,
+            jax.ShapeDtypeStruct((2,), np.uint32, sharding=parallel.replicated(mesh)),
+            jax.ShapeDtypeStruct((n,), np.int32, sharding=rows),
+            jax.ShapeDtypeStruct((n,), np.int32, sharding=rows))
+    # XLA counts a loop body once: FLOPs and the cost model's time are per denoising step.
+    model_batch = n * (2 if settings["cfg_scale"] > 1 else 1)
+    # The sampler runs the inference form (fused FFNs): count its MACs.
+    return fn, args, n, 2 * model.inference_form().count_macs() * model_batch, diffusion.num_timesteps
+
+
+def _check(config, chips: int) -> None:
+    c = config.compile
+    if c.what not in ("train", "sample"):
+        raise ValueError(f"compile.what={c.what!r}; use 'train' or 'sample'")
+    if c.num_slices < 1:
+        raise ValueError(f"compile.num_slices={c.num_slices} must be at least 1")
+    accum = config.optimizer.grad_accum_steps
+    if c.what == "train" and (config.batch_size % accum or (config.batch_size // accum) % chips):
+        raise ValueError(f"batch_size={config.batch_size} (grad_accum_steps={accum}) does not "
+                         f"split over the {chips} chips; use a multiple of {chips * accum}")
+
+
+def compile_report(config) -> dict[str, Any]:
+    """Compiles config.compile.what for config.compile.topology; returns the report (see
+    module docstring). Raises TopologyError / ValueError before compiling when the request
+    cannot be compiled; a program over the HBM capacity gives a report with fits=False."""
+    c = config.compile
+    if not c.topology:
+        raise TopologyError(f"set --config.compile.topology (e.g. v5p-8); known forms: {_KNOWN}")
+    topology = parse_topology(c.topology)
+    devices = topology_devices(topology, c.num_slices)
+    chips = len(devices)
+    _check(config, chips)
+    mesh = parallel.mesh_from_config(config.mesh, devices)
+    model = config_lib.build_model(config)
+    kind = devices[0].device_kind
+    peak_tflops, capacity = parallel.device_facts(kind) or (None, None)
+    report: dict[str, Any] = {
+        "topology": c.topology, "libtpu_topology": topology.libtpu_name,
+        "num_slices": c.num_slices, "chips": chips, "device_kind": kind, "what": c.what,
+        "model": config.model.name, "dtype": config.model.dtype, "remat": bool(config.model.remat),
+        "mesh": dict(mesh.shape), "mesh_rules": config.mesh.rules
+        if isinstance(config.mesh.rules, str) else [list(r) for r in config.mesh.rules],
+    }
+    build = _train_program if c.what == "train" else _sample_program
+    start, cpu_start = time.perf_counter(), time.process_time()
+    fn, args, images, model_flops, steps = build(config, model, mesh)
+    report["global_batch"] = images
+    report["steps_per_call"] = steps
+    lowered = fn.lower(*args)
+    report["lowering_seconds"] = time.perf_counter() - start
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        needed = _oom_bytes(str(e))
+        if needed is None:
+            raise
+        compiled = None  # the compiler stops at the first buffer assignment over capacity
+        report["hbm_bytes_per_chip"] = {"total": needed[0]}
+        report["compile_error"] = str(e).splitlines()[0]
+        capacity = needed[1]
+    report["compile_seconds"] = time.perf_counter() - start
+    report["compile_cpu_seconds"] = time.process_time() - cpu_start
+    report["hbm_capacity_bytes"] = capacity
+    if compiled is not None:
+        m = compiled.memory_analysis()
+        hbm = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+               "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+               "code": m.generated_code_size_in_bytes}
+        # Donated arguments alias outputs: count those buffers once.
+        hbm["total"] = (hbm["arguments"] + hbm["outputs"] - hbm["aliased"] + hbm["temporaries"]
+                        + hbm["code"])
+        report["hbm_bytes_per_chip"] = hbm
+    total = report["hbm_bytes_per_chip"]["total"]
+    report["fits"] = capacity is None or total <= capacity
+    report["headroom"] = None if capacity is None else 1.0 - total / capacity
+    report["model_flops_per_chip"] = model_flops / chips
+    if compiled is None:
+        return report
+    cost = _cost(compiled)
+    seconds = cost.get("optimal_seconds")
+    seconds = float(seconds) if seconds is not None and seconds > 0 else None
+    report["xla_flops_per_chip"] = float(cost.get("flops", 0.0))
+    report["xla_bytes_accessed_per_chip"] = float(cost.get("bytes accessed", 0.0))
+    report["estimated_step_seconds"] = seconds
+    report["estimated_images_per_second_per_chip"] = (images / chips / (seconds * steps)
+                                                      if seconds else None)
+    report["estimated_mfu"] = (model_flops / chips / (seconds * peak_tflops * 1e12)
+                               if seconds and peak_tflops else None)
+    report["collectives"] = collectives(compiled.as_text())
+    return report
+
+
+def _gib(n: int | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The human-readable table of a report."""
+    hbm = r["hbm_bytes_per_chip"]
+    lines = [
+        f"{r['what']} step of {r['model']} ({r['dtype']}{', remat' if r['remat'] else ''}) "
+        f"on {r['topology']} ({r['libtpu_topology']}, {r['chips']} x {r['device_kind']})",
+        f"  mesh {r['mesh']} rules {r['mesh_rules']}; global batch {r['global_batch']} "
+        f"({r['global_batch'] / r['chips']:g} per chip)",
+        "  HBM per chip   " + ", ".join(f"{k} {_gib(v)}" for k, v in hbm.items())
+        + f" of {_gib(r['hbm_capacity_bytes'])}: "
+        + (("fits" if r["fits"] else "DOES NOT FIT")
+           + ("" if r["headroom"] is None else f", headroom {100 * r['headroom']:.1f}%")),
+        f"  compile        {r['compile_seconds']:.1f} s (lowering {r['lowering_seconds']:.1f} s, "
+        f"{r['compile_cpu_seconds']:.1f} CPU-s)",
+        f"  model FLOPs    {r['model_flops_per_chip']:.3e} per chip per step",
+    ]
+    if "xla_flops_per_chip" in r:
+        lines.append(f"  XLA FLOPs      {r['xla_flops_per_chip']:.3e} per chip per step "
+                     f"({r['xla_bytes_accessed_per_chip']:.3e} bytes accessed)")
+        if r["estimated_step_seconds"]:
+            lines.append(f"  cost model     {1e3 * r['estimated_step_seconds']:.2f} ms per step, "
+                         f"{r['estimated_images_per_second_per_chip']:.1f} img/s per chip"
+                         + (f", MFU {100 * r['estimated_mfu']:.1f}%" if r["estimated_mfu"] else ""))
+        for c in r["collectives"]:
+            lines.append(f"  collective     {c['kind']}: {c['count']} x, {c['bytes'] / 2**20:.1f} MiB")
+    return "\n".join(lines)
+
+
+def does_not_fit_message(r: dict[str, Any]) -> str:
+    per_chip = r["global_batch"] / r["chips"]
+    at_least = "at least " if "compile_error" in r else ""  # the compiler stopped early
+    return (f"{r['model']} {r['what']} step on {r['topology']} needs {at_least}"
+            f"{_gib(r['hbm_bytes_per_chip']['total'])} of HBM per chip but a "
+            f"{r['device_kind']} has {_gib(r['hbm_capacity_bytes'])} (global batch "
+            f"{r['global_batch']}, {per_chip:g} per chip, mesh {r['mesh']}); try "
+            "--config.mesh.rules=fsdp with --config.mesh.fsdp=<chips> (shards params and "
+            "optimizer state), --config.model.remat=True (fewer activations), a smaller "
+            "per-chip batch (--config.batch_size, or --config.optimizer.grad_accum_steps), "
+            "or more chips")
+
+
+def report_path(workdir, config) -> epath.Path:
+    c = config.compile
+    name = c.topology + (f"x{c.num_slices}" if c.num_slices > 1 else "")
+    name += "" if c.what == "train" else f".{c.what}"
+    return epath.Path(workdir) / "compile" / f"{name}.json"
+
+
+def compile_from_config(config, workdir: str) -> dict[str, Any]:
+    """`--mode=compile`: prints the report, writes DIR/compile/<topology>.json; raises
+    DoesNotFitError (after writing) when the program needs more HBM than a chip has."""
+    report = compile_report(config)
+    path = report_path(workdir, config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    print(format_report(report), flush=True)
+    print(f"  report         {path}", flush=True)
+    if not report["fits"]:
+        raise DoesNotFitError(does_not_fit_message(report))
+    return report
