@@ -237,10 +237,13 @@ def _sample_program(config, model, mesh):
     args, images per call, model FLOPs per denoising step, denoising steps per call)."""
     from udit_jax import train
     settings = config_lib.sampling(config, "sample")
-    diffusion = config_lib.make_diffusion(config, settings["steps"])
-    fn = sampler_lib.make_batch_sampler(model, diffusion, sampler=settings["sampler"],
-                                        cfg_scale=settings["cfg_scale"], mesh=mesh,
+    process = config_lib.sampling_process(config, settings)
+    fn = sampler_lib.make_batch_sampler(model, process, sampler=settings["sampler"],
+                                        cfg_scale=settings["cfg_scale"],
+                                        guidance_interval=settings["guidance_interval"], mesh=mesh,
                                         clip_denoised=not config_lib.is_latent(config))
+    # Loop steps: the respaced diffusion's, or the transport grid's intervals.
+    steps = process.num_steps - 1 if config.objective == "transport" else process.num_timesteps
     s = config.sample
     tx, _ = config_lib.make_optimizer(config.optimizer)
     abstract, shardings = train.state_shardings(model, tx, config.seed, mesh, config.mesh.rules)
@@ -253,7 +256,7 @@ def _sample_program(config, model, mesh):
     # XLA counts a loop body once: FLOPs and the cost model's time are per denoising step.
     model_batch = n * (2 if settings["cfg_scale"] > 1 else 1)
     # The sampler runs the inference form (fused FFNs): count its MACs.
-    return fn, args, n, 2 * model.inference_form().count_macs() * model_batch, diffusion.num_timesteps
+    return fn, args, n, 2 * model.inference_form().count_macs() * model_batch, steps
 
 
 def _check(config, chips: int) -> None:
