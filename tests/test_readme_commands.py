@@ -452,10 +452,10 @@ def test_demo_command_checkpoints_and_resumes_with_a_relative_workdir(scratch):
     again continues from it."""
     demo = next(c for c in COMMANDS if re.search(RECIPES[0].pattern, c.text))
     first = run_documented(scratch, demo)
-    assert "starting from scratch in " + str(scratch / "runs" / "demo") in first.stdout
+    assert "no checkpoint in " + str(scratch / "runs" / "demo" / "checkpoints") in first.stdout
     resumed = run(scratch, demo.argv + list(RECIPES[0].overrides) + ["--config.total_steps=7"])
     assert resumed.returncode == 0, resumed.stdout[-8000:]
-    assert "resumed from the checkpoint at step 5" in resumed.stdout, resumed.stdout[-4000:]
+    assert "restored the checkpoint at step 5" in resumed.stdout, resumed.stdout[-4000:]
     assert (scratch / "runs" / "demo" / "checkpoints" / "7").is_dir()
     config = json.loads((scratch / "runs" / "demo" / "config.json").read_text())
     assert config["data"]["dir"] == str(scratch / "fashion-mnist")   # resolved once, absolute
