@@ -10,6 +10,7 @@ export, sample, evaluate) read what a config means from here, never from each ot
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax.numpy as jnp
@@ -95,11 +96,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True
 
     c.sample = ml_collections.ConfigDict()
-    c.sample.classes = [88, 207, 279, 360, 387, 388, 417, 980]  # rows of the preview grid
+    # Rows of the preview grid. A tuple, so the command line can override it
+    # (--config.sample.classes=0,1,2); configs may assign lists (stored as tuples).
+    c.sample.classes = (88, 207, 279, 360, 387, 388, 417, 980)
     c.sample.per_class = 8
     c.sample.sampler = "ddpm"         # "ddpm", "ddim" or "dpm" (DPM-Solver++, ~20 steps)
     c.sample.steps = "250"            # timestep respacing of the preview sampler
-    c.sample.cfg_scale = 4.0
+    c.sample.cfg_scale = 4.0          # guidance above 1 only (official); < 0 is refused
     c.sample.seed = 0                 # fixed noise: grids are comparable across steps
     # Sampling jobs (--mode=sample, udit_jax.sample) from an export.
     c.sample.num_images = 0           # 0: the class grid (classes x per_class); N: N random classes
@@ -122,21 +125,26 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.inception_weights = ""     # pytorch-fid Inception weights
     c.eval.sample_npz = ""            # --mode=evaluate: the samples to score
     c.eval.output_json = ""           # --mode=evaluate: "" = <workdir>/eval/<sample>.json
-    c.eval.num_samples = 5000         # in-loop samples
+    c.eval.in_loop_num_samples = 5000  # samples per in-loop evaluation (FID-5K)
     c.eval.sample_batch = 256
     c.eval.batch_size = 256           # Inception batch
     c.eval.is_split_size = 5000
     c.eval.preprocess = "adm"
     c.eval.fid_method = "sqrtm"
     c.eval.pr_distance = "float16"
-    c.eval.dtype = "float32"
+    c.eval.inception_dtype = "float32"  # Inception compute; bfloat16 is faster, approximate
     c.eval.seed = 0
-    # --mode=evaluate of an export (when sample_npz is ""): sample num_samples images first;
-    # sampler/steps/cfg_scale "" or None fall back to config.sample's values.
+    # --mode=evaluate of an export (when sample_npz is ""): the papers' protocol by default,
+    # 50,000 samples of random classes, DDPM with 250 respaced steps, float32 sampling whatever
+    # the training dtype, and the guidance of the paper table the config reproduces (named in
+    # its docstring; U-DiT's and DiT's 400K tables are without guidance: cfg_scale 1).
+    c.eval.num_samples = 50_000
     c.eval.export_dir = ""            # "" = <workdir>/export
-    c.eval.sampler = ""
-    c.eval.steps = ""
-    c.eval.cfg_scale = ml_collections.config_dict.placeholder(float)
+    c.eval.sampler = "ddpm"
+    c.eval.steps = "250"
+    c.eval.cfg_scale = 1.0            # > 1: classifier-free guidance (DiT-XL/2's FID 2.27: 1.5)
+    c.eval.guide_all_channels = False  # False: guide the first 3 channels, as officially
+    c.eval.dtype = "float32"          # sampling compute dtype
     # --mode=evaluate writing reference statistics of config.data instead of scoring.
     c.eval.write_reference_to = ""
     c.eval.reference_max_images = 0  # 0 = every image
@@ -216,3 +224,69 @@ def make_diffusion(config):
     return diffusion.create_diffusion("", noise_schedule=config.diffusion.noise_schedule,
                                       learn_sigma=config.diffusion.learn_sigma,
                                       diffusion_steps=config.diffusion.diffusion_steps)
+
+
+# ========================================================================================
+# Value checks: what a config's numbers must satisfy, checked before anything is built.
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _field(config, field: str):
+    for part in field.split("."):
+        config = config[part]
+    return config
+
+
+def check_values(config) -> None:
+    """Raises ValueError naming the first field whose value no job can use.
+
+    Pure and cheap (no files, no devices): sizes and counts positive, seeds non-negative,
+    the learning rate positive and finite, warmup and guidance non-negative, dtypes known.
+    Guidance scales from 0 to 1 are allowed and mean no guidance (the official scripts guide
+    only above 1).
+    """
+    def need(ok: bool, field: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"{field}={_field(config, field)!r}: {what}")
+
+    def positive_int(field: str) -> None:
+        value = _field(config, field)
+        need(isinstance(value, int) and value > 0, field, "must be a positive integer")
+
+    def non_negative(field: str, what: str) -> None:
+        value = _field(config, field)
+        need(_finite(value) and value >= 0, field, what)
+
+    for field in ("data.image_size", "data.channels", "data.num_classes",
+                  "diffusion.diffusion_steps", "sample.per_class", "eval.num_samples",
+                  "eval.in_loop_num_samples"):
+        positive_int(field)
+    for field in ("seed", "sample.seed", "eval.seed"):
+        value = _field(config, field)
+        need(isinstance(value, int) and value >= 0, field, "seeds are non-negative integers")
+    opt = config.optimizer
+    need(_finite(opt.learning_rate) and opt.learning_rate > 0, "optimizer.learning_rate",
+         "must be a positive finite number (the official recipe: 1e-4)")
+    need(isinstance(opt.warmup_steps, int) and opt.warmup_steps >= 0, "optimizer.warmup_steps",
+         "must be a non-negative integer (0: constant learning rate)")
+    non_negative("optimizer.weight_decay", "must be a non-negative finite number")
+    non_negative("optimizer.grad_clip_norm", "must be a non-negative finite number (0: off)")
+    need(_finite(opt.eps) and opt.eps > 0, "optimizer.eps", "must be a positive finite number")
+    for field in ("optimizer.b1", "optimizer.b2"):
+        need(_finite(_field(config, field)) and 0 <= _field(config, field) < 1, field,
+             "must be in [0, 1)")
+    for field in ("model.dtype", "eval.dtype"):
+        need(_field(config, field) in _DTYPES, field, f"use one of {_DTYPES}")
+    for field in ("sample.cfg_scale", "eval.cfg_scale"):
+        non_negative(field, "guidance scales are finite and >= 0 (up to 1: no guidance; the "
+                            "papers guide with 1.5 or 4)")
+    for name, value in config.model.kwargs.items():
+        if name in ("input_size", "in_channels", "num_classes", "hidden_size", "patch_size",
+                    "num_heads"):
+            need(isinstance(value, int) and value > 0, f"model.kwargs.{name}",
+                 "must be a positive integer")

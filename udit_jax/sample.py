@@ -107,9 +107,16 @@ def guided_model_fn(model, params, cfg_scale: float) -> Callable:
     return model_fn
 
 
+def _check_cfg_scale(cfg_scale: float) -> None:
+    if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
+        raise ValueError(f"cfg_scale={cfg_scale} must be finite and >= 0 (up to 1: no guidance; "
+                         "the papers guide with 1.5 or 4)")
+
+
 def check_settings(model, sampler: str, cfg_scale: float) -> None:
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r}; use one of {SAMPLERS}")
+    _check_cfg_scale(cfg_scale)
     if cfg_scale > 1.0 and not model.class_dropout_prob > 0:
         raise ValueError(f"cfg_scale={cfg_scale} needs the unconditional (null class) embedding, "
                          "which models trained with class_dropout_prob=0 lack; use cfg_scale=1")
@@ -351,8 +358,11 @@ def merge_parts(out_dir: epath.Path, num_images: int, grid_columns: int) -> tupl
 # ----------------------------------------------------------------------------------------
 # Jobs.
 
-_SPEC_KEYS = ("export_created", "export_config_hash", "seed", "sampler", "steps", "cfg_scale",
-              "guide_all_channels", "num_images", "labels")
+# Everything that changes a job's images: a job directory holding another job's images is
+# refused, never topped up (two VAEs' or two dtypes' images never mix in one samples.npz).
+_SPEC_KEYS = ("export_created", "export_config_hash", "export_weights_sha256",
+              "vae_weights_sha256", "dtype", "seed", "sampler", "steps", "cfg_scale",
+              "guide_all_channels", "cfg_channels", "num_images", "labels")
 
 
 def _check_spec(path: epath.Path, spec: dict) -> None:
@@ -365,34 +375,56 @@ def _check_spec(path: epath.Path, spec: dict) -> None:
                          f"{', '.join(differs)}): use another out_dir, or delete that one to start over")
 
 
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's bytes (cached per path, size and modification time)."""
+    import hashlib
+    digest = hashlib.sha256()
+    with epath.Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _weights_sha256(path: str) -> str:
+    stat = epath.Path(path).stat()
+    return _file_sha256(str(path), stat.length, int(stat.mtime * 1e9))
+
+
 def _vae_arguments(info: dict) -> dict:
     arguments = dict(info["vae"].get("arguments") or {})
     arguments["scaling_factor"] = info["data"]["latent_scale"]
     return arguments
 
 
-def _load_vae_params(info: dict, weights: str | None, mesh):
-    from udit_jax import models, parallel
-    from udit_jax.convert.vae import load_vae_params
+def _vae_weights_file(info: dict, weights: str | None) -> str:
+    """The SD VAE weights a latent job decodes with: `weights`, else the export's record."""
     weights = weights or info["vae"].get("weights")
     if not weights:
         raise ValueError("this is a latent-space model: set the SD VAE weights (config.vae.weights, "
                          "or vae_weights=), e.g. sd-vae-ft-ema's diffusion_pytorch_model.safetensors")
-    if not epath.Path(weights).exists():
+    if not epath.Path(weights).is_file():
         raise FileNotFoundError(f"VAE weights not found: {weights}; set config.vae.weights "
                                 "(vae_weights=) to the SD VAE weights file")
+    return str(weights)
+
+
+def _load_vae_params(info: dict, weights: str, mesh):
+    from udit_jax import models, parallel
+    from udit_jax.convert.vae import load_vae_params
     vae = models.build_vae(**_vae_arguments(info))
     return jax.device_put(load_vae_params(vae, weights), parallel.replicated(mesh))
 
 
 @functools.lru_cache(maxsize=8)
 def _job_sampler(model_json: str, guide_all_channels: bool, diffusion_json: str, steps: str,
-                 sampler: str, cfg_scale: float, vae_json: str | None, mesh) -> Callable:
+                 sampler: str, cfg_scale: float, vae_json: str | None, mesh,
+                 dtype: str | None = None) -> Callable:
     """The batch sampler of a job, kept across jobs with the same settings in one process
     (a resumed or repeated job does not compile again)."""
     from udit_jax import diffusion as diffusion_lib
     from udit_jax import export, models
-    model = export.model_from_description(json.loads(model_json))
+    model = export.model_from_description(json.loads(model_json), dtype)
     if guide_all_channels:
         model = model.clone(cfg_channels=None)
     diffusion = diffusion_lib.create_diffusion(steps, **json.loads(diffusion_json))
@@ -406,14 +438,16 @@ def run_sampling_job(export_dir, out_dir, *, num_images: int | None = None,
                      sampler: str = "ddpm", steps: str | None = None, cfg_scale: float = 1.0,
                      guide_all_channels: bool = False, per_device_batch: int = 32,
                      write_png: bool = True, vae_weights: str | None = None,
-                     max_batches: int | None = None, mesh=None) -> dict[str, Any]:
+                     max_batches: int | None = None, mesh=None,
+                     dtype: str | None = None) -> dict[str, Any]:
     """Samples a job's images into out_dir, resuming whatever an earlier run left there.
 
     Either `classes` (each repeated per_class times: a grid with one row per class) or
     `num_images` with uniformly random classes drawn from the seed. steps: the timestep
     respacing ("250", "ddim50", "20"; default per sampler). Every process calls this; each
     writes the images its devices made. max_batches: stop after that many batches (the
-    rest is sampled by the next run). Returns {"out_dir", "num_images", "finished",
+    rest is sampled by the next run). dtype: the model's compute dtype (default: the export's,
+    i.e. the training dtype; evaluation samples in float32). Returns {"out_dir", "num_images", "finished",
     "npz", "grid"} (npz and grid are None until every image is done).
     """
     from udit_jax import diffusion as diffusion_lib
@@ -436,23 +470,36 @@ def run_sampling_job(export_dir, out_dir, *, num_images: int | None = None,
     else:
         labels = random_labels(seed, num_images, num_classes)
     _check_labels(labels, num_classes)
+    _check_cfg_scale(cfg_scale)
+    if cfg_scale <= 1.0 and jax.process_index() == 0:
+        from absl import logging
+        logging.info("cfg_scale=%g: no classifier-free guidance is applied (the official scripts "
+                     "guide only above 1)", cfg_scale)
+    latent = info["data"]["space"] == "latent"
+    vae_weights = _vae_weights_file(info, vae_weights) if latent else None
+    dtype = str(jnp.dtype(dtype or info["model"]["dtype"]))
+    guided = info["model"]["kwargs"].get("cfg_channels", 3)
     spec = {"export_dir": str(export_dir), "export_created": info["metadata"].get("created"),
-            "export_config_hash": info["metadata"].get("config_hash"), "seed": int(seed),
-            "sampler": sampler, "steps": steps, "cfg_scale": float(cfg_scale),
-            "guide_all_channels": bool(guide_all_channels), "num_images": int(num_images),
+            "export_config_hash": info["metadata"].get("config_hash"),
+            "export_weights_sha256": info["metadata"].get("weights_sha256"),
+            "vae_weights_sha256": _weights_sha256(vae_weights) if latent else None,
+            "dtype": dtype, "seed": int(seed), "sampler": sampler, "steps": steps,
+            "cfg_scale": float(cfg_scale), "guide_all_channels": bool(guide_all_channels),
+            "cfg_channels": None if guide_all_channels or cfg_scale <= 1 else guided,
+            "num_images": int(num_images),
             "labels": "random" if classes is None else {"classes": classes, "per_class": per_class}}
     diffusion_lib.create_diffusion(steps, **info["diffusion"])   # a bad `steps` fails here
     out_dir = epath.Path(out_dir)
     _check_spec(out_dir / "job.json", spec)
     mesh = parallel.make_mesh() if mesh is None else mesh
-    latent = info["data"]["space"] == "latent"
     vae_params = _load_vae_params(info, vae_weights, mesh) if latent else None
-    model, params, _ = export.load_export(export_dir, mesh=mesh)
+    model, params, _ = export.load_export(export_dir, mesh=mesh, dtype=dtype)
     check_settings(model, sampler, cfg_scale)
     _, params = inference_model(model, params)
     fn = _job_sampler(json.dumps(info["model"], sort_keys=True), bool(guide_all_channels),
                       json.dumps(info["diffusion"], sort_keys=True), steps, sampler,
-                      float(cfg_scale), json.dumps(_vae_arguments(info)) if latent else None, mesh)
+                      float(cfg_scale), json.dumps(_vae_arguments(info)) if latent else None, mesh,
+                      dtype)
 
     parts_dir = out_dir / "parts"
     if jax.process_index() == 0:

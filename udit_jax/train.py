@@ -47,6 +47,7 @@ def check_workdir(workdir: epath.Path) -> None:
 
 def validate(config, workdir: epath.Path):
     """Raises ValueError for a config that cannot run here; returns the model."""
+    config_lib.check_values(config)
     n_dev, n_proc = jax.device_count(), jax.process_count()
     b, accum = config.batch_size, config.optimizer.grad_accum_steps
     if b <= 0 or accum <= 0 or b % accum:
@@ -76,11 +77,17 @@ def validate(config, workdir: epath.Path):
     bad = [c for c in config.sample.classes if not 0 <= c < config.data.num_classes]
     if config.sample_every_steps and bad:
         raise ValueError(f"sample.classes {bad} are outside [0, {config.data.num_classes})")
-    if config.sample_every_steps and config.sample.cfg_scale > 1 and not model.class_dropout_prob:
+    samples = config.sample_every_steps or config.eval_every_steps
+    if samples and config.sample.cfg_scale > 1 and not model.class_dropout_prob:
         raise ValueError("sample.cfg_scale > 1 needs the null-class embedding, which a model with "
                          "class_dropout_prob=0 does not have; set sample.cfg_scale=1")
+    if samples and config.sample.cfg_scale < 1:
+        logging.info("sample.cfg_scale=%g: no classifier-free guidance is applied (guidance "
+                     "starts above 1, as in the official scripts)", config.sample.cfg_scale)
     if config.eval_every_steps:
         _evaluation_hook()
+        from udit_jax.evaluation.in_training import check_requirements
+        check_requirements(config)
     check_workdir(workdir)
     return model
 

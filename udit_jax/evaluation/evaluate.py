@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from udit_jax import config as config_lib
 from udit_jax import parallel
 from udit_jax.evaluation import metrics as M
 from udit_jax.evaluation import reference as R
@@ -142,8 +143,17 @@ class Evaluator:
         return out
 
 
+def metric_names(count: int) -> dict[str, str]:
+    """{"fid": "FID-50K", "sfid": "sFID-50K", "inception_score": "IS-50K"} for `count`
+    samples: a number is reported with the count it was computed on (FID-5K is not FID-50K)."""
+    tag = f"{count // 1000}K" if count % 1000 == 0 else str(count)
+    return {"fid": f"FID-{tag}", "sfid": f"sFID-{tag}", "inception_score": f"IS-{tag}"}
+
+
 def format_table(metrics: dict) -> str:
-    rows = [(name, metrics.get(name)) for name in METRIC_NAMES]
+    """The metrics as a table; FID, sFID and IS named with metrics["num_samples"] when given."""
+    names = metric_names(metrics["num_samples"]) if metrics.get("num_samples") else {}
+    rows = [(names.get(name, name), metrics.get(name)) for name in METRIC_NAMES]
     width = max(len(n) for n, _ in rows)
     lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  ---------"]
     lines += [f"{n.ljust(width)}  {'-' if v is None else f'{v:.4f}'}" for n, v in rows]
@@ -175,7 +185,7 @@ def evaluate_npz(sample_path, reference_path, inception_weights, *, preprocess: 
                                            sample_info.count)
     result = evaluator.score(samples)
     result.update({
-        "num_samples": sample_info.count,
+        "num_samples": sample_info.count, "metric_names": metric_names(sample_info.count),
         "num_reference": (None if evaluator.reference_info is None
                           else evaluator.reference_info.count),
         "sample_resolution": list(sample_info.resolution),
@@ -203,26 +213,24 @@ def _mesh_from_config(config) -> jax.sharding.Mesh | None:
 
 
 def _sample_export(config, workdir: epath.Path, num_samples: int) -> epath.Path:
-    """Samples num_samples images of random classes from the export and returns the job's
-    samples.npz (a finished job with the same settings is reused, an interrupted one resumed)."""
+    """Samples num_samples images of random classes from the export with config.eval's
+    sampling protocol and returns the job's samples.npz (a finished job with the same settings
+    is reused, an interrupted one resumed; other settings never share a job directory)."""
     from udit_jax import sample as sample_lib
-    ev = config.eval
-    preview = config.get("sample") or {}
-    pick = lambda name, default: ev.get(name) or preview.get(name) or default  # noqa: E731
-    sampler = pick("sampler", "ddpm")
-    steps = str(pick("steps", sample_lib.DEFAULT_STEPS.get(sampler, "250")))
-    cfg_scale = ev.get("cfg_scale")
-    cfg_scale = float(cfg_scale if cfg_scale is not None else preview.get("cfg_scale", 1.0))
-    seed = int(ev.get("seed", 0))
-    export_dir = epath.Path(ev.get("export_dir") or workdir / "export")
+    ev = config_lib.base_config().eval   # the protocol's defaults, under the config's fields
+    ev.update(config.eval)
+    sampler, steps, dtype = ev.sampler, str(ev.steps), ev.dtype
+    cfg_scale, seed = float(ev.cfg_scale), int(ev.seed)
+    export_dir = epath.Path(ev.export_dir or workdir / "export")
+    channels = "-allch" if ev.guide_all_channels else ""
     out_dir = (workdir / "eval" / "samples"
-               / f"{sampler}-{steps}-cfg{cfg_scale:g}-seed{seed}-{num_samples}")
-    vae = config.get("vae")
+               / f"{sampler}-{steps}-cfg{cfg_scale:g}{channels}-{dtype}-seed{seed}-{num_samples}")
     result = sample_lib.run_sampling_job(
         export_dir, out_dir, num_images=num_samples, seed=seed, sampler=sampler, steps=steps,
-        cfg_scale=cfg_scale, guide_all_channels=bool(pick("guide_all_channels", False)),
-        per_device_batch=int(pick("per_device_batch", 32)), write_png=False,
-        vae_weights=(vae.get("weights") if vae else None) or None)
+        cfg_scale=cfg_scale, guide_all_channels=bool(ev.guide_all_channels),
+        per_device_batch=int((config.get("sample") or {}).get("per_device_batch", 32)),
+        write_png=False, vae_weights=(config.get("vae") or {}).get("weights") or None,
+        dtype=dtype)
     return epath.Path(result["npz"])
 
 
@@ -240,11 +248,12 @@ def evaluate_from_config(config, workdir) -> dict:
       sample_npz [""]                  the samples to score; if empty, num_samples [50000]
                                        images of random classes are first sampled from the
                                        export export_dir [<workdir>/export] into
-                                       <workdir>/eval/samples/<settings>/ with sampler, steps,
-                                       cfg_scale, guide_all_channels, per_device_batch (each
-                                       defaulting to config.sample's) and seed [0]
+                                       <workdir>/eval/samples/<settings>/ with the papers'
+                                       protocol: sampler ["ddpm"], steps ["250"], cfg_scale
+                                       [1.0: the config's paper table], guide_all_channels
+                                       [False], dtype ["float32"], seed [0]
       preprocess ["adm"], batch_size [256], pr_distance ["float16"], is_split_size [5000],
-      dtype ["float32"], fid_method ["sqrtm"],
+      inception_dtype ["float32"], fid_method ["sqrtm"],
       output_json [<workdir>/eval/<sample file stem or sampling settings>.json]
     The mesh comes from config.mesh.data / config.mesh.fsdp when present (else all devices).
     """
@@ -265,7 +274,7 @@ def evaluate_from_config(config, workdir) -> dict:
             max_images=int(get("reference_max_images", 0)) or None, seed=int(get("seed", 0)),
             with_images=bool(get("reference_with_images", False)),
             preprocess=get("preprocess", "adm"), batch_size=get("batch_size", 256),
-            dtype=get("dtype", "float32"), mesh=mesh)
+            dtype=get("inception_dtype", "float32"), mesh=mesh)
     missing = [k for k in ("reference_npz", "inception_weights") if not get(k)]
     if missing:
         raise ValueError(f"--mode=evaluate needs config.eval.{', config.eval.'.join(missing)} "
@@ -288,5 +297,5 @@ def evaluate_from_config(config, workdir) -> dict:
     return evaluate_npz(sample, get("reference_npz"), get("inception_weights"),
                         preprocess=get("preprocess", "adm"), batch_size=get("batch_size", 256),
                         pr_distance=get("pr_distance", "float16"), is_split_size=split,
-                        dtype=get("dtype", "float32"), mesh=mesh, output_json=output,
+                        dtype=get("inception_dtype", "float32"), mesh=mesh, output_json=output,
                         fid_method=get("fid_method", "sqrtm"))

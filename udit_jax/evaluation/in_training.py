@@ -4,25 +4,31 @@
 every `config.eval_every_steps` and logs the returned scalars under "eval/". It reads
 config.eval:
   reference_npz, inception_weights   ADM reference batch and pytorch-fid weights (required)
-  num_samples [5000]                 images sampled per evaluation (random classes)
+  in_loop_num_samples [5000]         images sampled per evaluation (random classes)
   sample_batch [256]                 images per sampling call (global)
   seed [0]                           noise / class seed (folded with the step)
   preprocess ["adm"], fid_method ["sqrtm"], is_split_size [5000], batch_size [256]
 and the preview sampler's settings config.sample.{sampler, steps, cfg_scale}. Precision and
 recall are not computed in the loop (they need the reference images' features and are
-slow); use `--mode=evaluate` on exported samples for the full table.
+slow); use `--mode=evaluate` on exported samples for the full table. The scalars' names
+carry the sample count (FID-5K): they are not the papers' FID-50K. `check_requirements`
+checks at the start of training what the first evaluation would otherwise find hours later.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from udit_jax import config as config_lib
 from udit_jax.evaluation import metrics as M
-from udit_jax.evaluation.evaluate import Evaluator
+from udit_jax.evaluation import reference as R
+from udit_jax.evaluation.convert_inception import load_inception_variables
+from udit_jax.evaluation.evaluate import Evaluator, metric_names
 
 
 @functools.lru_cache(maxsize=2)
@@ -88,13 +94,33 @@ def make_image_sampler(config, model):
     return sample
 
 
-def evaluate_during_training(config, model, ema_params, step: int) -> dict[str, float]:
-    """{"fid", "sfid", "inception_score"} of config.eval.num_samples EMA samples."""
+def check_requirements(config) -> None:
+    """Raises ValueError / FileNotFoundError when in-loop evaluation could not run: reference
+    batch and Inception weights named, present and readable, the sample count valid for the
+    IS split, the VAE weights present for a latent model."""
     ev = config.get("eval")
     if ev is None or not ev.get("reference_npz") or not ev.get("inception_weights"):
         raise ValueError("eval_every_steps > 0 needs config.eval.reference_npz (ADM reference "
                          "batch) and config.eval.inception_weights (pytorch-fid weights)")
-    num = int(ev.get("num_samples", 5000))
+    M.check_split(int(ev.get("in_loop_num_samples", 5000)),
+                  int(ev.get("is_split_size", M.IS_SPLIT_SIZE)))
+    keys = R.npz_keys(ev.reference_npz)
+    if R.IMAGES_KEY not in keys and R.load_statistics(ev.reference_npz) is None:
+        raise ValueError(f"config.eval.reference_npz={ev.reference_npz} holds neither images "
+                         f"(arr_0) nor statistics (mu, sigma, mu_s, sigma_s); keys: {keys}")
+    load_inception_variables(ev.inception_weights)
+    if config_lib.is_latent(config):
+        weights = config.vae.get("weights")
+        if not weights or not os.path.isfile(weights):
+            raise FileNotFoundError(f"config.vae.weights={weights!r} is not a file: in-loop "
+                                    "evaluation of a latent model decodes with the SD VAE")
+
+
+def evaluate_during_training(config, model, ema_params, step: int) -> dict[str, float]:
+    """{"FID-5K", "sFID-5K", "IS-5K"} (named by the count) of
+    config.eval.in_loop_num_samples EMA samples."""
+    ev = config.eval
+    num = int(ev.get("in_loop_num_samples", 5000))
     split = int(ev.get("is_split_size", M.IS_SPLIT_SIZE))
     M.check_split(num, split)
     evaluator = _evaluator(str(ev.reference_npz), str(ev.inception_weights),
@@ -114,4 +140,4 @@ def evaluate_during_training(config, model, ema_params, step: int) -> dict[str, 
     acts = evaluator.features.from_batches(batches(), num, f"eval step {step}",
                                            progress=False)
     scores = evaluator.score(acts, with_pr=False)
-    return {k: scores[k] for k in ("fid", "sfid", "inception_score")}
+    return {name: scores[k] for k, name in metric_names(num).items()}
