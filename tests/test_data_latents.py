@@ -185,7 +185,7 @@ def test_other_settings_in_same_cache_dir_are_refused(tmp_path):
 
 def test_too_many_bad_files_fail_clearly_and_keep_shards(tmp_path):
     good, bad = make_image_folder(tmp_path / "images")
-    with pytest.raises(RuntimeError, match="max_bad_fraction"):
+    with pytest.raises(ValueError, match="max_bad_fraction"):
         build(tmp_path / "images", tmp_path / "cache", max_bad_fraction=0.1, records_per_shard=100)
     assert not (tmp_path / "cache" / "manifest.json").exists()
     assert list((tmp_path / "cache").glob("shard-*.array_record"))

@@ -211,5 +211,5 @@ def test_pixel_table_from_class_folders_crops_and_skips_bad_files(tmp_path):
     np.testing.assert_array_equal(table.images[0], expected)
     gray = table.images[1]
     assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 1], gray[..., 2])
-    with pytest.raises(RuntimeError, match="max_bad_fraction"):
+    with pytest.raises(ValueError, match="max_bad_fraction"):
         loader_lib.image_table_from_source(ClassFolderSource(tmp_path), 16, max_bad_fraction=0.1)

@@ -280,6 +280,9 @@ def check_values(config) -> None:
     for field in ("optimizer.b1", "optimizer.b2"):
         need(_finite(_field(config, field)) and 0 <= _field(config, field) < 1, field,
              "must be in [0, 1)")
+    classes = config.sample.classes
+    need(isinstance(classes, (tuple, list)) and all(isinstance(c, int) for c in classes),
+         "sample.classes", "class ids, e.g. --config.sample.classes=0,1,2")
     for field in ("model.dtype", "eval.dtype"):
         need(_field(config, field) in _DTYPES, field, f"use one of {_DTYPES}")
     for field in ("sample.cfg_scale", "eval.cfg_scale"):
