@@ -219,11 +219,11 @@ def test_evaluate_during_training(tmp_path, io):
              M.feature_statistics(io["tf1_299/spatial_adm"][[0, 1, 2, 0]]))
     np.savez(ref, mu=stats[0].mu, sigma=stats[0].sigma, mu_s=stats[1].mu, sigma_s=stats[1].sigma)
     config.eval = ml_collections.ConfigDict({
-        "reference_npz": str(ref), "inception_weights": str(WEIGHTS), "num_samples": 3,
+        "reference_npz": str(ref), "inception_weights": str(WEIGHTS), "in_loop_num_samples": 3,
         "sample_batch": 2, "batch_size": 4, "fid_method": "eigh", "seed": 5})
 
     scores = in_training.evaluate_during_training(config, model, params, step=7)
-    assert set(scores) == {"fid", "sfid", "inception_score"}
+    assert set(scores) == {"FID-3", "sFID-3", "IS-3"}   # names carry the sample count
 
     # The same images, drawn again with the hook's keys, scored by hand.
     sampler = in_training.make_image_sampler(config, model)
@@ -237,7 +237,7 @@ def test_evaluate_during_training(tmp_path, io):
     assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8
     ev = in_training._evaluator(str(ref), str(WEIGHTS), "adm", 4, "eigh", 5000)
     acts = ev.features(images)
-    np.testing.assert_allclose(scores["inception_score"], M.inception_score(acts.probs), rtol=1e-5)
+    np.testing.assert_allclose(scores["IS-3"], M.inception_score(acts.probs), rtol=1e-5)
     np.testing.assert_allclose(
-        scores["fid"], M.frechet_distance(M.feature_statistics(acts.pool3), stats[0], method="eigh"),
+        scores["FID-3"], M.frechet_distance(M.feature_statistics(acts.pool3), stats[0], method="eigh"),
         rtol=1e-4)

@@ -488,8 +488,9 @@ def check_cache_matches(cache: LatentCache, config) -> None:
     found = {k: manifest.get(k) for k in expected}
     if found["latent_shape"] is not None:
         found["latent_shape"] = list(found["latent_shape"])
-    expected["latent_scale"] = float(data.latent_scale)
-    found["latent_scale"] = manifest["vae"].get("scaling_factor")
+    if "scaling_factor" in manifest["vae"]:
+        expected["latent_scale"] = float(data.latent_scale)
+        found["latent_scale"] = manifest["vae"]["scaling_factor"]
     differing = [f"{k}: cache {found[k]}, config {v}" for k, v in expected.items() if found[k] != v]
     if not differing and config.vae.get("weights"):
         vae, params, weights = load_vae(config)

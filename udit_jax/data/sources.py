@@ -226,17 +226,16 @@ READ_BACKOFF_S = 0.5     # ... after 0.5, 1, 2 s (network filesystems have passi
 _PERMANENT_OSERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
-def read_with_retry(source: Source, index: int, attempts: int = READ_ATTEMPTS,
-                    backoff_s: float = READ_BACKOFF_S) -> tuple[bytes | np.ndarray, int]:
+def read_with_retry(source: Source, index: int) -> tuple[bytes | np.ndarray, int]:
     """source.read(index), retrying an OSError (other than a missing or forbidden file) with
     exponential backoff; the last attempt's OSError propagates (the caller counts the item bad)."""
-    for attempt in range(attempts - 1):
+    for attempt in range(READ_ATTEMPTS - 1):
         try:
             return source.read(index)
         except _PERMANENT_OSERRORS:
             raise
         except OSError:
-            time.sleep(backoff_s * 2 ** attempt)
+            time.sleep(READ_BACKOFF_S * 2 ** attempt)
     return source.read(index)
 
 

@@ -104,6 +104,9 @@ def check_requirements(config) -> None:
                          "batch) and config.eval.inception_weights (pytorch-fid weights)")
     M.check_split(int(ev.get("in_loop_num_samples", 5000)),
                   int(ev.get("is_split_size", M.IS_SPLIT_SIZE)))
+    if not os.path.isfile(ev.reference_npz):
+        raise FileNotFoundError(f"config.eval.reference_npz={ev.reference_npz} not found (the ADM "
+                                "reference batch, e.g. VIRTUAL_imagenet256_labeled.npz)")
     keys = R.npz_keys(ev.reference_npz)
     if R.IMAGES_KEY not in keys and R.load_statistics(ev.reference_npz) is None:
         raise ValueError(f"config.eval.reference_npz={ev.reference_npz} holds neither images "
