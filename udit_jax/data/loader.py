@@ -258,9 +258,11 @@ def image_table_from_source(source: Source, image_size: int, *, min_image_side: 
 def make_loader(config, *, global_batch_size: int, seed: int, workdir: str) -> Loader:
     """The training loader for config.data.space ('latent': the VAE cache; 'pixel': images).
 
-    Fields read: data.space, data.random_flip, data.loader_threads, data.prefetch_batches,
-    data.loader_workers; for 'latent' data.cache_dir (default <workdir>/latents); for 'pixel'
-    the source fields (see sources.source_from_config), data.image_size, data.min_image_side,
+    Fields read: data.space, data.num_classes (the source's or cache's class count must be it),
+    data.random_flip, data.loader_threads, data.prefetch_batches, data.loader_workers; for
+    'latent' data.cache_dir (default <workdir>/latents), data.image_size, data.latent_scale,
+    vae.weights / vae.arguments (compared with the cache's VAE when set); for 'pixel' the
+    source fields (see sources.source_from_config), data.image_size, data.min_image_side,
     data.max_image_pixels, data.max_bad_fraction, data.decode_threads.
     """
     data = config.data
