@@ -223,7 +223,8 @@ def test_encode_dataset_from_config(tmp_path):
     config = ml_collections.ConfigDict({
         "data": {"source": "folder", "dir": str(tmp_path / "images"), "image_size": IMAGE_SIZE,
                  "cache_dir": "", "cache_dtype": "float32", "max_bad_fraction": 0.5,
-                 "min_image_side": 8, "encode_batch_size": 4, "records_per_shard": 5},
+                 "min_image_side": 8, "encode_batch_size": 4, "records_per_shard": 5,
+                 "num_classes": 3},
         "vae": {"weights": str(tmp_path / "vae.safetensors"), "arguments": SMALL_VAE}})
     manifest = latents.encode_dataset(config, str(tmp_path / "work"))
     assert manifest["vae"]["params_sha256"] == latents.vae_identity(vae, params)["params_sha256"]

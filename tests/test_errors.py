@@ -385,6 +385,8 @@ def bad_inputs(tmp: pathlib.Path) -> list[tuple[list[str], str]]:
          "garbage.safetensors is not a valid .safetensors file"),
         (demo + ["--mode=encode", "--config.data.space=latent",
                  f"--config.vae.weights={tmp / 'empty.safetensors'}"], "empty.safetensors is empty"),
+        (demo + ["--mode=encode", "--config.data.image_size=0"], "data.image_size=0"),
+        (demo + ["--mode=sample", "--config.sample.cfg_scale=-1"], "sample.cfg_scale=-1.0"),
         (demo + ["--mode=sample"], "is not an export directory"),
         (demo + ["--mode=export"], "no training checkpoints"),
         (demo + ["--mode=evaluate"], "--mode=evaluate needs config.eval.reference_npz"),
@@ -395,11 +397,14 @@ def bad_inputs(tmp: pathlib.Path) -> list[tuple[list[str], str]]:
 
 def test_main_reports_every_expected_error_in_one_line(tmp_path):
     cases = bad_inputs(tmp_path)
+    debug = cases[0][0] + ["--debug"]   # --debug: the traceback instead
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps([a for a, _ in cases])],
+    proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps([a for a, _ in cases] + [debug])],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for (argv, message), result in zip(cases, json.loads(proc.stdout)):
+    *results, debugged = json.loads(proc.stdout)
+    assert debugged["rc"] == 1 and "Traceback" in debugged["stderr"]
+    for (argv, message), result in zip(cases, results):
         err = result["stderr"]
         errors = [line for line in err.splitlines() if line.startswith("error: ")]
         assert result["rc"] == 1 and "Traceback" not in err, (argv, err[-2000:])

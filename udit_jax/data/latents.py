@@ -517,7 +517,8 @@ def load_vae(config):
 def encode_dataset(config, workdir: str) -> dict[str, Any]:
     """`--mode=encode`: builds the latent cache of config.data's source with config.vae.
 
-    Fields read: data.source, data.dir, data.split, data.tfds_name, data.image_size,
+    Fields read: data.source, data.dir, data.split, data.tfds_name, data.num_classes (the
+    source's class count must be it: checked before encoding), data.image_size,
     data.cache_dir, data.cache_dtype, data.max_bad_fraction, data.min_image_side,
     data.max_image_pixels, data.encode_batch_size (per process), data.records_per_shard,
     data.decode_threads; vae.weights, vae.arguments. Returns the manifest.
