@@ -8,6 +8,8 @@ their type says whose problem it is:
     OSError             a file or directory that is missing, unreadable or unwritable
                         (FileNotFoundError, PermissionError, FileExistsError, ...)
     FloatingPointError  a run that diverged (train.NonFiniteError)
+    ImportError         a missing optional dependency (e.g. torch for .pt files; the message
+                        says what to install)
 
 `main` prints these as one line (`error: <message>`) and exits with status 1; any other type
 (TypeError, KeyError, XLA's RuntimeError, ...) is a bug and keeps its traceback. Code that
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import sys
 
-EXPECTED: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError)
+EXPECTED: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError, ImportError)
 
 
 def one_line(error: BaseException) -> str:
