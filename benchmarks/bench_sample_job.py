@@ -23,7 +23,7 @@ import numpy as np
 from etils import epath
 
 from benchmarks.common import peak_memory_gib, print_table
-from udit_jax import convert, diffusion, export, models, sample
+from udit_jax import convert, diffusion, export, models, sample, sampler
 
 # The default model: a tiny pixel-space U-DiT that runs anywhere.
 TINY_UDIT = dict(hidden_size=32, depth=(1, 1, 2, 1, 1), num_heads=2, mlp_ratio=2, ffn_type="rep",
@@ -70,7 +70,7 @@ def main():
     p.add_argument("--num_classes", type=int, default=1000)
     p.add_argument("--num_images", type=int, default=None, help="default: 4 batches")
     p.add_argument("--per_device_batch", type=int, default=8)
-    p.add_argument("--sampler", choices=sample.SAMPLERS, default="ddim")
+    p.add_argument("--sampler", choices=tuple(sampler.SAMPLERS), default="ddim")
     p.add_argument("--steps", default=None, help="respacing; default per sampler")
     p.add_argument("--cfg_scale", type=float, default=1.5)
     p.add_argument("--dtype", default="float32")
@@ -79,7 +79,7 @@ def main():
     named = args.model != "U-DiT"
     args.space = args.space or ("latent" if named else "pixel")
     args.image_size = args.image_size or (256 if named else 32)
-    steps = args.steps or sample.DEFAULT_STEPS[args.sampler]
+    steps = args.steps or sampler.default_steps(args.sampler)
     batch = args.per_device_batch * jax.device_count()
     num_images = args.num_images or 4 * batch
 

@@ -4,11 +4,12 @@
     python -m benchmarks.bench_sampler --model U-DiT-B --batch 32 --dtype bfloat16
     python -m benchmarks.bench_sampler --model DiT-XL/2 --samplers ddpm250,ddim50,dpm20
 
-Each sampler is one jitted program (the whole loop compiles to one XLA loop); the batch is
-sharded over all devices. CFG follows the official recipe: the latent batch is doubled to
-[z; z] with labels [y; null] and the model's forward_with_cfg is called at every step, so one
-step costs one model forward on 2B examples. Random float32 parameters (throughput does not
-depend on the weights); U-DiT runs in its inference (fused-FFN) form. TFLOP/s counts
+Times udit_jax.sampler's batch sampler, the program previews, in-loop evaluation and sampling
+jobs run: one jitted program per sampler (the whole loop compiles to one XLA loop), the batch
+sharded over all devices, per-image noise keys. With CFG each image's conditional and
+unconditional rows run together, so one step costs one model forward on 2B examples. Random
+float32 parameters (throughput does not depend on the weights); U-DiT runs in its inference
+(fused-FFN) form. TFLOP/s counts
 2 x the model's MACs per forward (the papers' "GFLOPs" convention) x forwards.
 """
 
@@ -22,41 +23,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import peak_memory_gib, print_table, time_fn
-from udit_jax import diffusion, models, parallel
+from udit_jax import diffusion, models, parallel, sampler
 
-SAMPLERS = {"ddpm": "DDPM", "ddim": "DDIM (eta 0)", "dpm": "DPM-Solver++(2M)"}
+NAMES = {"ddpm": "DDPM", "ddim": "DDIM (eta 0)", "dpm": "DPM-Solver++(2M)"}
 
 
 def parse_samplers(text: str) -> list[tuple[str, int]]:
     """'ddpm250,ddim50,dpm20' -> [('ddpm', 250), ('ddim', 50), ('dpm', 20)]."""
     out = []
     for item in text.split(","):
-        match = re.fullmatch(r"(ddpm|ddim|dpm)(\d+)", item.strip())
+        match = re.fullmatch(rf"({'|'.join(sampler.SAMPLERS)})(\d+)", item.strip())
         if not match:
             raise SystemExit(f"--samplers: {item!r} is not <ddpm|ddim|dpm><steps>, e.g. ddim50")
         out.append((match.group(1), int(match.group(2))))
     return out
 
 
-def make_sampler(kind: str, steps: int, model, cfg_scale: float, shape):
+def make_sampler(kind: str, steps: int, model, cfg_scale: float, mesh):
+    """(fn(params, vae_params, key, indices, labels) -> latents, forwards per image)."""
     d = diffusion.create_diffusion(str(steps))
-    guided = cfg_scale > 1.0
-
-    def model_fn(params, x, t, y):
-        if guided:
-            return model.apply({"params": params}, x, t, y, cfg_scale, method="forward_with_cfg")
-        return model.apply({"params": params}, x, t, y)
-
-    def sample(params, z, y):
-        fn = lambda x, t, y: model_fn(params, x, t, y)
-        kwargs = dict(noise=z, model_kwargs={"y": y})
-        if kind == "ddpm":
-            return d.p_sample_loop(fn, shape, key=jax.random.key(0), clip_denoised=False, **kwargs)
-        if kind == "ddim":
-            return d.ddim_sample_loop(fn, shape, clip_denoised=False, **kwargs)
-        return d.dpm_solver_sample_loop(fn, shape, **kwargs)
-
-    return jax.jit(sample), d.num_timesteps
+    return (sampler.make_batch_sampler(model, d, sampler=kind, cfg_scale=cfg_scale, mesh=mesh,
+                                       clip_denoised=False), d.num_timesteps)
 
 
 def main() -> None:
@@ -82,20 +69,17 @@ def main() -> None:
     params = jax.device_put(models.init_params(model, jax.random.key(0)), parallel.replicated(mesh))
 
     guided = args.cfg_scale > 1.0
-    rng = np.random.default_rng(0)
-    z = rng.standard_normal((args.batch, latent, latent, model.in_channels)).astype(np.float32)
-    y = rng.integers(0, args.num_classes, args.batch).astype(np.int32)
-    if guided:
-        z = np.concatenate([z, z])
-        y = np.concatenate([y, np.full_like(y, args.num_classes)])
-    z, y = parallel.shard_batch(mesh, z), parallel.shard_batch(mesh, y)
-    flops_per_forward = 2 * model.count_macs() * z.shape[0]
+    y = np.random.default_rng(0).integers(0, args.num_classes, args.batch).astype(np.int32)
+    y = parallel.shard_batch(mesh, y)
+    indices = parallel.shard_batch(mesh, np.arange(args.batch, dtype=np.int32))
+    key = sampler.noise_key(0)
+    flops_per_forward = 2 * model.count_macs() * args.batch * (2 if guided else 1)
 
     rows = []
     for kind, steps in parse_samplers(args.samplers):
-        sample, forwards = make_sampler(kind, steps, model, args.cfg_scale, z.shape)
-        seconds = time_fn(lambda: sample(params, z, y), warmup=1, iters=args.iters)
-        rows.append({"sampler": SAMPLERS[kind], "steps": steps, "images": args.batch,
+        sample, forwards = make_sampler(kind, steps, model, args.cfg_scale, mesh)
+        seconds = time_fn(lambda: sample(params, None, key, indices, y), warmup=1, iters=args.iters)
+        rows.append({"sampler": NAMES[kind], "steps": steps, "images": args.batch,
                      "s/batch": seconds, "img/s": args.batch / seconds,
                      "ms/step": 1e3 * seconds / forwards,
                      "TFLOP/s": flops_per_forward * forwards / seconds / 1e12,

@@ -8,7 +8,7 @@ sneaker, bag, ankle boot) are written to <workdir>/samples/step_*.png every 500 
 final one is docs/demo_samples.png. Needs the four Fashion-MNIST files: Debian/Ubuntu package
 `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist), or --config.data.dir=DIR holding them.
 
-    python -m udit_jax.main --config=configs/demo.py --workdir=/tmp/udit_demo
+    python -m udit_jax.main --config=configs/demo.py --workdir=runs/demo
 """
 
 from udit_jax import config as config_lib

@@ -213,6 +213,7 @@ def test_get_batch_picks_the_flip(tmp_path):
 
 def test_encode_dataset_from_config(tmp_path):
     import ml_collections
+    from udit_jax import config as config_lib
 
     from udit_jax.convert.io import save_state_dict
     from udit_jax.convert.vae import vae_params_to_torch
@@ -220,12 +221,13 @@ def test_encode_dataset_from_config(tmp_path):
     good, bad = make_image_folder(tmp_path / "images")
     vae, params, reference = _small_vae()
     save_state_dict(tmp_path / "vae.safetensors", vae_params_to_torch(vae, params))
-    config = ml_collections.ConfigDict({
-        "data": {"source": "folder", "dir": str(tmp_path / "images"), "image_size": IMAGE_SIZE,
-                 "cache_dir": "", "cache_dtype": "float32", "max_bad_fraction": 0.5,
-                 "min_image_side": 8, "encode_batch_size": 4, "records_per_shard": 5,
-                 "num_classes": 3},
-        "vae": {"weights": str(tmp_path / "vae.safetensors"), "arguments": SMALL_VAE}})
+    config = config_lib.base_config()
+    config.data.update({"source": "folder", "dir": str(tmp_path / "images"),
+                        "image_size": IMAGE_SIZE, "cache_dir": "", "cache_dtype": "float32",
+                        "max_bad_fraction": 0.5, "min_image_side": 8, "encode_batch_size": 4,
+                        "records_per_shard": 5, "num_classes": 3})
+    config.vae.weights = str(tmp_path / "vae.safetensors")
+    config.vae.arguments = ml_collections.ConfigDict(SMALL_VAE)
     manifest = latents.encode_dataset(config, str(tmp_path / "work"))
     assert manifest["vae"]["params_sha256"] == latents.vae_identity(vae, params)["params_sha256"]
     assert manifest["dtype"] == "float32"

@@ -173,12 +173,13 @@ def write_fashion(directory, n=12):
 
 
 def test_fashion_mnist_pixel_loader_pads_to_32_with_black(tmp_path):
-    import ml_collections
+    from udit_jax import config as config_lib
 
     images, labels = write_fashion(tmp_path)
-    config = ml_collections.ConfigDict({"data": {
+    config = config_lib.base_config()
+    config.data.update({
         "space": "pixel", "source": "fashion_mnist", "dir": str(tmp_path), "image_size": 32,
-        "random_flip": False, "num_classes": 10}})
+        "random_flip": False, "num_classes": 10})
     loader = loader_lib.make_loader(config, global_batch_size=4, seed=0, workdir=str(tmp_path))
     batch = next(loader)
     assert batch["image"].shape == (4, 32, 32, 1) and batch["image"].dtype == np.float32

@@ -114,8 +114,9 @@ def test_tfds_array_record_source_reads_encoded_images(tmp_path):
 
 
 def test_source_from_config_validates():
-    import ml_collections
-    data = ml_collections.ConfigDict({"source": "nope", "dir": ""})
+    from udit_jax import config as config_lib
+    data = config_lib.base_config().data
+    data.update({"source": "nope", "dir": ""})
     with pytest.raises(ValueError, match="unknown"):
         sources.source_from_config(data)
     data.source = "folder"

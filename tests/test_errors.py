@@ -125,9 +125,10 @@ def test_evaluate_defaults_to_the_papers_protocol(tmp_path, monkeypatch):
         sys.path.insert(0, str(REPO))
         config = __import__(f"configs.{name}", fromlist=["get_config"]).get_config()
         assert config.model.dtype == "bfloat16" and config.sample.cfg_scale == 4.0
-        assert (config.eval.num_samples, config.eval.sampler, config.eval.steps,
-                config.eval.cfg_scale, config.eval.dtype,
-                config.eval.guide_all_channels) == (50_000, "ddpm", "250", 1.0, "float32", False)
+        settings = config_lib.sampling(config, "eval")
+        assert (config.eval.num_samples, settings["sampler"], settings["steps"],
+                settings["cfg_scale"], settings["dtype"],
+                settings["guide_all_channels"]) == (50_000, "ddpm", "250", 1.0, "float32", False)
     np.savez(tmp_path / "ref.npz", mu=np.zeros(2048))
     (tmp_path / "inception.pth").write_bytes(b"x")
     config.eval.update(reference_npz=str(tmp_path / "ref.npz"),
@@ -197,9 +198,9 @@ def test_in_loop_evaluation_requirements_fail_at_start(tmp_path):
         ({"eval.reference_npz": str(tmp_path / "missing.npz")}, FileNotFoundError,
          "reference_npz=.*missing.npz not found"),
         ({}, ValueError, "inception.safetensors is not a valid .safetensors file"),
-        ({"eval.inception_weights": ""}, ValueError, "needs config.eval.reference_npz"),
-        ({"model.kwargs.class_dropout_prob": 0.0, "sample_every_steps": 0}, ValueError,
-         "null-class embedding"),
+        ({"eval.inception_weights": ""}, ValueError, "needs config.eval.inception_weights"),
+        ({"model.kwargs.class_dropout_prob": 0.0, "sample_every_steps": 0,
+          "eval.cfg_scale": 1.5}, ValueError, "eval.cfg_scale > 1 needs the null-class embedding"),
     ]
     for overrides, error, message in cases:
         with pytest.raises(error, match=message):
@@ -228,10 +229,13 @@ def test_bad_values_fail_before_compiling(field, value, message, tmp_path):
 
 
 def test_cfg_scale_below_one_is_no_guidance_and_logged(tmp_path, caplog):
+    """The sampler (previews, in-loop evaluation, jobs) says so when it is built."""
     from udit_jax import train
+    config = demo_config(**{"sample.cfg_scale": 0.5})
+    model = train.validate(config, tmp_path / "work")
     with caplog.at_level("INFO"):
-        train.validate(demo_config(**{"sample.cfg_scale": 0.5}), tmp_path / "work")
-    assert "no classifier-free guidance is applied" in caplog.text
+        train.make_preview(config, model, config_lib.make_mesh(config))
+    assert "cfg_scale=0.5: no classifier-free guidance is applied" in caplog.text
 
 
 def test_list_fields_override_from_the_command_line():
@@ -390,7 +394,8 @@ def bad_inputs(tmp: pathlib.Path) -> list[tuple[list[str], str]]:
         (demo + ["--mode=sample"], "is not an export directory"),
         (demo + ["--mode=export"], "no training checkpoints"),
         (demo + ["--mode=evaluate"], "--mode=evaluate needs config.eval.reference_npz"),
-        (["--config=configs/demo.py", "--workdir=/proc/udit_jax_not_writable"], "not writable"),
+        (["--config=configs/demo.py", "--workdir=/proc/udit_jax_not_writable"],
+         "--workdir: cannot write to /proc/udit_jax_not_writable"),
         ([f"--config={tmp / 'broken.py'}", f"--workdir={tmp / 'work'}"], "line 1: invalid syntax"),
     ]
 

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import FIXTURES, assert_close_rel
+from udit_jax import config as config_lib
 from udit_jax.data.preprocess import center_crop_arr
 from udit_jax.evaluation import metrics as M
 from udit_jax.evaluation import reference as R
@@ -34,8 +35,10 @@ def features():
 
 
 def eval_config(data: dict, **eval_fields) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({"data": data, "eval": {
-        "inception_weights": str(WEIGHTS), "batch_size": BATCH, **eval_fields}})
+    config = config_lib.base_config()
+    config.data.update(data)
+    config.eval.update(dict(inception_weights=str(WEIGHTS), batch_size=BATCH, **eval_fields))
+    return config
 
 
 def assert_statistics_of(path, images: np.ndarray, features) -> None:

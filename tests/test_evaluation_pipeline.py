@@ -151,10 +151,10 @@ def test_evaluator_and_evaluate_npz(tmp_path, io, sizes):
     assert_close_rel(acts.probs, io[f"tf1_{size}/softmax_unbiased"][s_idx], REL, "probs")
 
     # Through the CLI entry point, statistics computed from arr_0.
-    import ml_collections
-    config = ml_collections.ConfigDict({"eval": {
+    config = config_lib.base_config()
+    config.eval.update({
         "sample_npz": str(sample), "reference_npz": str(ref_images),
-        "inception_weights": str(WEIGHTS), "batch_size": 4, "fid_method": "eigh"}})
+        "inception_weights": str(WEIGHTS), "batch_size": 4, "fid_method": "eigh"})
     result = evaluate_from_config(config, tmp_path / "work")
     written = json.loads((tmp_path / "work" / "eval" / "s.json").read_text())
     assert written == result
@@ -200,17 +200,15 @@ def test_features_sharded_over_eight_devices(io, sizes):
 @pytest.mark.slow  # ~40 s on 2 idle cores: two 2048-d matrix square roots plus sampling
 def test_evaluate_during_training(tmp_path, io):
     """The training hook samples from a tiny pixel-space DiT and scores the images: its
-    numbers equal the metric functions applied to the same images' features."""
+    numbers equal the metric functions applied to the same images' features, and the images
+    are the sampler's for the evaluation seed's labels and keys."""
     import jax
-    import ml_collections
-    from udit_jax import models, train
+    from udit_jax import models, sampler
     from udit_jax.evaluation import in_training
 
     config = config_lib.base_config()
     config.data.space = "pixel"
     config.data.num_classes = 4
-    config.sample.steps = "2"
-    config.sample.cfg_scale = 1.0
     model = models.build_model("DiT", input_size=8, patch_size=4, in_channels=3, hidden_size=32,
                                depth=1, num_heads=2, num_classes=4)
     params = models.init_params(model, jax.random.key(0))
@@ -218,22 +216,18 @@ def test_evaluate_during_training(tmp_path, io):
     stats = (M.feature_statistics(io["tf1_299/pool3"][[0, 1, 2, 0]]),
              M.feature_statistics(io["tf1_299/spatial_adm"][[0, 1, 2, 0]]))
     np.savez(ref, mu=stats[0].mu, sigma=stats[0].sigma, mu_s=stats[1].mu, sigma_s=stats[1].sigma)
-    config.eval = ml_collections.ConfigDict({
+    config.eval.update({
         "reference_npz": str(ref), "inception_weights": str(WEIGHTS), "in_loop_num_samples": 3,
+        "steps": "2",
         "sample_batch": 2, "batch_size": 4, "fid_method": "eigh", "seed": 5})
 
     scores = in_training.evaluate_during_training(config, model, params, step=7)
     assert set(scores) == {"FID-3", "sFID-3", "IS-3"}   # names carry the sample count
 
-    # The same images, drawn again with the hook's keys, scored by hand.
-    sampler = in_training.make_image_sampler(config, model)
-    key = jax.random.fold_in(jax.random.PRNGKey(5), 7)
-    images = []
-    for i, start in enumerate(range(0, 3, 2)):
-        k_labels, k_noise = jax.random.split(jax.random.fold_in(key, i))
-        labels = jax.random.randint(k_labels, (min(2, 3 - start),), 0, 4)
-        images.append(np.asarray(sampler(params, k_noise, labels)))
-    images = np.concatenate(images)
+    # The same images, drawn again by the sampler with the evaluation's labels and keys.
+    labels = sampler.random_labels(5, 3, 4)
+    images = sampler.quantize(sampler.sample_images(
+        model, params, config_lib.make_diffusion(config, "2"), labels, sampler.noise_key(5)))
     assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8
     ev = in_training._evaluator(str(ref), str(WEIGHTS), "adm", 4, "eigh", 5000)
     acts = ev.features(images)

@@ -79,7 +79,6 @@ def trained(tmp_path_factory):
         emas[step] = jax.tree.map(fill, abstract.ema_params)
         ckpt.save(step, state.replace(step=np.int32(step), ema_params=emas[step]),
                   train.SyntheticBatches(config, 0, 1))
-    ckpt.wait()
     ckpt.close()
     return config, workdir, emas
 
@@ -110,7 +109,7 @@ def test_export_writes_ema_params_of_latest_or_given_step(trained, tmp_path):
     assert info["metadata"]["step"] == STEPS[0]
 
     config.export.step = 5
-    with pytest.raises(ValueError, match=r"no checkpoint at that step.*\[3, 6\]"):
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 5 .*\[3, 6\]"):
         export.export_from_config(config, str(workdir))
     # An existing directory that is not an export (here: the training run) is never replaced.
     config.export.step, config.export.dir = 0, str(workdir)

@@ -123,12 +123,12 @@ def test_job_images_are_the_official_cfg_ddpm_samples(pixel_export, grid_job):
     """The job's images against the official sampling recipe run directly: forward_with_cfg
     on [cond; uncond] halves with the training-form (unfused) model, p_sample_loop, the
     first half kept, with each image's noise drawn as the module docstring says."""
-    from udit_jax import diffusion, sample
+    from udit_jax import diffusion, sampler
     _, model, params = pixel_export
     d = diffusion.create_diffusion(GRID_JOB["steps"])
     labels = np.repeat(GRID_JOB["classes"], GRID_JOB["per_class"]).astype(np.int32)
     n, shape = len(labels), (8, 8, 3)
-    keys = [jax.random.fold_in(sample.noise_key(GRID_JOB["seed"]), i) for i in range(n)]
+    keys = [jax.random.fold_in(sampler.noise_key(GRID_JOB["seed"]), i) for i in range(n)]
     x_t = jnp.stack([jax.random.normal(jax.random.fold_in(k, 0), shape) for k in keys])
     # step_noise[j] is used at step t = S-1-j and drawn with salt t + 1.
     steps = d.num_timesteps
@@ -174,8 +174,8 @@ def test_npz_has_the_adm_layout_pngs_and_grid(grid_job):
 
 
 def test_interrupted_job_resumes_without_duplicates_or_losses(pixel_export, tmp_path):
-    import ml_collections
-    from udit_jax import sample
+    from udit_jax import config as config_lib
+    from udit_jax import sample, sampler
     export_dir = pixel_export[0]
     job = dict(num_images=5, seed=3, sampler="ddim", steps="ddim3", cfg_scale=1.0,
                per_device_batch=2)
@@ -188,17 +188,16 @@ def test_interrupted_job_resumes_without_duplicates_or_losses(pixel_export, tmp_
     # A crash while the next part was being written leaves a partial temporary file.
     (out / "parts" / ".part_000000002.npz.tmp0").write_bytes(kept[:100])
 
-    config = ml_collections.ConfigDict({
-        "sample": dict(sample.job_config_defaults(), classes=[0], per_class=1, export_dir=str(export_dir),
-                       out_dir=str(out), **job),
-        "vae": {"weights": ""}})
+    config = config_lib.base_config()
+    config.sample.update(dict(classes=[0], per_class=1, export_dir=str(export_dir),
+                              out_dir=str(out), **job))
     second = sample.sample_from_config(config, str(tmp_path))
     assert second["finished"]
     assert (out / "parts" / "part_000000000.npz").read_bytes() == kept   # finished part kept
     indices = np.concatenate([load(p)["indices"] for p in (out / "parts").glob("part_*.npz")])
     assert sorted(indices.tolist()) == [0, 1, 2, 3, 4]                   # each image once
     resumed = load(out / "samples.npz")
-    np.testing.assert_array_equal(resumed["arr_1"], sample.random_labels(3, 5, 3))
+    np.testing.assert_array_equal(resumed["arr_1"], sampler.random_labels(3, 5, 3))
     assert set(resumed["arr_1"].tolist()) <= {0, 1, 2}
 
     # Uninterrupted, in batches of 3: every image sits elsewhere in its batch.
@@ -215,7 +214,7 @@ def test_interrupted_job_resumes_without_duplicates_or_losses(pixel_export, tmp_
 
 
 def test_latent_model_is_decoded_with_the_vae(tmp_path):
-    from udit_jax import convert, diffusion, export, models, sample
+    from udit_jax import convert, diffusion, export, models, sample, sampler
     from udit_jax.convert.vae import vae_params_to_torch
     from udit_jax.models.vae import decode_latents
     vae_args = dict(block_out_channels=[8, 8], layers_per_block=1, norm_num_groups=4,
@@ -237,11 +236,11 @@ def test_latent_model_is_decoded_with_the_vae(tmp_path):
     images = load(result["npz"])["arr_0"]
     assert images.shape == (2, 16, 16, 3)
 
-    latents = sample.sample_images(model, params, diffusion.create_diffusion("3"), [1, 1],
-                                   sample.noise_key(0), sampler="dpm", batch_size=2,
-                                   clip_denoised=False)   # latents are never clipped
+    latents = sampler.sample_images(model, params, diffusion.create_diffusion("3"), [1, 1],
+                                    sampler.noise_key(0), sampler="dpm", batch_size=2,
+                                    clip_denoised=False)   # latents are never clipped
     assert latents.shape == (2, 8, 8, 4)
-    expected = sample.quantize(jax.jit(lambda p, z: decode_latents(vae, p, z))(vae_params, latents))
+    expected = sampler.quantize(jax.jit(lambda p, z: decode_latents(vae, p, z))(vae_params, latents))
     assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1
 
     export.write_export(tmp_path / "e2", model, params, diffusion={"noise_schedule": "linear",
@@ -277,7 +276,7 @@ def test_bad_settings_fail_before_sampling(pixel_export, tmp_path):
 # Worker: `python tests/test_sample.py '<json job>'` (the 8-device run).
 
 if __name__ == "__main__":
-    for blocked in ("udit_jax.train", "udit_jax.checkpoints", "optax"):
+    for blocked in ("udit_jax.train", "udit_jax.checkpoints"):
         sys.modules[blocked] = None   # importing them now raises ImportError
     _job = json.loads(sys.argv[1])
     if "coordinator" in _job:

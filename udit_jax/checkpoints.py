@@ -1,27 +1,160 @@
-"""Training checkpoints: an orbax CheckpointManager for the train state and the data iterator.
+"""Training checkpoints: checksummed asynchronous saves whose failures stop the run, and the one
+restore path (training, export, every reader) that tells a corrupt checkpoint from one that
+this config cannot use.
 
 Layout under `<workdir>/checkpoints/<step>/`:
-  state/   the TrainState pytree (params, EMA params, optimizer state, step, PRNG key),
-           written asynchronously by orbax, each process writing its own shards
-  data/    one JSON file per process with that process's data-iterator state
+  state/          the TrainState pytree (orbax; each process writes its own shards)
+  data/           one JSON file per process with that process's data-iterator state
+  config/         the resolved config the step was written with (JSON)
+  checksums.json  size and sha256 of every file above; written by process 0 off the training
+                  thread once every process has written its files (async saves: just before
+                  the commit rename, so a committed step always has it; sync saves: just after)
 
-Restores always target abstract arrays carrying the *current* shardings, so a checkpoint
-written on 8 devices restores on 4 (or on a pod). A latest checkpoint that cannot be read
-is moved aside to `<workdir>/checkpoints_unreadable/` with a warning and the previous one
-is used instead.
+Restoring a step, all processes first agree on one verdict (nobody moves or reads before):
+  corrupt / incomplete  an uncommitted temp dir, a missing or garbled file, a checksum
+      mismatch: warned about and, once an older step restores, moved to
+      `<workdir>/checkpoints_set_aside/<name>.<reason>.<k>` (never deleted, never overwritten).
+      A workdir none of whose checkpoints restores stops (NoRestorableCheckpointError).
+  incompatible  a state tree / shape / dtype this config does not build, a data state the
+      iterator refuses, a run-defining config field changed: nothing is moved; stops with
+      IncompatibleCheckpointError naming every differing field and the ways out
+      (`checkpoint.on_mismatch`: "start_fresh" or "load_params" opt in explicitly).
+Readers (read_only=True) never move or change anything.
+
+Restores target abstract arrays carrying the *current* shardings, so a checkpoint written on
+8 devices restores on 4 (or on a pod).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import signal
-from typing import Any
+import time
+from typing import Any, Callable, Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+
+MANIFEST_FILE = "checksums.json"
+SET_ASIDE_DIR = "checkpoints_set_aside"
+_TMP_MARK = ".orbax-checkpoint-tmp"
+# orbax's step bookkeeping, rewritten at and after the commit: not covered by the manifest
+# (orbax reads neither for restoring the items).
+_STEP_BOOKKEEPING = ("_CHECKPOINT_METADATA", "commit_success.txt")
+ON_MISMATCH = ("stop", "start_fresh", "load_params")
+
+# Config fields that may change between restarts of one run (cadences, runtime layout,
+# post-training sections, loader performance, the learning-rate knobs the NaN message
+# recommends). Every other field defines the run: a change refuses the checkpoint.
+RESUMABLE_FIELDS = (
+    "total_steps", "log_every_steps", "checkpoint_every_steps", "sample_every_steps",
+    "eval_every_steps", "batch_size", "checkpoint", "sample", "export", "eval", "mesh",
+    "model.dtype", "model.remat", "vae.weights",
+    "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.grad_clip_norm",
+    "optimizer.skip_nonfinite", "optimizer.grad_accum_steps",
+    "data.dir", "data.cache_dir", "data.loader_threads", "data.prefetch_batches",
+    "data.loader_workers", "data.decode_threads", "data.encode_batch_size",
+    "data.records_per_shard", "data.max_bad_fraction",
+)
+
+
+class IncompatibleCheckpointError(ValueError):
+    """The checkpoint is readable but does not belong to this config (nothing was moved)."""
+
+
+class NoRestorableCheckpointError(FileNotFoundError):
+    """The workdir has checkpoints and none of them restores (nothing was moved)."""
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written, retries included: the run must stop."""
+
+
+# ----------------------------------------------------------------------------------------
+# Checksums.
+
+def _files(directory: epath.Path) -> list[str]:
+    names = (str((root / name).relative_to(directory)) for root, _, files in directory.walk()
+             for name in files)
+    return sorted(n for n in names if n not in _STEP_BOOKKEEPING
+                  and not n.startswith((MANIFEST_FILE, f".{MANIFEST_FILE}")))
+
+
+def _sha256(path: epath.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: epath.Path) -> None:
+    """Writes `directory/checksums.json`: {"files": {relative path: {"bytes", "sha256"}}}."""
+    files = {name: {"bytes": (directory / name).stat().length, "sha256": _sha256(directory / name)}
+             for name in _files(directory)}
+    tmp = directory / f".{MANIFEST_FILE}.tmp"
+    tmp.write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1, sort_keys=True))
+    tmp.replace(directory / MANIFEST_FILE)
+
+
+def verify_manifest(directory: epath.Path, shard: int = 0, num_shards: int = 1) -> str | None:
+    """None when this shard of the listed files matches, else what is wrong.
+
+    Raises FileNotFoundError when the step has no manifest (see Checkpointer._verdict).
+    """
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    for name in sorted(manifest["files"])[shard::num_shards]:
+        expected, path = manifest["files"][name], directory / name
+        if not path.exists():
+            return f"{name} is missing"
+        size = path.stat().length
+        if size != expected["bytes"]:
+            return f"{name} has {size} bytes, {expected['bytes']} when saved"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+# ----------------------------------------------------------------------------------------
+# Config differences.
+
+def flatten_config(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_as_json(config) -> dict:
+    """The resolved config as it reads back from JSON (tuples become lists)."""
+    text = config.to_json_best_effort() if hasattr(config, "to_json_best_effort") else json.dumps(config)
+    return json.loads(text)
+
+
+def config_differences(stored: Mapping, current: Mapping,
+                       resumable: tuple[str, ...] = RESUMABLE_FIELDS) -> list[str]:
+    """["model.kwargs.hidden_size: 8 in the checkpoint, 16 now", ...] over run-defining fields."""
+    a, b = flatten_config(stored), flatten_config(current)
+    out = []
+    for key in sorted(a.keys() | b.keys()):
+        if any(key == r or key.startswith(r + ".") for r in resumable):
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            out.append(f"{key}: {_show(a, key)} in the checkpoint, {_show(b, key)} now")
+    return out
+
+
+def _show(flat: dict, key: str) -> str:
+    return json.dumps(flat[key]) if key in flat else "absent"
 
 
 # ----------------------------------------------------------------------------------------
@@ -30,32 +163,46 @@ from etils import epath
 class DataIteratorHandler(ocp.CheckpointHandler):
     """Saves `iterator.get_state()` (a JSON-able dict, or bytes of JSON) per process."""
 
-    def _file(self, directory: epath.Path) -> epath.Path:
-        return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-
     def save(self, directory: epath.Path, args: "DataIteratorSave") -> None:
         state = args.iterator.get_state()
         text = state.decode() if isinstance(state, bytes) else json.dumps(state)
-        self._file(directory).write_text(text)
+        (directory / _data_file_name()).write_text(text)
 
     def restore(self, directory: epath.Path, args: "DataIteratorRestore") -> Any:
-        path = self._file(directory)
-        if path.exists():
-            text = path.read_text()
-        else:
-            # Written by another number of processes: fine when every process saved the same
-            # state (udit_jax.data's loaders and SyntheticBatches count global positions).
-            texts = {p.read_text() for p in directory.glob("process_*.json")}
-            if len(texts) != 1:
-                raise ValueError(
-                    f"{directory} holds per-process data states {sorted(p.name for p in directory.glob('*.json'))} "
-                    f"that differ, so they cannot be mapped onto {jax.process_count()} processes; "
-                    "resume with the process count that wrote them")
-            text = texts.pop()
-        # grain's DataLoaderIterator speaks bytes of JSON, dataset iterators speak dicts.
-        wants_bytes = isinstance(args.iterator.get_state(), bytes)
-        args.iterator.set_state(text.encode() if wants_bytes else json.loads(text))
+        set_data_state(args.iterator, read_data_state(directory))
         return args.iterator
+
+
+def _data_file_name() -> str:
+    return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+def read_data_state(directory: epath.Path) -> str:
+    """This process's saved iterator state (JSON text), checked to parse."""
+    path = directory / _data_file_name()
+    if path.exists():
+        text = path.read_text()
+    else:
+        # Written by another number of processes: fine when every process saved the same
+        # state (udit_jax.data's loaders and SyntheticBatches count global positions).
+        files = sorted(directory.glob("process_*.json"))
+        if not files:
+            raise FileNotFoundError(f"{directory} holds no data-iterator state")
+        texts = {p.read_text() for p in files}
+        if len(texts) != 1:
+            raise IncompatibleCheckpointError(
+                f"{directory} holds per-process data states {[p.name for p in files]} that differ, "
+                f"so they cannot be mapped onto {jax.process_count()} processes; resume with the "
+                "process count that wrote them")
+        text = texts.pop()
+    json.loads(text)   # garbled -> ValueError (corrupt)
+    return text
+
+
+def set_data_state(iterator, text: str) -> None:
+    # grain's DataLoaderIterator speaks bytes of JSON, dataset iterators speak dicts.
+    wants_bytes = isinstance(iterator.get_state(), bytes)
+    iterator.set_state(text.encode() if wants_bytes else json.loads(text))
 
 
 @ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
@@ -71,57 +218,397 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
 
 
 # ----------------------------------------------------------------------------------------
+# All processes agree before acting.
+
+_OK, _CORRUPT, _INCOMPATIBLE = 0, 1, 2
+_MESSAGE_BYTES = 8192
+
+
+def _agree(code: int, message: str) -> tuple[int, str]:
+    """(the worst code over all processes, the message of the first process reporting it)."""
+    if jax.process_count() == 1:
+        return code, message
+    from jax.experimental import multihost_utils
+    data = message.encode()[:_MESSAGE_BYTES]
+    row = np.zeros(_MESSAGE_BYTES + 2, np.int32)
+    row[0], row[1] = code, len(data)
+    row[2:2 + len(data)] = np.frombuffer(data, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(row))
+    worst = int(rows[:, 0].max())
+    first = rows[int(np.argmax(rows[:, 0] == worst))]
+    text = bytes(first[2:2 + first[1]].astype(np.uint8)).decode(errors="replace")
+    if worst != code and worst != _OK:
+        text = f"(found by another process) {text}"
+    return worst, text
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _restore_args(target) -> Any:
+    """Sharded leaves restore onto their sharding; unsharded ones as host numpy arrays."""
+    def one(x):
+        if getattr(x, "sharding", None) is not None:
+            return ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
+        return ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype)
+    return jax.tree.map(one, target)
+
+
+def _key_name(entry) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _leaf_table(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(_key_name(k) for k in path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+            for path, leaf in leaves}
+
+
+def _tree_differences(stored: dict, wanted: dict, partial: bool) -> list[str]:
+    out = [f"{k}: not in the checkpoint" for k in sorted(wanted.keys() - stored.keys())]
+    if not partial:
+        out += [f"{k}: in the checkpoint, not in this config's state"
+                for k in sorted(stored.keys() - wanted.keys())]
+    for k in sorted(wanted.keys() & stored.keys()):
+        if stored[k] != wanted[k]:
+            (s_shape, s_dtype), (w_shape, w_dtype) = stored[k], wanted[k]
+            out.append(f"{k}: {s_dtype}{list(s_shape)} in the checkpoint, {w_dtype}{list(w_shape)} now")
+    return out if len(out) <= 3 else out[:3] + [f"and {len(out) - 3} more leaves"]
+
+
+# ----------------------------------------------------------------------------------------
 
 class Checkpointer:
-    """Keeps the last `keep` checkpoints plus every `keep_every`-th step, asynchronously."""
+    """The checkpoints of one workdir: keeps the last `keep` plus every `keep_every`-th step.
 
-    def __init__(self, workdir: epath.Path, *, keep: int, keep_every: int | None,
-                 async_save: bool = True):
-        self.directory = epath.Path(workdir) / "checkpoints"
-        self.unreadable_dir = epath.Path(workdir) / "checkpoints_unreadable"
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, keep_period=keep_every or None, create=True,
-            enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data"),
+    config: the resolved config (stored with every save, diffed on restore); None skips
+      the config comparison (tests, tools without a config).
+    read_only: a reader (export, sampling); it never creates, moves or writes anything.
+    on_mismatch: "stop", or the explicit opt-ins "start_fresh" / "load_params" (training).
+    save_retries / retry_delay_s: a failed save is retried this often (storage hiccups), with
+      exponential backoff, before CheckpointSaveError stops the run.
+    """
+
+    def __init__(self, workdir, *, keep: int = 3, keep_every: int | None = None,
+                 async_save: bool = True, config=None, read_only: bool = False,
+                 on_mismatch: str = "stop", save_retries: int = 2, retry_delay_s: float = 2.0):
+        if on_mismatch not in ON_MISMATCH:
+            raise ValueError(f"checkpoint.on_mismatch={on_mismatch!r}; use one of {ON_MISMATCH}")
+        workdir = epath.Path(workdir)
+        self.directory = workdir / "checkpoints"
+        self.set_aside_dir = workdir / SET_ASIDE_DIR
+        self.config = None if config is None else config_as_json(config)
+        self.read_only = read_only
+        self.on_mismatch = on_mismatch
+        self.async_save = async_save and not read_only
+        self.save_retries, self.retry_delay_s = save_retries, retry_delay_s
+        self._pending: int | None = None            # step of the save not yet confirmed
+        self._saving: int | None = None             # step the async manifest callback hashes
+        self._hashing = concurrent.futures.ThreadPoolExecutor(1, "checkpoint-manifest")
+        self._manifest_job: concurrent.futures.Future | None = None
+        self._restored: Any = None                  # arrays read, until all processes agree
+        if read_only:
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+        else:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep, keep_period=keep_every or None, create=True,
+                enable_async_checkpointing=self.async_save,
+                # Directories are made in save() itself: a failure there raises at once
+                # (made in the background, it leaves the save thread waiting 20 minutes).
+                async_options=ocp.AsyncOptions(post_finalization_callback=self._manifest_before_commit,
+                                               create_directories_asynchronously=False)
+                if self.async_save else None)
+        self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data", "config"),
                                              options=options)
 
-    def save(self, step: int, state: Any, iterator: Any) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=DataIteratorSave(iterator)), force=True)
+    # ------------------------------------------------------------------------------------
+    # Saving: every save's outcome is learned before the next save and before exit.
 
-    def restore_latest(self, abstract_state: Any, iterator: Any = None) -> tuple[int, Any] | None:
-        """(step, state) of the newest readable checkpoint, or None when there is none.
+    def save(self, step: int, state: Any, iterator: Any, *, wait: bool = False) -> None:
+        """Saves asynchronously; wait=True (last and preemption saves) confirms the commit.
 
-        abstract_state: jax.ShapeDtypeStructs with the target shardings (the current mesh).
-        iterator: its state is set in place (None: the data state is not read).
+        A failed earlier save makes this one synchronous, retried; raises CheckpointSaveError
+        naming the path and the cause when the retries fail too.
         """
-        for step in sorted(self.manager.all_steps(), reverse=True):
-            items = {"state": ocp.args.StandardRestore(abstract_state)}
-            if iterator is not None:
-                items["data"] = DataIteratorRestore(iterator)
-            try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-            except Exception as e:  # noqa: BLE001 - any failure to read means "unusable"
-                logging.warning("checkpoint at step %d in %s is unreadable (%s: %s); moving it to "
-                                "%s and falling back to the previous checkpoint", step,
-                                self.directory, type(e).__name__, str(e)[:300], self.unreadable_dir)
-                self._move_aside(step)
-                continue
-            return step, restored["state"]
+        wait = wait or not self.async_save   # a sync save is committed: hash it right away
+        failure = self._settle()
+        if failure is not None:
+            logging.error("the checkpoint save at step %d to %s failed (%s); saving step %d now and "
+                          "waiting for it", failure[0], self.directory, failure[1], step)
+            wait = True
+        causes = [] if failure is None else [f"step {failure[0]}: {failure[1]}"]
+        for attempt in range(self.save_retries + 1):
+            cause = self._issue(step, state, iterator)
+            if cause is None and wait:
+                settled = self._settle()
+                cause = settled and settled[1]
+            if cause is None:
+                return
+            causes.append(f"step {step}: {cause}")
+            if attempt < self.save_retries:
+                delay = self.retry_delay_s * 2 ** attempt
+                logging.warning("saving the checkpoint at step %d to %s failed (%s); retrying in "
+                                "%.0f s", step, self.directory, cause, delay)
+                time.sleep(delay)
+        raise CheckpointSaveError(
+            f"could not save the checkpoint at step {step} to {self.directory / str(step)} "
+            f"({len(causes)} attempts): {causes[-1]}. Training stopped so that no steps are "
+            f"trained without a checkpoint; the newest saved checkpoint is step "
+            f"{self.latest_step()}. Fix the storage (space, permissions, path) and restart.")
+
+    def _issue(self, step: int, state: Any, iterator: Any) -> str | None:
+        items = {"state": ocp.args.StandardSave(state), "data": DataIteratorSave(iterator)}
+        if self.config is not None:
+            items["config"] = ocp.args.JsonSave(self.config)
+        self._saving = self._pending = step
+        cause = None
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:  # noqa: BLE001 - whatever the storage layer raises is a failed save
+            cause = f"{type(e).__name__}: {e}"
+        code, cause = _agree(_CORRUPT if cause else _OK, cause or "")
+        if code == _OK:
+            return None
+        self._pending = None
+        return cause
+
+    def _settle(self) -> tuple[int, str] | None:
+        """Waits for the pending save; (step, cause) when it did not commit, else None."""
+        step, self._pending = self._pending, None
+        if step is None:
+            return None
+        cause = None
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001 - whatever the storage layer raised in the background
+            cause = f"{type(e).__name__}: {e}"
+        if cause is None and not (self.directory / str(step)).exists():
+            cause = "the step directory was never committed (orbax's error is in the log above)"
+        code, cause = _agree(_CORRUPT if cause else _OK, cause or "")
+        if code != _OK:
+            return step, cause
+        if not self.async_save and jax.process_index() == 0:
+            self._wait_for_manifest()
+            self._manifest_job = self._hashing.submit(write_manifest, self.directory / str(step))
         return None
 
-    def _move_aside(self, step: int) -> None:
-        # Removing the step from the manager's view lets training save that step again later.
+    def _manifest_before_commit(self) -> None:
+        # orbax's background thread on process 0, after every process wrote its files and
+        # before the rename that commits the step (object stores: no rename, final path).
+        tmp = self.directory / f"{self._saving}{_TMP_MARK}"
+        write_manifest(tmp if tmp.exists() else self.directory / str(self._saving))
+
+    def _wait_for_manifest(self) -> None:
+        if self._manifest_job is not None:
+            try:
+                self._manifest_job.result()
+            except OSError as e:
+                logging.warning("could not write the checksum manifest of a checkpoint (%s); it "
+                                "restores unverified", e)
+            self._manifest_job = None
+
+    # ------------------------------------------------------------------------------------
+    # Restoring.
+
+    def restore(self, target: Any, iterator: Any = None, *, init: Callable[[], Any] | None = None,
+                step: int | None = None, partial: bool = False) -> tuple[int, Any] | None:
+        """(step, state) of the newest checkpoint that restores; see the module docstring.
+
+        target: the state's jax.ShapeDtypeStructs (with shardings: restored onto them; without:
+          host numpy). partial=True restores only target's leaves (e.g. {"ema_params", "step"}).
+        iterator: its state is set in place (None: the data state is not read).
+        init: builds the step-0 state; given (training), a workdir without checkpoints returns
+          (0, init()) and the on_mismatch opt-ins can start fresh. Without it, None.
+        step: restore exactly this step (readers); None = the newest that restores.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if step is not None:
+            if step not in steps:
+                raise FileNotFoundError(f"no checkpoint at step {step} in {self.directory}; "
+                                        f"available steps: {sorted(steps)}")
+            steps = [step]
+        initial_data = None if iterator is None else iterator.get_state()
+        corrupt: list[tuple[int, str]] = []
+        for candidate in steps:
+            code, message = _agree(*self._verdict(candidate, target, iterator, partial))
+            if code == _OK:
+                code, message = _agree(*self._read(candidate, target, partial))
+            if code == _INCOMPATIBLE:
+                return self._incompatible(candidate, message, target, iterator, initial_data, init)
+            if code == _CORRUPT:
+                logging.warning("the checkpoint at step %d in %s is unreadable (%s)%s", candidate,
+                                self.directory, message,
+                                "" if self.read_only else "; trying the previous one")
+                corrupt.append((candidate, message))
+                continue
+            restored = self._restored
+            self._restored = None
+            for bad, reason in corrupt:
+                self._set_aside(bad, "corrupt", reason)
+            self._set_aside_uncommitted()
+            logging.info("restored the checkpoint at step %d from %s", candidate, self.directory)
+            return candidate, restored
+        if iterator is not None:
+            set_data_state(iterator, json.dumps(initial_data) if not isinstance(initial_data, bytes)
+                           else initial_data.decode())
+        if corrupt:
+            listing = "; ".join(f"step {s}: {m}" for s, m in corrupt)
+            if init is None or self.on_mismatch == "stop":
+                raise NoRestorableCheckpointError(
+                    f"none of the checkpoints in {self.directory} can be read ({listing}). Nothing "
+                    "was moved or deleted. Restore the files, or set "
+                    "checkpoint.on_mismatch='start_fresh' to start this run over at step 0 with "
+                    f"these kept under {self.set_aside_dir}, or use a new --workdir")
+            for s, m in corrupt:
+                self._set_aside(s, "corrupt", m)
+            logging.warning("checkpoint.on_mismatch=%s and no checkpoint can be read: starting at "
+                            "step 0; the unreadable ones are kept in %s", self.on_mismatch,
+                            self.set_aside_dir)
+        if init is None:
+            return None
+        self._set_aside_uncommitted()
+        logging.info("no checkpoint in %s: starting from step 0", self.directory)
+        return 0, init()
+
+    def _verdict(self, step: int, target, iterator, partial: bool) -> tuple[int, str]:
+        """This process's verdict on `step` from checksums, metadata, config and data state."""
+        step_dir = self.directory / str(step)
+        try:
+            problem = verify_manifest(step_dir, jax.process_index(), jax.process_count())
+        except FileNotFoundError:
+            problem = None
+            if not (step_dir / MANIFEST_FILE).exists():
+                logging.warning("the checkpoint at step %d has no %s (written by an older version, "
+                                "or the run stopped right after committing it): restoring it "
+                                "unverified", step, MANIFEST_FILE)
+        except (OSError, ValueError, KeyError) as e:
+            problem = f"{MANIFEST_FILE}: {type(e).__name__}: {e}"
+        if problem:
+            return _CORRUPT, problem
+        try:
+            stored_tree = self._stored_tree(step)
+            stored_config = None
+            if (step_dir / "config").exists():
+                stored_config = ocp.JsonCheckpointHandler().restore(step_dir / "config")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return _CORRUPT, f"{type(e).__name__}: {str(e)[:300]}"
+        differences = []
+        leaves = _tree_differences(stored_tree, _leaf_table(target), partial)
+        if stored_config is not None and self.config is not None:
+            differences = config_differences(stored_config, self.config)
+            if leaves:   # the state differs: a "resumable" field may be why (grad_clip_norm)
+                differences += [f"{d} (may change on resume)" for d in config_differences(
+                    stored_config, self.config, resumable=()) if d not in differences]
+        if leaves or differences:
+            return _INCOMPATIBLE, self._mismatch_message(step, differences, leaves,
+                                                         stored_config is not None)
+        if iterator is not None:
+            try:
+                text = read_data_state(step_dir / "data")
+            except IncompatibleCheckpointError as e:
+                return _INCOMPATIBLE, self._mismatch_message(step, [str(e)], [], True)
+            except (OSError, ValueError) as e:
+                return _CORRUPT, f"data state: {type(e).__name__}: {e}"
+            try:
+                set_data_state(iterator, text)
+            except ValueError as e:   # the loader's own refusal (seed, dataset size, version)
+                return _INCOMPATIBLE, self._mismatch_message(step, [f"data state: {e}"], [], True)
+        return _OK, ""
+
+    def _stored_tree(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        metadata = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+        return _leaf_table(metadata.tree)
+
+    def _read(self, step: int, target, partial: bool) -> tuple[int, str]:
+        """Restores the arrays (collective); kept in self._restored until all agree."""
+        if partial:
+            args = ocp.args.PyTreeRestore(item=target, restore_args=_restore_args(target),
+                                          partial_restore=True)
+        else:
+            args = ocp.args.StandardRestore(target)
+        try:
+            self._restored = self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return _CORRUPT, f"{type(e).__name__}: {str(e)[:300]}"
+        return _OK, ""
+
+    def _mismatch_message(self, step: int, differences: list[str], leaves: list[str],
+                          has_config: bool) -> str:
+        what = "; ".join(differences) if differences else (
+            "no run-defining config field differs, so the code that wrote it built another state"
+            if has_config else "it stores no config (older version)")
+        return (f"the checkpoint at step {step} in {self.directory} does not fit this config: "
+                f"{what}" + (f" (state leaves: {'; '.join(leaves)})" if leaves else "")
+                + ". Nothing was moved. Ways out: restore those values (the checkpoint's config: "
+                f"{self.directory / str(step) / 'config'}); or use a new --workdir; or set "
+                "checkpoint.on_mismatch='start_fresh' (start at step 0, the old checkpoints kept "
+                f"in {self.set_aside_dir}) or 'load_params' (fine-tune: its params and EMA with a "
+                "fresh optimizer and data state, from step 0)")
+
+    def _incompatible(self, step: int, message: str, target, iterator, initial_data, init):
+        if init is None or self.read_only or self.on_mismatch == "stop":
+            raise IncompatibleCheckpointError(message)
+        state = init()
+        if self.on_mismatch == "load_params":
+            wanted = {"params": target.params, "ema_params": target.ema_params}
+            leaves = _tree_differences(self._stored_tree(step), _leaf_table(wanted), partial=True)
+            code, detail = _agree(_INCOMPATIBLE if leaves else _OK, "; ".join(leaves))
+            if code == _OK:
+                code, detail = _agree(*self._read(step, wanted, partial=True))
+            if code != _OK:
+                raise IncompatibleCheckpointError(
+                    f"checkpoint.on_mismatch='load_params': the params at step {step} do not fit "
+                    f"this model either ({detail}); use a new --workdir")
+            state = state.replace(**self._restored)
+            self._restored = None
+        if iterator is not None:
+            set_data_state(iterator, json.dumps(initial_data) if not isinstance(initial_data, bytes)
+                           else initial_data.decode())
+        for s in sorted(self.manager.all_steps()):
+            self._set_aside(s, "superseded", message)
+        self._set_aside_uncommitted()
+        logging.warning("checkpoint.on_mismatch=%s: starting at step 0%s; the old checkpoints are "
+                        "kept in %s (%s)", self.on_mismatch,
+                        " from the params of step %d" % step if self.on_mismatch == "load_params"
+                        else "", self.set_aside_dir, message)
+        return 0, state
+
+    def _set_aside_uncommitted(self) -> None:
+        """Saves a killed run left half-written; done once the restore decided to go on."""
+        if self.read_only:
+            return
+        if jax.process_index() == 0 and self.directory.exists():
+            for tmp in sorted(self.directory.glob(f"*{_TMP_MARK}*")):
+                self._move(tmp, "incomplete")
+        _barrier("checkpoint_set_aside_uncommitted")
+
+    def _set_aside(self, step: int, reason: str, detail: str) -> None:
+        if self.read_only:
+            return
         if jax.process_index() == 0:
-            self.unreadable_dir.mkdir(parents=True, exist_ok=True)
-            target = self.unreadable_dir / str(step)
-            if target.exists():
-                target.rmtree()
-            (self.directory / str(step)).rename(target)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices(f"checkpoint_move_aside_{step}")
+            target = self._move(self.directory / str(step), reason)
+            logging.warning("moved the checkpoint at step %d to %s (%s)", step, target, detail)
+        _barrier(f"checkpoint_set_aside_{step}")
         self.manager.reload()
+
+    def _move(self, path: epath.Path, reason: str) -> epath.Path:
+        """Renames `path` into the set-aside folder under a name never used before."""
+        self.set_aside_dir.mkdir(parents=True, exist_ok=True)
+        k = 1
+        while (self.set_aside_dir / f"{path.name}.{reason}.{k}").exists():
+            k += 1
+        target = self.set_aside_dir / f"{path.name}.{reason}.{k}"
+        path.rename(target)
+        return target
+
+    # ------------------------------------------------------------------------------------
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -130,11 +617,42 @@ class Checkpointer:
         """JAX's preemption sync point (multi-process runs, TPU maintenance events)."""
         return self.manager.reached_preemption(step)
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
-        self.manager.close()
+        """Waits for the last save; CheckpointSaveError when it did not commit."""
+        try:
+            failure = self._settle()
+            self._wait_for_manifest()
+        finally:
+            self._hashing.shutdown(wait=True)
+            self.manager.close()
+        if failure is not None:
+            raise CheckpointSaveError(f"the checkpoint save at step {failure[0]} to "
+                                      f"{self.directory / str(failure[0])} failed: {failure[1]}")
+
+
+def restore_params(workdir, target: Mapping[str, Any], *, config=None,
+                   step: int | None = None) -> tuple[int, Any]:
+    """(step, the `target` subtrees of the train state) of a training run, read only.
+
+    target: e.g. {"ema_params": ShapeDtypeStructs, "step": ShapeDtypeStruct(())}; leaves with
+    a sharding restore onto it, others as host numpy. step None: the newest that restores.
+    Raises FileNotFoundError (no checkpoints), IncompatibleCheckpointError (config differs),
+    NoRestorableCheckpointError (none readable). Moves nothing.
+    """
+    directory = epath.Path(workdir) / "checkpoints"
+    if not directory.exists():
+        raise FileNotFoundError(f"no training checkpoints in {directory}: pass the --workdir "
+                                "of a training run (or train first)")
+    ckpt = Checkpointer(workdir, config=config, read_only=True)
+    try:
+        if not ckpt.manager.all_steps():
+            raise FileNotFoundError(f"{directory} holds no finished checkpoint")
+        restored = ckpt.restore(dict(target), step=step, partial=True)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise NoRestorableCheckpointError(f"no checkpoint in {directory} can be read")
+    return restored
 
 
 class SigtermFlag:
@@ -156,3 +674,26 @@ class SigtermFlag:
 
     def restore_handler(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
+
+
+def unique_path(directory: epath.Path, stem: str, suffix: str) -> epath.Path:
+    """directory/stem+suffix, or stem.2+suffix, ... : a name no file has yet."""
+    path, k = directory / f"{stem}{suffix}", 1
+    while path.exists():
+        k += 1
+        path = directory / f"{stem}.{k}{suffix}"
+    return path
+
+
+def write_config_history(workdir, config, start_step: int) -> epath.Path:
+    """config.json (the first start's, written once) and config-<start step>.json for every
+    start, never overwriting either (process 0)."""
+    workdir = epath.Path(workdir)
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    path = unique_path(workdir, f"config-{start_step}", ".json")
+    if jax.process_index() == 0:
+        if not (workdir / "config.json").exists():
+            (workdir / "config.json").write_text(text)
+        path.write_text(text)
+    return path
+

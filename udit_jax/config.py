@@ -5,7 +5,11 @@
     model = config_lib.build_model(config)
 
 Every `configs/*.py` starts from `base_config()` or `imagenet_config()`; the jobs (train,
-export, sample, evaluate) read what a config means from here, never from each other.
+export, sample, evaluate) read what a config means from here, never from each other:
+`validate(config)` checks everything that can be checked before compiling, and the
+functions below it compute each derived value (model, diffusion, mesh, VAE description,
+sampling settings) in one place. Every field has its default in the schema; code reads
+fields, never `.get(name, default)`.
 """
 
 from __future__ import annotations
@@ -13,9 +17,14 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from udit_jax import diffusion as diffusion_lib
+from udit_jax import models, parallel
+from udit_jax import sampler as sampler_lib
 
 # ========================================================================================
 # Config schema (every configs/*.py starts from this and overrides what it needs).
@@ -72,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.loader_threads = 8
     c.data.prefetch_batches = 4
     c.data.loader_workers = 0         # grain worker processes (0: threads only)
-    c.data.decode_threads = 0         # image decoding threads (0: the data module's default)
+    c.data.decode_threads = 8         # image decoding threads (pixel loader, --mode=encode)
     c.data.min_image_side = 16        # smaller images are skipped as unusable
     c.data.max_image_pixels = 2 ** 27
     c.data.max_bad_fraction = 0.001   # unreadable images tolerated before failing
@@ -85,8 +94,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.vae.weights = ""                # e.g. sd-vae-ft-ema's diffusion_pytorch_model.safetensors
     c.vae.arguments = ml_collections.ConfigDict()
 
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1                  # -1: all devices not used by fsdp
+    # Mesh axes are data (MaxText-style): `axes` names them, outermost first, and each has a
+    # size field here. A third axis is config: axes=("data", "fsdp", "tensor"), tensor=2 and
+    # rules mapping parameter axes to it (the batch is split over data and fsdp only).
+    # Not type-safe: `rules` is a preset name or a list of pairs.
+    c.mesh = ml_collections.ConfigDict(type_safe=False)
+    c.mesh.axes = ("data", "fsdp")
+    c.mesh.data = -1                  # -1: all devices not used by the other axes
     c.mesh.fsdp = 1
     c.mesh.rules = "data_parallel"    # or "fsdp", or [(logical axis, mesh axis), ...]
 
@@ -94,6 +108,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 3             # the last N checkpoints ...
     c.checkpoint.keep_every = 50_000  # ... plus every K-th step (0: none)
     c.checkpoint.async_save = True
+    # When the workdir's checkpoints do not fit this config, or none can be read: "stop"
+    # (default, says what differs), or an explicit opt-in, both keeping the old checkpoints in
+    # <workdir>/checkpoints_set_aside: "start_fresh" (step 0) or "load_params" (fine-tune:
+    # their params and EMA, fresh optimizer and data state, step 0).
+    c.checkpoint.on_mismatch = "stop"
 
     c.sample = ml_collections.ConfigDict()
     # Rows of the preview grid. A tuple, so the command line can override it
@@ -101,7 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.classes = (88, 207, 279, 360, 387, 388, 417, 980)
     c.sample.per_class = 8
     c.sample.sampler = "ddpm"         # "ddpm", "ddim" or "dpm" (DPM-Solver++, ~20 steps)
-    c.sample.steps = "250"            # timestep respacing of the preview sampler
+    c.sample.steps = ""               # timestep respacing; "" = the sampler's default
+                                      # (udit_jax.sampler.SAMPLERS: ddpm 250, ddim ddim50, dpm 20)
     c.sample.cfg_scale = 4.0          # guidance above 1 only (official); < 0 is refused
     c.sample.seed = 0                 # fixed noise: grids are comparable across steps
     # Sampling jobs (--mode=sample, udit_jax.sample) from an export.
@@ -118,15 +138,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.export.step = 0                 # 0 = the latest checkpoint
     c.export.torch_weights = False    # also write the official PyTorch state_dict
 
-    # FID / sFID / IS of EMA samples (udit_jax.evaluation): in the loop every eval_every_steps
-    # with the preview sampler's settings, and for --mode=evaluate on a sample .npz.
+    # FID / sFID / IS of EMA samples (udit_jax.evaluation): in the loop every eval_every_steps,
+    # and for --mode=evaluate (of a sample .npz, or of the export's samples). Both sample
+    # images of random classes with the same settings and keys (seed), so the in-loop numbers
+    # of step k equal --mode=evaluate's of step k's export with num_samples=in_loop_num_samples.
     c.eval = ml_collections.ConfigDict()
     c.eval.reference_npz = ""         # ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz
     c.eval.inception_weights = ""     # pytorch-fid Inception weights
     c.eval.sample_npz = ""            # --mode=evaluate: the samples to score
     c.eval.output_json = ""           # --mode=evaluate: "" = <workdir>/eval/<sample>.json
-    c.eval.in_loop_num_samples = 5000  # samples per in-loop evaluation (FID-5K)
-    c.eval.sample_batch = 256
+    c.eval.in_loop_num_samples = 5000  # images per in-loop evaluation (its metrics: FID-5K)
+    c.eval.sample_batch = 256         # in-loop: images per sampling call (global)
     c.eval.batch_size = 256           # Inception batch
     c.eval.is_split_size = 5000
     c.eval.preprocess = "adm"
@@ -134,14 +156,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.pr_distance = "float16"
     c.eval.inception_dtype = "float32"  # Inception compute; bfloat16 is faster, approximate
     c.eval.seed = 0
-    # --mode=evaluate of an export (when sample_npz is ""): the papers' protocol by default,
-    # 50,000 samples of random classes, DDPM with 250 respaced steps, float32 sampling whatever
-    # the training dtype, and the guidance of the paper table the config reproduces (named in
-    # its docstring; U-DiT's and DiT's 400K tables are without guidance: cfg_scale 1).
-    c.eval.num_samples = 50_000
+    # Sampling for evaluation (in the loop, and --mode=evaluate of an export when sample_npz is
+    # ""): the papers' protocol by default (EVAL_PROTOCOL), whatever the preview settings and
+    # the training dtype: 50,000 images of random classes, the objective's protocol sampler
+    # (DDPM: 250 respaced steps), float32, and the guidance of the paper table the config
+    # reproduces (named in its docstring; U-DiT's and DiT's 400K tables are without guidance).
+    c.eval.num_samples = 50_000       # --mode=evaluate (the in-loop count is in_loop_num_samples)
     c.eval.export_dir = ""            # "" = <workdir>/export
-    c.eval.sampler = "ddpm"
-    c.eval.steps = "250"
+    c.eval.sampler = ""               # "" = EVAL_PROTOCOL[objective]'s sampler
+    c.eval.steps = ""                 # "" = that sampler's protocol (or default) steps
     c.eval.cfg_scale = 1.0            # > 1: classifier-free guidance (DiT-XL/2's FID 2.27: 1.5)
     c.eval.guide_all_channels = False  # False: guide the first 3 channels, as officially
     c.eval.dtype = "float32"          # sampling compute dtype
@@ -149,6 +172,36 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.write_reference_to = ""
     c.eval.reference_max_images = 0  # 0 = every image
     c.eval.reference_with_images = False
+
+    # Training objective and its switches (validate_objective checks them; see make_objective).
+    c.objective = "ddpm"              # "ddpm" (DiT / U-DiT's eps objective) or "transport" (SiT)
+    c.transport = ml_collections.ConfigDict()   # SiT's create_transport / sample.py arguments
+    c.transport.path_type = "Linear"  # Linear | GVP | VP
+    c.transport.prediction = "velocity"  # velocity | noise | score
+    c.transport.loss_weight = "none"  # none | velocity | likelihood (noise / score models)
+    c.transport.train_eps = ml_collections.config_dict.placeholder(float)   # None: SiT's rule
+    c.transport.sample_eps = ml_collections.config_dict.placeholder(float)
+    # Transport samplers are sample.sampler / eval.sampler "ode" or "sde"; their steps count
+    # time-grid points, as SiT's num_sampling_steps.
+    # dopri5 (adaptive, SiT's default) | euler | midpoint | heun2 | heun3 | rk4 (fixed steps)
+    c.transport.ode_method = "dopri5"
+    c.transport.atol = 1e-6           # dopri5's error tolerances (SiT's defaults)
+    c.transport.rtol = 1e-3
+    c.transport.sde_method = "Euler"  # Euler | Heun
+    c.transport.diffusion_form = "sigma"  # SBDM | sigma | linear | decreasing | inccreasing-decreasing
+    c.transport.diffusion_norm = 1.0
+    c.transport.last_step = "Mean"    # Mean | Tweedie | Euler | none
+    c.transport.last_step_size = 0.04
+    c.timestep_sampling = ml_collections.ConfigDict()   # training times, both objectives
+    c.timestep_sampling.kind = "uniform"  # uniform | logit_normal (noise level sigmoid(mean + std n))
+    c.timestep_sampling.mean = 0.0
+    c.timestep_sampling.std = 1.0
+    c.loss_weighting = ml_collections.ConfigDict()
+    c.loss_weighting.kind = "none"    # none | min_snr (min(SNR, gamma) on the data-prediction MSE)
+    c.loss_weighting.gamma = 5.0
+    # CFG only at noise levels u in [low, high] (u = t/T for DDPM, 1 - t for SiT's time; 0 is
+    # data, 1 noise), for previews, sampling jobs and evaluation; (0, 1) guides everywhere.
+    c.sample.guidance_interval = (0.0, 1.0)
     return c
 
 
@@ -171,59 +224,6 @@ def imagenet_config(model_name: str, image_size: int = 256) -> ml_collections.Co
     config.total_steps = 400_000
     config.seed = 0
     return config
-
-
-def is_latent(config) -> bool:
-    if config.data.space not in ("latent", "pixel"):
-        raise ValueError(f"data.space={config.data.space!r}; use 'latent' or 'pixel'")
-    return config.data.space == "latent"
-
-
-def model_kwargs(config) -> dict[str, Any]:
-    latent = is_latent(config)
-    kwargs = dict(config.model.kwargs)
-    if latent and config.data.image_size % 8:
-        raise ValueError(f"data.image_size={config.data.image_size} is not a multiple of 8, the "
-                         "VAE's downsampling factor")
-    kwargs.setdefault("input_size", config.data.image_size // 8 if latent else config.data.image_size)
-    kwargs.setdefault("in_channels", 4 if latent else config.data.channels)
-    kwargs.setdefault("num_classes", config.data.num_classes)
-    kwargs.setdefault("learn_sigma", config.diffusion.learn_sigma)
-    if kwargs["in_channels"] < 3:
-        # The official CFG guides channels 0-2 only; with fewer channels guide them all.
-        kwargs.setdefault("cfg_channels", None)
-    kwargs["dtype"] = jnp.dtype(config.model.dtype)
-    kwargs["remat"] = bool(config.model.remat)
-    return kwargs
-
-
-def build_model(config):
-    """The model the config describes; ValueError naming the problem when it cannot exist."""
-    from udit_jax import models
-    kwargs = model_kwargs(config)
-    try:
-        return models.build_model(config.model.name, **kwargs)
-    except ValueError as e:
-        raise ValueError(f"model.name={config.model.name!r} with {kwargs}: {e}") from e
-
-
-def make_optimizer(opt) -> tuple[optax.GradientTransformation, Callable]:
-    """AdamW (optionally warmup and global-norm clipping) and its learning-rate schedule."""
-    if opt.warmup_steps > 0:
-        schedule = optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps)
-    else:
-        schedule = optax.constant_schedule(opt.learning_rate)
-    adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
-    if opt.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), adamw), schedule
-    return adamw, schedule
-
-
-def make_diffusion(config):
-    from udit_jax import diffusion
-    return diffusion.create_diffusion("", noise_schedule=config.diffusion.noise_schedule,
-                                      learn_sigma=config.diffusion.learn_sigma,
-                                      diffusion_steps=config.diffusion.diffusion_steps)
 
 
 # ========================================================================================
@@ -293,3 +293,314 @@ def check_values(config) -> None:
                     "num_heads"):
             need(isinstance(value, int) and value > 0, f"model.kwargs.{name}",
                  "must be a positive integer")
+
+
+# ========================================================================================
+# Validation: everything that can be checked before compiling (the workdir is the job's).
+
+def validate(config):
+    """Raises ValueError naming the field and the fix for a config that cannot run on these
+    devices; returns the model. Files are the jobs' to check (training checks the in-loop
+    evaluation's at its start: evaluation.in_training.check_requirements)."""
+    check_values(config)
+    n_dev, n_proc = jax.device_count(), jax.process_count()
+    b, accum = config.batch_size, config.optimizer.grad_accum_steps
+    if b <= 0 or accum <= 0 or b % accum:
+        raise ValueError(f"batch_size={b} must be positive and divisible by "
+                         f"optimizer.grad_accum_steps={accum}")
+    if (b // accum) % n_dev:
+        raise ValueError(f"global batch_size={b} (per microbatch {b // accum}) is not divisible by "
+                         f"the {n_dev} devices; use a multiple of {n_dev * accum}")
+    if b % n_proc:
+        raise ValueError(f"batch_size={b} is not divisible by the {n_proc} processes")
+    if config.total_steps <= 0:
+        raise ValueError(f"total_steps={config.total_steps} must be positive")
+    if not 0.0 <= config.optimizer.ema_decay <= 1.0:
+        raise ValueError(f"optimizer.ema_decay={config.optimizer.ema_decay} must be in [0, 1]")
+    for name in ("log_every_steps", "checkpoint_every_steps"):
+        if config[name] <= 0:
+            raise ValueError(f"{name}={config[name]} must be positive")
+    parallel.resolve_rules(config.mesh.rules, tuple(config.mesh.axes))
+    make_mesh(config)
+    model = build_model(config)
+    validate_objective(config)   # objective switches; the samplers fit the objective
+    preview = sampling(config, "sample")
+    if config.sample_every_steps and not config.sample.classes:
+        raise ValueError("sample.classes is empty; list the class ids of the preview rows")
+    bad = [c for c in config.sample.classes if not 0 <= c < config.data.num_classes]
+    if config.sample_every_steps and bad:
+        raise ValueError(f"sample.classes {bad} are outside [0, {config.data.num_classes})")
+    used = {"sample": preview} if config.sample_every_steps else {}
+    if config.eval_every_steps:
+        missing = [k for k in ("reference_npz", "inception_weights") if not config.eval[k]]
+        if missing:
+            raise ValueError(f"eval_every_steps > 0 needs config.eval.{', config.eval.'.join(missing)} "
+                             "(ADM reference batch, pytorch-fid Inception weights); or set "
+                             "eval_every_steps=0")
+        used["eval"] = sampling(config, "eval")
+    for section, settings in used.items():
+        if settings["cfg_scale"] > 1 and not model.class_dropout_prob:
+            raise ValueError(f"{section}.cfg_scale > 1 needs the null-class embedding, which a "
+                             f"model with class_dropout_prob=0 does not have; set "
+                             f"{section}.cfg_scale=1")
+    return model
+
+
+# ========================================================================================
+# Derived values.
+
+def is_latent(config) -> bool:
+    if config.data.space not in ("latent", "pixel"):
+        raise ValueError(f"data.space={config.data.space!r}; use 'latent' or 'pixel'")
+    return config.data.space == "latent"
+
+
+def model_kwargs(config) -> dict[str, Any]:
+    latent = is_latent(config)
+    kwargs = dict(config.model.kwargs)
+    if latent and config.data.image_size % 8:
+        raise ValueError(f"data.image_size={config.data.image_size} is not a multiple of 8, the "
+                         "VAE's downsampling factor")
+    kwargs.setdefault("input_size", config.data.image_size // 8 if latent else config.data.image_size)
+    kwargs.setdefault("in_channels", 4 if latent else config.data.channels)
+    kwargs.setdefault("num_classes", config.data.num_classes)
+    kwargs.setdefault("learn_sigma", config.diffusion.learn_sigma)
+    if kwargs["in_channels"] < 3:
+        # The official CFG guides channels 0-2 only; with fewer channels guide them all.
+        kwargs.setdefault("cfg_channels", None)
+    kwargs["dtype"] = jnp.dtype(config.model.dtype)
+    kwargs["remat"] = bool(config.model.remat)
+    return kwargs
+
+
+def build_model(config):
+    """The model the config describes; ValueError naming the problem when it cannot exist."""
+    kwargs = model_kwargs(config)
+    try:
+        return models.build_model(config.model.name, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"model.name={config.model.name!r} with {kwargs}: {e}") from e
+
+
+def make_optimizer(opt) -> tuple[optax.GradientTransformation, Callable]:
+    """AdamW (optionally warmup and global-norm clipping) and its learning-rate schedule."""
+    if opt.warmup_steps > 0:
+        schedule = optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps)
+    else:
+        schedule = optax.constant_schedule(opt.learning_rate)
+    adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
+    if opt.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), adamw), schedule
+    return adamw, schedule
+
+
+def diffusion_arguments(config) -> dict[str, Any]:
+    """create_diffusion's arguments besides the respacing (what an export records)."""
+    return {"noise_schedule": config.diffusion.noise_schedule,
+            "diffusion_steps": config.diffusion.diffusion_steps,
+            "learn_sigma": config.diffusion.learn_sigma}
+
+
+def make_diffusion(config, timestep_respacing: str = ""):
+    """The training diffusion (all steps), or a sampler's with `timestep_respacing`."""
+    return diffusion_lib.create_diffusion(timestep_respacing, **diffusion_arguments(config))
+
+
+def make_mesh(config):
+    """The device mesh of config.mesh (axis names and sizes are config data)."""
+    return parallel.mesh_from_config(config.mesh)
+
+
+def vae_arguments(config) -> dict[str, Any]:
+    """build_vae's arguments of the SD VAE (with the latent scale of config.data)."""
+    return dict(config.vae.arguments, scaling_factor=config.data.latent_scale)
+
+
+# The papers' evaluation sampling of each objective (sampler, steps): DiT's and U-DiT's
+# FID-50K tables sample DDPM with 250 respaced steps; SiT's headline numbers its SDE sampler
+# with 250 steps. config.eval.sampler / steps "" mean these.
+EVAL_PROTOCOL = {"ddpm": ("ddpm", "250"), "transport": ("sde", "250")}
+
+
+def sampling(config, section: str = "sample") -> dict[str, Any]:
+    """The resolved sampling settings of config.sample (previews, --mode=sample) or config.eval
+    (in-loop evaluation, --mode=evaluate): {sampler, steps, cfg_scale, guide_all_channels,
+    seed, dtype}.
+
+    steps "" is the sampler's default (udit_jax.sampler.SAMPLERS); config.eval's sampler ""
+    is the objective's protocol sampler (EVAL_PROTOCOL) with its steps. dtype: the model's
+    compute dtype for sampling (config.eval.dtype; None for config.sample: the model's own).
+    """
+    if section not in ("sample", "eval"):
+        raise ValueError(f"section={section!r}; use 'sample' or 'eval'")
+    own = config[section]
+    name, steps = own.sampler, own.steps
+    if section == "eval" and not name:
+        name, protocol_steps = EVAL_PROTOCOL[config.objective]
+        steps = steps or protocol_steps
+    sampler_lib.check_sampler(name)
+    settings = {"sampler": name, "steps": str(steps or sampler_lib.default_steps(name)),
+                "cfg_scale": float(own.cfg_scale),
+                "guide_all_channels": bool(own.guide_all_channels), "seed": int(own.seed),
+                "dtype": own.dtype if section == "eval" else None}
+    try:
+        make_diffusion(config, settings["steps"])
+    except ValueError as e:
+        raise ValueError(f"{section}.steps={settings['steps']!r}: {e}") from e
+    return settings
+
+
+def make_sampler(config, model, mesh, section: str = "sample"):
+    """(sampler.Sampler, vae_params) of config.sample / config.eval settings for `model` on
+    `mesh` (vae_params is None for pixel models). The same images as `--mode=sample` of an
+    export of the same params with the same settings (and dtype)."""
+    settings = sampling(config, section)
+    if settings["guide_all_channels"]:
+        model = model.clone(cfg_channels=None)
+    if settings["dtype"]:
+        model = model.clone(dtype=jnp.dtype(settings["dtype"]))
+    vae = vae_params = None
+    if is_latent(config):
+        vae, vae_params = sampler_lib.load_vae(vae_arguments(config), config.vae.weights, mesh)
+    sampler = sampler_lib.Sampler(model, make_diffusion(config, settings["steps"]),
+                                  sampler=settings["sampler"], cfg_scale=settings["cfg_scale"],
+                                  vae=vae, mesh=mesh)
+    return sampler, vae_params
+
+
+# ========================================================================================
+# The objective: DDPM or transport, timestep sampling, loss weighting, guidance interval.
+
+DDPM_SAMPLERS = ("ddpm", "ddim", "dpm")
+TRANSPORT_SAMPLERS = ("ode", "sde")
+
+
+def sampler_objective(sampler: str) -> str:
+    """The objective whose models `sampler` samples ("ddpm" or "transport")."""
+    if sampler in DDPM_SAMPLERS:
+        return "ddpm"
+    if sampler in TRANSPORT_SAMPLERS:
+        return "transport"
+    raise ValueError(f"sampler={sampler!r}; use one of {DDPM_SAMPLERS} (objective 'ddpm') or "
+                     f"{TRANSPORT_SAMPLERS} (objective 'transport')")
+
+
+def check_sampler_for_objective(sampler: str, objective: str, what: str = "sampler") -> None:
+    """ValueError unless `sampler` samples models trained with `objective` (e.g. an export's)."""
+    if sampler_objective(sampler) != objective:
+        wanted = DDPM_SAMPLERS if objective == "ddpm" else TRANSPORT_SAMPLERS
+        raise ValueError(f"{what}={sampler!r} samples '{sampler_objective(sampler)}' models, but "
+                         f"this model was trained with objective={objective!r}; use one of {wanted}")
+
+
+def _transport_arg(value: str | None) -> str | None:
+    return None if value in (None, "none", "None") else value
+
+
+def make_transport(config):
+    from udit_jax.diffusion import transport
+    t = config.transport
+    try:
+        return transport.create_transport(t.path_type, t.prediction, _transport_arg(t.loss_weight),
+                                          t.train_eps, t.sample_eps)
+    except ValueError as e:
+        raise ValueError(f"config.transport: {e}") from e
+
+
+def make_transport_sampling_fn(config, sampler: str, steps):
+    """The SiT sampling function (diffusion.transport.SamplingFn) of config.transport for
+    sampler "ode" / "sde" with `steps` grid points; run it with transport.sample_loop."""
+    from udit_jax.diffusion import transport
+    check_sampler_for_objective(sampler, "transport")
+    try:
+        num_steps = int(steps)
+    except (TypeError, ValueError):
+        raise ValueError(f"steps={steps!r}: transport samplers take a number of time-grid "
+                         "points such as 250") from None
+    t = config.transport
+    s = transport.Sampler(make_transport(config))
+    try:
+        if sampler == "ode":
+            return s.sample_ode(sampling_method=t.ode_method, num_steps=num_steps, atol=t.atol,
+                                rtol=t.rtol)
+        return s.sample_sde(sampling_method=t.sde_method, diffusion_form=t.diffusion_form,
+                            diffusion_norm=t.diffusion_norm, last_step=_transport_arg(t.last_step),
+                            last_step_size=t.last_step_size, num_steps=num_steps)
+    except ValueError as e:
+        raise ValueError(f"config.transport with sampler {sampler!r}: {e}") from e
+
+
+def objective_description(config) -> dict[str, Any]:
+    """What an export records of the objective: {"name"} and, for transport, the
+    create_transport arguments {"transport": {...}}."""
+    if config.objective != "transport":
+        return {"name": config.objective}
+    t = config.transport
+    return {"name": "transport",
+            "transport": {"path_type": t.path_type, "prediction": t.prediction,
+                          "loss_weight": _transport_arg(t.loss_weight),
+                          "train_eps": t.train_eps, "sample_eps": t.sample_eps}}
+
+
+def export_objective(info: dict) -> str:
+    """The objective an export's info (export.read_info) was trained with; older exports
+    without the record are DDPM's."""
+    return (info.get("objective") or {"name": "ddpm"})["name"]
+
+
+def guidance_noise_level(config) -> Callable:
+    """u(t): the noise level (0 data, 1 noise) of the model's time input, for the interval."""
+    from udit_jax.diffusion import guidance
+    if config.objective == "transport":
+        return guidance.transport_noise_level
+    return guidance.ddpm_noise_level(config.diffusion.diffusion_steps)
+
+
+def validate_objective(config) -> None:
+    """ValueError naming the field for an unknown option or a setting SiT cannot run."""
+    from udit_jax.diffusion import guidance, objective, timesteps
+    if config.objective not in objective.OBJECTIVES:
+        raise ValueError(f"objective={config.objective!r}; use one of {objective.OBJECTIVES}")
+    ts = config.timestep_sampling
+    try:
+        timesteps.TimestepSampling(ts.kind, ts.mean, ts.std)
+    except ValueError as e:
+        raise ValueError(f"config.timestep_sampling: {e}") from e
+    lw = config.loss_weighting
+    if lw.kind not in ("none", "min_snr"):
+        raise ValueError(f"loss_weighting.kind={lw.kind!r}; use 'none' or 'min_snr'")
+    if lw.kind == "min_snr" and not lw.gamma > 0:
+        raise ValueError(f"loss_weighting.gamma={lw.gamma}; min_snr needs gamma > 0 (5 is usual)")
+    try:
+        guidance.check_interval(config.sample.guidance_interval)
+    except ValueError as e:
+        raise ValueError(f"sample.guidance_interval: {e}") from e
+    samplers = {"sample.sampler": (config.sample.sampler, config.sample.steps)}
+    if config.eval.sampler:
+        samplers["eval.sampler"] = (config.eval.sampler,
+                                    config.eval.steps or EVAL_PROTOCOL[config.objective][1])
+    for what, (sampler, _) in samplers.items():
+        check_sampler_for_objective(sampler, config.objective, what)
+    if config.objective == "transport":
+        if config.eval_every_steps:
+            raise ValueError("eval_every_steps > 0: in-loop evaluation samples with the DDPM "
+                             "samplers only; set it to 0 for objective='transport' and score "
+                             "an export with --mode=evaluate")
+        tr = make_transport(config)
+        if lw.kind == "min_snr" and tr.loss_weight is not None:
+            raise ValueError(f"loss_weighting.kind='min_snr' replaces transport.loss_weight="
+                             f"{config.transport.loss_weight!r}; set one of them to 'none'")
+        for sampler, steps in samplers.values():
+            make_transport_sampling_fn(config, sampler, steps)
+
+
+def make_objective(config):
+    """The training objective (diffusion.objective) of a validated config."""
+    from udit_jax.diffusion import objective, timesteps
+    validate_objective(config)
+    ts = config.timestep_sampling
+    sampling = timesteps.TimestepSampling(ts.kind, ts.mean, ts.std)
+    gamma = config.loss_weighting.gamma if config.loss_weighting.kind == "min_snr" else None
+    if config.objective == "transport":
+        return objective.TransportObjective(make_transport(config), sampling, gamma)
+    return objective.DDPMObjective(make_diffusion(config), sampling, gamma)

@@ -19,8 +19,9 @@ Layout of an export directory:
                     optional: the official PyTorch state_dict (official key names and
                     layouts; U-DiT in the unfused training form the official code loads)
 
-An export holds no optimizer state. Exports are written to a staging directory and moved
-into place at the end, so a directory that exists is complete.
+An export holds no optimizer state. Exports are written to a staging directory, read back,
+and only then moved into place (the previous export is removed after the move), so a
+directory that exists is complete and a failed export leaves the previous one as it was.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from udit_jax import errors
+from udit_jax import errors, paths
 
 FORMAT_VERSION = 1
 INFO_FILE = "export.json"
@@ -111,9 +112,15 @@ def _write_text(path: epath.Path, text: str) -> None:
 
 
 def _replace_dir(staging: epath.Path, target: epath.Path) -> None:
+    """Moves the verified `staging` to `target`; an old `target` is removed only afterwards."""
+    old = target.parent / f".{target.name}.replaced"
+    if old.exists():   # left by an interrupted replacement, whose new export is in place
+        old.rmtree()
     if target.exists():
-        target.rmtree()
+        target.rename(old)
     staging.rename(target)
+    if old.exists():
+        old.rmtree()
 
 
 def _barrier(name: str) -> None:
@@ -125,6 +132,7 @@ def _barrier(name: str) -> None:
 def write_export(out_dir: str | os.PathLike, model, params, *, name: str | None = None,
                  diffusion: Mapping[str, Any], data: Mapping[str, Any],
                  vae: Mapping[str, Any] | None, metadata: Mapping[str, Any],
+                 objective: Mapping[str, Any] | None = None,
                  config=None, torch_weights: bool = False) -> epath.Path:
     """Writes an export directory (replacing an existing one) and returns its path.
 
@@ -132,6 +140,7 @@ def write_export(out_dir: str | os.PathLike, model, params, *, name: str | None 
     diffusion: create_diffusion arguments {"noise_schedule", "diffusion_steps", "learn_sigma"}.
     data: {"space": "pixel"|"latent", "image_size", "channels", "num_classes", "latent_scale"}.
     vae: {"arguments": AutoencoderKL overrides, "weights": path} for latent models, else None.
+    objective: config.objective_description (default DDPM's), so sampling picks its samplers.
     Every process calls it (the params are written collectively); process 0 writes the rest.
     """
     from udit_jax import convert
@@ -145,13 +154,14 @@ def write_export(out_dir: str | os.PathLike, model, params, *, name: str | None 
         "format_version": FORMAT_VERSION,
         "model": model_description(model, name),
         "diffusion": dict(diffusion),
+        "objective": _jsonable(dict(objective or {"name": "ddpm"})),
         "data": dict(data),
         "vae": None if vae is None else _jsonable(dict(vae)),
         "metadata": dict(_jsonable(dict(metadata)),
                          created=datetime.datetime.now(datetime.timezone.utc).isoformat(
                              timespec="seconds")),
     }
-    if out_dir.exists() and not (out_dir / INFO_FILE).exists():
+    if out_dir.exists() and not (out_dir / INFO_FILE).exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not an export directory; refusing to "
                               "replace it (choose another export directory)")
     staging = out_dir.parent / f".{out_dir.name}.staging"
@@ -170,6 +180,7 @@ def write_export(out_dir: str | os.PathLike, model, params, *, name: str | None 
         if config is not None:
             _write_text(staging / CONFIG_FILE, config.to_json_best_effort(indent=2, sort_keys=True))
         _write_text(staging / INFO_FILE, json.dumps(info, indent=2, sort_keys=True) + "\n")
+        load_export(staging)   # the new export reads back before it replaces anything
         _replace_dir(staging, out_dir)
     _barrier("export_done")
     return out_dir
@@ -232,51 +243,20 @@ def load_export(export_dir: str | os.PathLike, *, mesh=None, dtype=None):
 # ----------------------------------------------------------------------------------------
 # --mode=export: EMA params of a training checkpoint.
 
-def _restore_ema(checkpoint_dir: epath.Path, model, step: int | None) -> tuple[int, Any]:
-    """(step, EMA params as numpy) from the training checkpoints, without the optimizer state.
+def _restore_ema(workdir: epath.Path, model, step: int | None, config) -> tuple[int, Any]:
+    """(step, EMA params as numpy) of the training checkpoints, without the optimizer state.
 
-    step None: the newest checkpoint that can be read (older ones are tried in turn).
+    step None: the newest checkpoint that restores. Raises IncompatibleCheckpointError when
+    `config` differs from the one the checkpoint was written with. Moves nothing.
     """
-    import orbax.checkpoint as ocp
     import flax.linen as nn
+    from udit_jax import checkpoints
     from udit_jax.models.info import abstract_params
-    if not checkpoint_dir.exists():
-        raise FileNotFoundError(f"no training checkpoints in {checkpoint_dir}: pass the --workdir "
-                                "of a training run (or train first)")
-    manager = ocp.CheckpointManager(checkpoint_dir, item_names=("state", "data"),
-                                    options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-    steps = sorted(manager.all_steps(), reverse=True)
-    if not steps:
-        raise FileNotFoundError(f"{checkpoint_dir} holds no finished checkpoint")
-    if step is not None:
-        if step not in steps:
-            raise ValueError(f"export.step={step}: no checkpoint at that step in {checkpoint_dir}; "
-                             f"available steps: {sorted(steps)} (0 = the latest)")
-        steps = [step]
     # ShapeDtypeStructs without shardings restore as host numpy arrays: any topology reads them.
     target = {"ema_params": nn.unbox(abstract_params(model)),
               "step": jax.ShapeDtypeStruct((), np.int32)}
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    errors = []
-    for candidate in steps:
-        try:
-            restored = manager.restore(candidate, args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                             partial_restore=True)))
-        except Exception as e:  # noqa: BLE001 - any failure means "try the previous one"
-            errors.append(f"step {candidate}: {type(e).__name__}: {str(e)[:300]}")
-            if step is None:
-                from absl import logging
-                logging.warning("checkpoint at step %d is unreadable (%s); trying the previous one",
-                                candidate, errors[-1])
-            continue
-        manager.close()
-        state = restored["state"]
-        return int(state["step"]), state["ema_params"]
-    manager.close()
-    raise ValueError(f"no readable checkpoint with EMA params for {model.__class__.__name__} in "
-                     f"{checkpoint_dir}:\n  " + "\n  ".join(errors)
-                     + "\n  (does the config describe the model that was trained?)")
+    _, state = checkpoints.restore_params(workdir, target, config=config, step=step)
+    return int(state["step"]), state["ema_params"]
 
 
 def _data_section(config) -> dict[str, Any]:
@@ -308,7 +288,7 @@ def export_from_config(config, workdir: str) -> str:
     settings = config_defaults()
     settings.update(dict(config.get("export") or {}))
     model = config_lib.build_model(config)
-    step, ema = _restore_ema(workdir / "checkpoints", model, settings.step or None)
+    step, ema = _restore_ema(workdir, model, settings.step or None, config)
     data = _data_section(config)
     vae = None
     if data["space"] == "latent":
@@ -322,7 +302,8 @@ def export_from_config(config, workdir: str) -> str:
                  diffusion={"noise_schedule": config.diffusion.noise_schedule,
                             "diffusion_steps": int(config.diffusion.diffusion_steps),
                             "learn_sigma": bool(config.diffusion.learn_sigma)},
-                 data=data, vae=vae, metadata=metadata, config=config,
+                 data=data, vae=vae, metadata=metadata,
+                 objective=config_lib.objective_description(config), config=config,
                  torch_weights=bool(settings.torch_weights))
     if jax.process_index() == 0:
         from absl import logging
@@ -486,18 +467,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_classes is not None and num_classes != args.num_classes:
         parser.error(f"--num_classes={args.num_classes} but --model_kwargs has "
                      f"num_classes={num_classes}")
+    out_dir = paths.resolve(args.out)
+    try:
+        paths.check_output_dir(out_dir, "--out", own_entries={INFO_FILE})
+    except ValueError as e:
+        parser.error(str(e))
     settings = dict(image_size=args.image_size, space=args.space, channels=args.channels,
                     num_classes=1000 if num_classes is None else num_classes,
-                    vae_weights=args.vae_weights, model_name=args.model)
-    weights = args.import_weights
+                    vae_weights="", model_name=args.model)
+    weights = paths.resolve(args.import_weights) if args.import_weights else None
     try:
         if args.from_export:
-            settings.update(description_from_export(args.from_export))
-            weights = weights or os.path.join(args.from_export, TORCH_WEIGHTS_FILE)
+            from_export = paths.resolve(args.from_export)
+            settings.update(description_from_export(from_export))
+            weights = weights or os.path.join(from_export, TORCH_WEIGHTS_FILE)
         if not weights:
             parser.error("give --import_weights=FILE (or --from_export=DIR)")
+        if args.vae_weights:   # an explicit flag wins over an export's record
+            settings["vae_weights"] = paths.resolve(args.vae_weights)
         settings.update(overrides)   # --model_kwargs wins over an export's description
-        out = import_official(weights, settings.pop("model_name"), args.out,
+        out = import_official(weights, settings.pop("model_name"), out_dir,
                               torch_weights=args.torch_weights, **settings)
     except errors.EXPECTED as e:
         errors.report(e)

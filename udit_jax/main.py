@@ -24,7 +24,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from udit_jax import errors
+from udit_jax import errors, paths
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                           lock_config=True)
@@ -46,7 +46,7 @@ _DEBUG = flags.DEFINE_bool("debug", False, "Show the Python traceback of expecte
 
 flags.mark_flags_as_required(["config", "workdir"])
 
-# mode -> (module, function(config, workdir)); modules land with their own issues.
+# mode -> (module, function(config, workdir)); imported on use, so a mode loads only its job.
 _MODES = {
     "train": ("udit_jax.train", "train_and_evaluate"),
     "encode": ("udit_jax.data", "encode_dataset"),
@@ -65,15 +65,7 @@ class _QuietOrbax(py_logging.Filter):
 
 def mode_function(mode: str):
     module_name, function_name = _MODES[mode]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise app.UsageError(f"--mode={mode} is not available yet: {module_name} cannot be "
-                             f"imported ({e})") from e
-    if not hasattr(module, function_name):
-        raise app.UsageError(f"--mode={mode} is not available yet: {module_name}.{function_name} "
-                             "does not exist in this version")
-    return getattr(module, function_name)
+    return getattr(importlib.import_module(module_name), function_name)
 
 
 def main(argv):
@@ -82,7 +74,8 @@ def main(argv):
     if not _VERBOSE_CHECKPOINTS.value:
         logging.get_absl_handler().addFilter(_QuietOrbax())
     try:
-        run_mode(_MODE.value, _CONFIG.value, _WORKDIR.value)
+        workdir = paths.prepare_job(_CONFIG.value, _WORKDIR.value)   # before anything is written
+        run_mode(_MODE.value, _CONFIG.value, workdir)
     except errors.EXPECTED as e:
         if _DEBUG.value:
             raise

@@ -1,9 +1,12 @@
 """Device meshes and shardings: the one place that decides how arrays are laid out.
 
-The mesh has two axes, 'data' and 'fsdp'. Batches are sharded over both; parameters are
-replicated (pure data parallel) unless the logical-axis rules map a parameter axis to
-'fsdp'. Meshes use Auto axis types (linen code is written for them; jax.make_mesh
-defaults to Explicit).
+The mesh is config data (config.mesh): `axes` names the mesh axes, outermost first, and
+each axis's size is the config field of that name (-1: the devices left over). The default
+is ('data', 'fsdp'). Batches are sharded over the data-parallel axes ('data', 'fsdp');
+any further axis (e.g. 'tensor') sees the whole batch and holds parameter shards where the
+logical-axis rules (config.mesh.rules) map a parameter axis to it. Parameters are
+replicated (pure data parallel) unless a rule maps them. Meshes use Auto axis types (linen
+code is written for them; jax.make_mesh defaults to Explicit).
 """
 
 from __future__ import annotations
@@ -14,37 +17,63 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-DATA_AXES = ("data", "fsdp")
+DATA_AXES = ("data", "fsdp")   # mesh axes the batch is split over (when the mesh has them)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ('data', 'fsdp') mesh over `devices` (all devices by default).
+def build_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh of named axes [(name, size), ...], outermost first, over `devices` (all by default).
 
-    A size of -1 is filled from the device count. Raises ValueError when the sizes do not
-    multiply to the number of devices.
+    One size may be -1 (filled from the device count). Raises ValueError when the sizes do
+    not multiply to the number of devices.
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
-    if data == -1 and fsdp == -1:
-        raise ValueError("mesh: at most one of data/fsdp may be -1 (auto)")
-    if data == -1:
-        if n % fsdp:
-            raise ValueError(f"mesh: fsdp={fsdp} does not divide the {n} devices")
-        data = n // fsdp
-    if fsdp == -1:
-        if n % data:
-            raise ValueError(f"mesh: data={data} does not divide the {n} devices")
-        fsdp = n // data
-    if data * fsdp != n:
-        raise ValueError(f"mesh: data={data} x fsdp={fsdp} = {data * fsdp} but there are {n} "
-                         "devices; set mesh.data/mesh.fsdp to multiply to the device count (or -1)")
-    return jax.make_mesh((data, fsdp), DATA_AXES, axis_types=(AxisType.Auto, AxisType.Auto),
+    names = [str(name) for name, _ in axes]
+    sizes = [int(size) for _, size in axes]
+    described = ", ".join(f"{a}={s}" for a, s in zip(names, sizes))
+    if len(set(names)) != len(names) or not names:
+        raise ValueError(f"mesh axes {names} must be distinct and at least one")
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis size may be -1 (auto), got {described}")
+    if any(s < 1 and s != -1 for s in sizes):
+        raise ValueError(f"mesh: axis sizes must be positive or -1, got {described}")
+    if -1 in sizes:
+        rest = int(np.prod([s for s in sizes if s != -1]))
+        if n % rest:
+            raise ValueError(f"mesh: {described} does not divide the {n} devices")
+        sizes[sizes.index(-1)] = n // rest
+    if int(np.prod(sizes)) != n:
+        raise ValueError(f"mesh: {described} gives {int(np.prod(sizes))} devices but there are {n}; "
+                         "set the mesh sizes (config.mesh) to multiply to the device count (or -1)")
+    return jax.make_mesh(tuple(sizes), tuple(names), axis_types=(AxisType.Auto,) * len(names),
                          devices=devices)
 
 
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp') mesh (see build_mesh); all devices on 'data' by default."""
+    return build_mesh((("data", data), ("fsdp", fsdp)), devices)
+
+
+def mesh_from_config(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh config.mesh describes: axes `mesh_config.axes`, sizes `mesh_config[name]`."""
+    missing = [a for a in mesh_config.axes if a not in mesh_config]
+    if missing:
+        raise ValueError(f"mesh.axes names {missing} without a size; add config.mesh.<axis> = N")
+    return build_mesh([(a, mesh_config[a]) for a in mesh_config.axes], devices)
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    return tuple(a for a in mesh.axis_names if a in DATA_AXES)
+
+
+def batch_ways(mesh: Mesh) -> int:
+    """How many ways a batch is split (the devices on the data-parallel axes)."""
+    return int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-    """Leading (batch) axis sharded over every mesh axis; other axes replicated."""
-    return NamedSharding(mesh, P(DATA_AXES, *([None] * (ndim - 1))))
+    """Leading (batch) axis sharded over the data-parallel mesh axes; other axes replicated."""
+    return NamedSharding(mesh, P(batch_axes(mesh), *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -58,8 +87,9 @@ def global_batch_from_local(mesh: Mesh, local: np.ndarray) -> jax.Array:
 
 def shard_batch(mesh: Mesh, x: np.ndarray | jax.Array) -> jax.Array:
     """Places a full (host-identical) batch onto the mesh, sharded over its leading axis."""
-    if x.shape[0] % mesh.size:
-        raise ValueError(f"batch of {x.shape[0]} is not divisible by the {mesh.size} devices")
+    ways = batch_ways(mesh)
+    if x.shape[0] % ways:
+        raise ValueError(f"batch of {x.shape[0]} is not divisible by the {ways} data-parallel devices")
     return jax.device_put(x, batch_sharding(mesh, np.ndim(x)))
 
 
@@ -79,8 +109,9 @@ RULE_PRESETS: dict[str, tuple[tuple[str, str | None], ...]] = {
 }
 
 
-def resolve_rules(rules) -> tuple[tuple[str, str | None], ...]:
-    """A preset name ('data_parallel', 'fsdp') or explicit (logical, mesh axis) pairs."""
+def resolve_rules(rules, mesh_axes: Sequence[str] = DATA_AXES) -> tuple[tuple[str, str | None], ...]:
+    """A preset name ('data_parallel', 'fsdp') or explicit (logical, mesh axis) pairs whose
+    mesh axes are among `mesh_axes`."""
     if isinstance(rules, str):
         if rules not in RULE_PRESETS:
             raise ValueError(f"mesh.rules={rules!r} is not a preset; use one of "
@@ -88,9 +119,9 @@ def resolve_rules(rules) -> tuple[tuple[str, str | None], ...]:
         return RULE_PRESETS[rules]
     pairs = tuple((str(name), None if axis is None else str(axis)) for name, axis in rules)
     for name, axis in pairs:
-        if axis is not None and axis not in DATA_AXES:
+        if axis is not None and axis not in mesh_axes:
             raise ValueError(f"mesh.rules maps {name!r} to unknown mesh axis {axis!r}; "
-                             f"mesh axes are {DATA_AXES}")
+                             f"mesh axes are {tuple(mesh_axes)}")
     return pairs
 
 
@@ -114,6 +145,12 @@ def spec_for(logical: P | None, shape: Sequence[int], mesh: Mesh, rules) -> P:
     return P(*out)
 
 
+def activation_rules(mesh: Mesh) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """flax logical-axis rules for the models' activation names (models/layers.py
+    ACTIVATION_AXES): the batch over the data-parallel axes; the other axes whole."""
+    return (("activation_batch", batch_axes(mesh)),)
+
+
 def logical_to_shardings(logical_specs, abstract_tree, mesh: Mesh, rules):
     """NamedShardings for a tree of arrays given its tree of logical PartitionSpecs.
 
@@ -121,7 +158,7 @@ def logical_to_shardings(logical_specs, abstract_tree, mesh: Mesh, rules):
       names (flax `nn.get_partition_spec`; P() for unannotated leaves).
     abstract_tree: arrays or ShapeDtypeStructs (their shapes decide divisibility).
     """
-    rules = resolve_rules(rules)
+    rules = resolve_rules(rules, mesh.axis_names)
     return jax.tree.map(lambda spec, x: NamedSharding(mesh, spec_for(spec, x.shape, mesh, rules)),
                         logical_specs, abstract_tree,
                         is_leaf=lambda s: isinstance(s, P) or s is None)

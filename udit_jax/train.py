@@ -1,14 +1,18 @@
 """Training: the train state, the sharded train step and the loop.
 
     train.train_and_evaluate(config, workdir)   # what `python -m udit_jax.main` calls
+    trainer = train.make_trainer(config)        # the setup alone (benchmarks reuse it)
 
-Sections: validation -> model/data/optimizer -> train state and shardings ->
-train step -> sample previews -> the loop. One process per host; every process runs the
-same code (SPMD); only process 0 writes logs, TensorBoard and PNGs.
+Sections: validation -> data -> train state and shardings -> train step -> setup ->
+previews -> logging -> the loop. One process per host; every process runs the same code
+(SPMD); only process 0 writes logs, TensorBoard and PNGs. What a config means (model,
+diffusion, mesh, sampling settings) comes from udit_jax.config; previews and in-loop
+evaluation sample through udit_jax.sampler, as `--mode=sample` does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import sys
@@ -25,75 +29,35 @@ import optax
 from absl import logging
 from etils import epath
 
-from udit_jax import checkpoints, parallel
+from udit_jax import checkpoints, data, models, parallel, paths
 from udit_jax import config as config_lib
+from udit_jax import sampler as sampler_lib
+from udit_jax.evaluation import in_training
 
 PyTree = Any
 
 
 # ========================================================================================
-# Validation: everything that can be checked before compiling.
+# Validation: the config's own checks (config.validate), in-loop evaluation's files, the workdir.
 
-def check_workdir(workdir: epath.Path) -> None:
-    probe = workdir / f".write_probe_{jax.process_index()}"
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
-    except Exception as e:  # noqa: BLE001 - the kind of failure differs per filesystem
-        raise ValueError(f"workdir {workdir} is not writable ({type(e).__name__}: {e}); "
-                         "pass a --workdir you can write to") from e
-
-
-def validate(config, workdir: epath.Path):
-    """Raises ValueError for a config that cannot run here; returns the model."""
-    config_lib.check_values(config)
-    n_dev, n_proc = jax.device_count(), jax.process_count()
-    b, accum = config.batch_size, config.optimizer.grad_accum_steps
-    if b <= 0 or accum <= 0 or b % accum:
-        raise ValueError(f"batch_size={b} must be positive and divisible by "
-                         f"optimizer.grad_accum_steps={accum}")
-    if (b // accum) % n_dev:
-        raise ValueError(f"global batch_size={b} (per microbatch {b // accum}) is not divisible by "
-                         f"the {n_dev} devices; use a multiple of {n_dev * accum}")
-    if b % n_proc:
-        raise ValueError(f"batch_size={b} is not divisible by the {n_proc} processes")
-    if config.total_steps <= 0:
-        raise ValueError(f"total_steps={config.total_steps} must be positive")
-    if not 0.0 <= config.optimizer.ema_decay <= 1.0:
-        raise ValueError(f"optimizer.ema_decay={config.optimizer.ema_decay} must be in [0, 1]")
-    if config.model.dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"model.dtype={config.model.dtype!r}; use float32 or bfloat16")
-    for name in ("log_every_steps", "checkpoint_every_steps"):
-        if config[name] <= 0:
-            raise ValueError(f"{name}={config[name]} must be positive")
-    parallel.resolve_rules(config.mesh.rules)
-    parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-    model = config_lib.build_model(config)
-    if config.sample.sampler not in ("ddpm", "ddim", "dpm"):
-        raise ValueError(f"sample.sampler={config.sample.sampler!r}; use ddpm, ddim or dpm")
-    if config.sample_every_steps and not config.sample.classes:
-        raise ValueError("sample.classes is empty; list the class ids of the preview rows")
-    bad = [c for c in config.sample.classes if not 0 <= c < config.data.num_classes]
-    if config.sample_every_steps and bad:
-        raise ValueError(f"sample.classes {bad} are outside [0, {config.data.num_classes})")
-    samples = config.sample_every_steps or config.eval_every_steps
-    if samples and config.sample.cfg_scale > 1 and not model.class_dropout_prob:
-        raise ValueError("sample.cfg_scale > 1 needs the null-class embedding, which a model with "
-                         "class_dropout_prob=0 does not have; set sample.cfg_scale=1")
-    if samples and config.sample.cfg_scale < 1:
-        logging.info("sample.cfg_scale=%g: no classifier-free guidance is applied (guidance "
-                     "starts above 1, as in the official scripts)", config.sample.cfg_scale)
-    if config.eval_every_steps:
-        _evaluation_hook()
-        from udit_jax.evaluation.in_training import check_requirements
-        check_requirements(config)
-    check_workdir(workdir)
+def validate(config, workdir) -> Any:
+    """Everything a training run checks before compiling: config.validate, the files in-loop
+    evaluation reads (so a missing one fails now, not at the first evaluation hours in) and
+    the workdir (paths.check_output_dir). Raises ValueError / OSError; returns the model."""
+    model = config_lib.validate(config)
+    check_run(config, workdir)
     return model
 
 
+def check_run(config, workdir) -> None:
+    """The checks of a training run beyond config.validate (see validate)."""
+    if config.eval_every_steps:
+        in_training.check_requirements(config)
+    paths.check_output_dir(paths.resolve(workdir), "--workdir")
+
+
 # ========================================================================================
-# Optimizer, diffusion, data.
+# Data.
 
 class SyntheticBatches:
     """Deterministic learnable fake data for tests and benchmarks (data.source='synthetic').
@@ -144,18 +108,8 @@ def make_data_iterator(config, workdir: epath.Path) -> Iterator[dict[str, np.nda
     get_state()/set_state() for checkpoints."""
     if config.data.source == "synthetic":
         return SyntheticBatches(config, jax.process_index(), jax.process_count())
-    from udit_jax import data
     return data.make_loader(config, global_batch_size=config.batch_size, seed=config.seed,
                             workdir=str(workdir))
-
-
-def _evaluation_hook():
-    try:
-        from udit_jax.evaluation import evaluate_during_training
-    except ImportError as e:
-        raise ValueError("eval_every_steps > 0 needs udit_jax.evaluation.evaluate_during_training, "
-                         f"which is not available yet ({e}); set eval_every_steps=0") from e
-    return evaluate_during_training
 
 
 # ========================================================================================
@@ -194,28 +148,24 @@ def init_state(model, tx, seed: int, shardings: TrainState) -> TrainState:
 
 def abstract_state_on_mesh(config, model, tx, mesh) -> TrainState:
     """ShapeDtypeStructs of the train state carrying their shardings on `mesh` (restore target)."""
-    abstract, shardings = state_shardings(model, tx, config.seed, mesh, config.mesh.rules)
+    return _with_shardings(*state_shardings(model, tx, config.seed, mesh, config.mesh.rules))
+
+
+def _with_shardings(abstract: TrainState, shardings: TrainState) -> TrainState:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
 
 
 def restore_ema_params(config, workdir: str) -> tuple[Any, PyTree, int]:
-    """(model, EMA params, step) of the latest readable checkpoint in `workdir`, laid out on
-    the current devices (any count); for exporting and sampling a trained model."""
-    workdir = epath.Path(workdir)
+    """(model, EMA params, step) of the newest readable checkpoint in `workdir`, laid out on
+    the current devices (any count); for exporting and sampling a trained model. Read only."""
     model = config_lib.build_model(config)
     tx, _ = config_lib.make_optimizer(config.optimizer)
-    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-    ckpt = checkpoints.Checkpointer(workdir, keep=config.checkpoint.keep,
-                                    keep_every=config.checkpoint.keep_every, async_save=False)
-    try:
-        restored = ckpt.restore_latest(abstract_state_on_mesh(config, model, tx, mesh))
-    finally:
-        ckpt.close()
-    if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first (--mode=train)")
-    step, state = restored
-    return model, state.ema_params, step
+    mesh = config_lib.make_mesh(config)
+    target = abstract_state_on_mesh(config, model, tx, mesh)
+    step, state = checkpoints.restore_params(workdir, {"ema_params": target.ema_params},
+                                             config=config)
+    return model, state["ema_params"], step
 
 
 # ========================================================================================
@@ -226,12 +176,14 @@ def x0_from_batch(batch: dict, key: jax.Array, latent_scale: float) -> jax.Array
     if "image" in batch:
         return batch["image"]
     # A fresh posterior sample every step, as the official train.py does with the VAE.
-    from udit_jax import data
     return data.sample_latents(batch, key, latent_scale)
 
 
-def make_train_step(model, diffusion, tx, schedule, config, mesh):
-    """train_step(state, batch) -> (state, metrics), pure; jit it with shardings."""
+def make_train_step(model, objective, tx, schedule, config, mesh):
+    """train_step(state, batch) -> (state, metrics), pure; jit it with shardings.
+
+    objective: config_lib.make_objective(config) (DDPM or transport, with their time
+    sampling and loss weighting)."""
     opt = config.optimizer
     accum = opt.grad_accum_steps
     images = parallel.batch_sharding(mesh, 4)
@@ -241,7 +193,7 @@ def make_train_step(model, diffusion, tx, schedule, config, mesh):
         k_x0, k_t, k_noise = jax.random.split(key, 3)
         x0 = jax.lax.with_sharding_constraint(
             x0_from_batch(batch, k_x0, config.data.latent_scale), images)
-        t = jax.random.randint(k_t, x0.shape[:1], 0, diffusion.num_timesteps)
+        t = objective.sample_t(k_t, x0.shape[:1])
         noise = jax.lax.with_sharding_constraint(jax.random.normal(k_noise, x0.shape, x0.dtype),
                                                  images)
         return {"x0": x0, "t": t, "noise": noise, "y": batch["label"]}
@@ -251,7 +203,7 @@ def make_train_step(model, diffusion, tx, schedule, config, mesh):
             return model.apply({"params": params}, x, t, y, train=True,
                                rngs={"label_dropout": dropout_key})
 
-        terms = diffusion.training_losses(model_fn, inputs["x0"], inputs["t"],
+        terms = objective.training_losses(model_fn, inputs["x0"], inputs["t"],
                                           noise=inputs["noise"], model_kwargs={"y": inputs["y"]})
         metrics = {k: jnp.mean(terms[k]) for k in ("loss", "mse", "vb") if k in terms}
         return metrics["loss"], metrics
@@ -301,87 +253,84 @@ def make_train_step(model, diffusion, tx, schedule, config, mesh):
 
 def jit_train_step(train_step, shardings: TrainState, mesh, example_batch: dict):
     batch_shardings = {k: parallel.batch_sharding(mesh, np.ndim(v)) for k, v in example_batch.items()}
-    return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
-                   out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+    jitted = jax.jit(train_step, in_shardings=(shardings, batch_shardings),
+                     out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+    rules = parallel.activation_rules(mesh)
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        # Traced under the mesh and the activation rules: the models' activation names
+        # (models/layers.py) become sharding constraints (the batch stays on the data axes).
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted(state, batch)
+
+    return step
+
+
+# ========================================================================================
+# Setup: everything the loop (and the benchmarks) need from a config, built once.
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    config: ml_collections.ConfigDict
+    model: Any
+    mesh: jax.sharding.Mesh
+    objective: Any            # config_lib.make_objective: DDPM or transport
+    tx: optax.GradientTransformation
+    schedule: Callable
+    abstract: TrainState      # unboxed ShapeDtypeStructs
+    shardings: TrainState     # NamedShardings on mesh
+
+    def init_state(self) -> TrainState:
+        return init_state(self.model, self.tx, self.config.seed, self.shardings)
+
+    def restore_target(self) -> TrainState:
+        """The state's ShapeDtypeStructs carrying their shardings on the mesh."""
+        return _with_shardings(self.abstract, self.shardings)
+
+    def global_batch(self, local: dict) -> dict:
+        return {k: parallel.global_batch_from_local(self.mesh, v) for k, v in local.items()}
+
+    def jit_step(self, example_local: dict) -> Callable:
+        step = make_train_step(self.model, self.objective, self.tx, self.schedule, self.config,
+                               self.mesh)
+        return jit_train_step(step, self.shardings, self.mesh, example_local)
+
+
+def make_trainer(config) -> Trainer:
+    """Validates the config (ValueError before compiling) and builds model, mesh, objective,
+    optimizer and the train state's shardings."""
+    model = config_lib.validate(config)
+    mesh = config_lib.make_mesh(config)
+    tx, schedule = config_lib.make_optimizer(config.optimizer)
+    abstract, shardings = state_shardings(model, tx, config.seed, mesh, config.mesh.rules)
+    return Trainer(config, model, mesh, config_lib.make_objective(config), tx, schedule,
+                   abstract, shardings)
 
 
 # ========================================================================================
 # Sample previews: a grid from the EMA model with fixed classes and noise.
 
-def make_sampler(model, config, shardings: TrainState, mesh):
-    """sample(ema_params) -> uint8 grid [rows*H, cols*W, C], rows = sample.classes."""
-    from udit_jax import diffusion as diffusion_lib
-    s = config.sample
-    d = diffusion_lib.create_diffusion(str(s.steps), noise_schedule=config.diffusion.noise_schedule,
-                                       learn_sigma=config.diffusion.learn_sigma,
-                                       diffusion_steps=config.diffusion.diffusion_steps)
-    classes = jnp.repeat(jnp.asarray(list(s.classes), jnp.int32), s.per_class)
-    n = classes.shape[0]
-    size, channels = model.input_size, model.in_channels
-    vae, vae_params = _latent_decoder(config) if config_lib.is_latent(config) else (None, None)
-    if config_lib.is_latent(config) and vae is None:
-        return None
-    null = jnp.full_like(classes, config.data.num_classes)
-
-    def sample(ema_params, vae_params):
-        k_noise = jax.random.PRNGKey(s.seed)
-        if s.cfg_scale > 1.0:
-            y = jnp.concatenate([classes, null])
-            shape = (2 * n, size, size, channels)
-
-            def model_fn(x, t, y):
-                return model.apply({"params": ema_params}, x, t, y, s.cfg_scale,
-                                   method="forward_with_cfg")
-        else:
-            y, shape = classes, (n, size, size, channels)
-
-            def model_fn(x, t, y):
-                return model.apply({"params": ema_params}, x, t, y)
-        loop = {"ddpm": d.p_sample_loop, "ddim": d.ddim_sample_loop,
-                "dpm": d.dpm_solver_sample_loop}[s.sampler]
-        # Pixels are clipped to [-1, 1] at each step; latents are not (official samplers).
-        x = loop(model_fn, shape, key=k_noise, clip_denoised=not config_lib.is_latent(config),
-                 model_kwargs={"y": y})[:n]
-        if vae is not None:
-            x = vae.apply({"params": vae_params}, x / config.data.latent_scale, method="decode")
-        return x
-
-    # The VAE's params are an argument, not constants baked into the compiled program.
-    sample = jax.jit(sample, in_shardings=(shardings.ema_params, parallel.replicated(mesh)),
-                     out_shardings=parallel.replicated(mesh))
-
-    def grid(ema_params) -> np.ndarray:
-        x = np.asarray(jax.device_get(sample(ema_params, vae_params)), np.float32)
-        img = np.clip(127.5 * x + 128.0, 0, 255).astype(np.uint8)   # the official quantisation
-        rows, cols = len(s.classes), s.per_class
-        h, w, c = img.shape[1:]
-        return img.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
-
-    return grid
-
-
-def _latent_decoder(config) -> tuple[Any, PyTree] | tuple[None, None]:
-    """(vae, params) for decoding latent previews, or (None, None) without VAE weights."""
-    if not config.vae.weights:
+def make_preview(config, model, mesh) -> Callable[[PyTree], np.ndarray] | None:
+    """preview(ema_params) -> uint8 grid [rows*H, cols*W, C], rows = sample.classes, cols =
+    sample.per_class: the images `--mode=sample` draws for that grid from an export of the
+    same params. None for latent models without VAE weights (nothing to decode with)."""
+    if config_lib.is_latent(config) and not config.vae.weights:
         logging.warning("vae.weights is empty: latent sample previews are disabled (set it to "
                         "the SD VAE weights to see them)")
-        return None, None
-    from udit_jax.data.latents import load_vae
-    vae, vae_params, _ = load_vae(config)
-    return vae, vae_params
+        return None
+    sampler, vae_params = config_lib.make_sampler(config, model, mesh, "sample")
+    labels = np.repeat(np.asarray(list(config.sample.classes), np.int32), config.sample.per_class)
+    key = sampler_lib.noise_key(config_lib.sampling(config, "sample")["seed"])
 
+    def preview(ema_params) -> np.ndarray:
+        images = sampler(ema_params, key, labels, vae_params=vae_params)
+        return sampler_lib.make_grid(sampler_lib.quantize(images), config.sample.per_class)
 
-def save_png(path: epath.Path, img: np.ndarray) -> None:
-    from PIL import Image
-    import io
-    buf = io.BytesIO()
-    Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, format="PNG")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(buf.getvalue())
+    return preview
 
 
 # ========================================================================================
-# The loop.
+# Logging.
 
 class NonFiniteError(FloatingPointError):
     pass
@@ -472,9 +421,38 @@ class _Logger:
             self.writer.close()
 
 
-def write_config(workdir: epath.Path, config) -> None:
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+# ========================================================================================
+# The loop.
+
+class _MetricsDrain:
+    """Fetches the metrics of step k while step k + 1 runs (keeps dispatch asynchronous) and
+    stops on a non-finite loss unless the config skips such updates."""
+
+    def __init__(self, log: _Logger, ckpt: checkpoints.Checkpointer, skip_nonfinite: bool):
+        self.log, self.ckpt, self.skip_nonfinite = log, ckpt, skip_nonfinite
+        self.pending = None   # (step, metrics on device)
+
+    def push(self, step: int, metrics: dict) -> None:
+        self()
+        self.pending = (step, metrics)
+
+    def __call__(self) -> None:
+        if self.pending is None:
+            return
+        (at, metrics), self.pending = self.pending, None
+        metrics = jax.device_get(metrics)
+        if not metrics["finite"]:
+            if not self.skip_nonfinite:
+                raise NonFiniteError(
+                    f"loss or gradient is NaN/Inf at step {at} (loss={metrics['loss']}, grad_norm="
+                    f"{metrics['grad_norm']}); stopped without saving, the last good checkpoint "
+                    f"(step {self.ckpt.latest_step()}) in {self.ckpt.directory} is intact. Lower "
+                    "optimizer.learning_rate, set optimizer.grad_clip_norm (with "
+                    "checkpoint.on_mismatch=load_params to keep the trained weights: clipping "
+                    "changes the optimizer state), or set optimizer.skip_nonfinite=True to skip "
+                    "such updates")
+            logging.warning("non-finite loss/gradient at step %d: update skipped", at)
+        self.log.add(metrics)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -484,99 +462,76 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     current step and returns early. Raises ValueError for an impossible config (before
     compiling) and NonFiniteError when the loss or gradients stop being finite.
     """
+    # ---- setup ------------------------------------------------------------------------
     workdir = epath.Path(workdir)
-    model = validate(config, workdir)
-    write_config(workdir, config)
-    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-    diffusion = config_lib.make_diffusion(config)
-    tx, schedule = config_lib.make_optimizer(config.optimizer)
-    abstract, shardings = state_shardings(model, tx, config.seed, mesh, config.mesh.rules)
+    trainer = make_trainer(config)
+    check_run(config, workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model, mesh = trainer.model, trainer.mesh
     iterator = make_data_iterator(config, workdir)
     ckpt = checkpoints.Checkpointer(workdir, keep=config.checkpoint.keep,
                                     keep_every=config.checkpoint.keep_every,
-                                    async_save=config.checkpoint.async_save)
-    restored = ckpt.restore_latest(abstract_state_on_mesh(config, model, tx, mesh), iterator)
-    if restored is None:
-        state = init_state(model, tx, config.seed, shardings)
-        logging.info("starting from scratch in %s", workdir)
-    else:
-        step, state = restored
-        logging.info("resumed from the checkpoint at step %d in %s", step, workdir)
-    start_step = int(jax.device_get(state.step))
+                                    async_save=config.checkpoint.async_save, config=config,
+                                    on_mismatch=config.checkpoint.on_mismatch)
 
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
+    # ---- restore or initialise ----------------------------------------------------------
+    _, state = ckpt.restore(trainer.restore_target(), iterator, init=trainer.init_state)
+    start_step = int(jax.device_get(state.step))
+    checkpoints.write_config_history(workdir, config, start_step)
+
+    # ---- logging, previews, evaluation, preemption ------------------------------------
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract.params))
     logging.info("model %s: %.2fM params; mesh %s; global batch %d; %d devices, %d processes",
                  config.model.name, n_params / 1e6, dict(mesh.shape), config.batch_size,
                  jax.device_count(), jax.process_count())
-    from udit_jax import models
     flops_per_image = 3 * 2 * models.model_info(model)["gmacs"] * 1e9  # fwd + 2x bwd, 2 FLOPs/MAC
     log = _Logger(workdir, config, start_step, flops_per_image, parallel.peak_tflops_per_device())
-    sampler = make_sampler(model, config, shardings, mesh) if config.sample_every_steps else None
-    evaluate = _evaluation_hook() if config.eval_every_steps else None
+    preview = make_preview(config, model, mesh) if config.sample_every_steps else None
+    evaluate = (in_training.InTrainingEvaluation(config, model, mesh)
+                if config.eval_every_steps else None)
     sigterm = checkpoints.SigtermFlag() if jax.process_count() == 1 else None
+    drain = _MetricsDrain(log, ckpt, config.optimizer.skip_nonfinite)
+    every = lambda n: step % n == 0 or step == config.total_steps  # noqa: E731
 
+    # ---- steps ------------------------------------------------------------------------
     step_fn = None
-    pending = None   # (step, metrics on device): fetched one step late to keep dispatch async
-
-    def drain():
-        nonlocal pending
-        if pending is None:
-            return
-        at, metrics = pending
-        pending = None
-        metrics = jax.device_get(metrics)
-        if not metrics["finite"]:
-            if not config.optimizer.skip_nonfinite:
-                last = ckpt.latest_step()
-                raise NonFiniteError(
-                    f"loss or gradient is NaN/Inf at step {at} (loss={metrics['loss']}, grad_norm="
-                    f"{metrics['grad_norm']}); stopped without saving, the last good checkpoint "
-                    f"(step {last}) in {ckpt.directory} is intact. Lower optimizer.learning_rate, "
-                    "set optimizer.grad_clip_norm, or set optimizer.skip_nonfinite=True to skip "
-                    "such updates")
-            logging.warning("non-finite loss/gradient at step %d: update skipped", at)
-        log.add(metrics)
-
     step = start_step
     try:
         while step < config.total_steps:
             local = next(iterator)
-            batch = {k: parallel.global_batch_from_local(mesh, v) for k, v in local.items()}
             if step_fn is None:
                 logging.info("compiling the train step...")
-                step_fn = jit_train_step(make_train_step(model, diffusion, tx, schedule, config, mesh),
-                                         shardings, mesh, local)
-            state, metrics = step_fn(state, batch)
+                step_fn = trainer.jit_step(local)
+            state, metrics = step_fn(state, trainer.global_batch(local))
             step += 1
-            drain()
-            pending = (step, metrics)
+            drain.push(step, metrics)
             if step == start_step + 1:
                 drain()
                 log.restart_clock()  # do not count compilation in the throughput
                 logging.info("first step done (compiled)")
             preempted = (sigterm is not None and sigterm.received) or ckpt.reached_preemption(step)
-            if step % config.log_every_steps == 0 or step == config.total_steps or preempted:
+            if every(config.log_every_steps) or preempted:
                 drain()
                 log.flush(step)
-            if step % config.checkpoint_every_steps == 0 or step == config.total_steps or preempted:
+            if every(config.checkpoint_every_steps) or preempted:
                 drain()   # never save a state that went non-finite
-                ckpt.save(step, state, iterator)
+                ckpt.save(step, state, iterator, wait=step == config.total_steps or preempted)
             if preempted:
                 logging.warning("preempted: checkpoint saved at step %d; exiting", step)
                 break
-            if sampler is not None and (step % config.sample_every_steps == 0
-                                        or step == config.total_steps):
-                img = sampler(state.ema_params)
+            if preview is not None and every(config.sample_every_steps):
+                img = preview(state.ema_params)
                 if jax.process_index() == 0:
-                    save_png(workdir / "samples" / f"step_{step:08d}.png", img)
+                    sampler_lib.write_png(workdir / "samples" / f"step_{step:08d}.png", img)
                 log.image("samples/ema", img, step)
             if evaluate is not None and step % config.eval_every_steps == 0:
-                log.scalars("eval", evaluate(config, model, state.ema_params, step), step)
+                log.scalars("eval", evaluate(state.ema_params, step), step)
         drain()
     finally:
-        ckpt.wait()
-        ckpt.close()
-        log.close()
+        try:
+            ckpt.close()
+        finally:
+            log.close()
         if sigterm is not None:
             sigterm.restore_handler()
     return state

@@ -474,7 +474,7 @@ class LatentCache:
 
 def cache_dir_from_config(config, workdir: str) -> str:
     """data.cache_dir, or <workdir>/latents when it is empty (encode and train agree on it)."""
-    return config.data.get("cache_dir") or os.path.join(workdir, "latents")
+    return config.data.cache_dir or os.path.join(workdir, "latents")
 
 
 def check_cache_matches(cache: LatentCache, config) -> None:
@@ -492,7 +492,7 @@ def check_cache_matches(cache: LatentCache, config) -> None:
         expected["latent_scale"] = float(data.latent_scale)
         found["latent_scale"] = manifest["vae"]["scaling_factor"]
     differing = [f"{k}: cache {found[k]}, config {v}" for k, v in expected.items() if found[k] != v]
-    if not differing and config.vae.get("weights"):
+    if not differing and config.vae.weights:
         vae, params, weights = load_vae(config)
         differing = [f"vae.{k}" for k in _diff_keys(manifest["vae"], vae_identity(vae, params, weights))]
     if differing:
@@ -506,11 +506,11 @@ def load_vae(config):
     from udit_jax import models
     from udit_jax.convert.vae import load_vae_params
 
-    weights = config.vae.get("weights")
+    weights = config.vae.weights
     if not weights:
         raise ValueError("config.vae.weights is empty: set it to the SD VAE weights file (e.g. "
                          "diffusion_pytorch_model.safetensors of stabilityai/sd-vae-ft-ema)")
-    vae = models.build_vae(**dict(config.vae.get("arguments") or {}))
+    vae = models.build_vae(**dict(config.vae.arguments))
     return vae, load_vae_params(vae, weights), weights
 
 
@@ -533,7 +533,7 @@ def encode_dataset(config, workdir: str) -> dict[str, Any]:
     return build_latent_cache(
         source, vae_encode_fn(vae, params), cache_dir_from_config(config, workdir),
         image_size=data.image_size, vae_identity=vae_identity(vae, params, weights),
-        dtype=data.get("cache_dtype", "float16"), records_per_shard=data.get("records_per_shard", 4096),
-        batch_size=data.get("encode_batch_size", 64), max_bad_fraction=data.get("max_bad_fraction", 0.001),
-        min_image_side=data.get("min_image_side", 16), max_image_pixels=data.get("max_image_pixels", 2 ** 27),
-        decode_threads=data.get("decode_threads") or None)
+        dtype=data.cache_dtype, records_per_shard=data.records_per_shard,
+        batch_size=data.encode_batch_size, max_bad_fraction=data.max_bad_fraction,
+        min_image_side=data.min_image_side, max_image_pixels=data.max_image_pixels,
+        decode_threads=data.decode_threads)

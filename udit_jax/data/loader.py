@@ -266,7 +266,7 @@ def make_loader(config, *, global_batch_size: int, seed: int, workdir: str) -> L
     data.max_image_pixels, data.max_bad_fraction, data.decode_threads.
     """
     data = config.data
-    space = data.get("space", "latent")
+    space = data.space
     if space == "latent":
         table = LatentCache(cache_dir_from_config(config, workdir))
         check_cache_matches(table, config)
@@ -274,15 +274,14 @@ def make_loader(config, *, global_batch_size: int, seed: int, workdir: str) -> L
         source = source_from_config(data)
         check_num_classes(source, data.num_classes)
         table = image_table_from_source(
-            source, data.image_size, min_image_side=data.get("min_image_side", 16),
-            max_image_pixels=data.get("max_image_pixels", 2 ** 27),
-            max_bad_fraction=data.get("max_bad_fraction", 0.001),
-            decode_threads=data.get("decode_threads") or 8)
+            source, data.image_size, min_image_side=data.min_image_side,
+            max_image_pixels=data.max_image_pixels, max_bad_fraction=data.max_bad_fraction,
+            decode_threads=data.decode_threads)
     else:
         raise ValueError(f"data.space={space!r} is unknown; use 'latent' or 'pixel'")
     return Loader(table, global_batch_size=global_batch_size, seed=seed,
-                  random_flip=data.get("random_flip", True), num_threads=data.get("loader_threads", 8),
-                  prefetch_batches=data.get("prefetch_batches", 4), num_workers=data.get("loader_workers", 0))
+                  random_flip=data.random_flip, num_threads=data.loader_threads,
+                  prefetch_batches=data.prefetch_batches, num_workers=data.loader_workers)
 
 
 def to_global_batch(mesh, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:

@@ -256,14 +256,14 @@ def source_from_config(data) -> Source:
     tfds and Fashion-MNIST defaults), data.split ('train'), data.tfds_name (for 'tfds').
     """
     kind = data.source
-    directory = data.get("dir") or None
-    split = data.get("split", "train")
+    directory = data.dir or None
+    split = data.split
     if kind == "folder":
         if not directory:
             raise ValueError("data.source='folder' needs data.dir (the folder of class sub-folders)")
         return ClassFolderSource(directory)
     if kind == "tfds":
-        if not data.get("tfds_name"):
+        if not data.tfds_name:
             raise ValueError("data.source='tfds' needs data.tfds_name (e.g. 'imagenet2012')")
         return TfdsSource(data.tfds_name, split=split, data_dir=directory)
     if kind == "fashion_mnist":

@@ -396,30 +396,34 @@ class GaussianDiffusion:
 
     def p_sample_loop(self, model_fn: ModelFn, shape, *, noise=None, step_noise=None, key=None,
                       clip_denoised: bool = True, denoised_fn=None, model_kwargs=None,
-                      progress: int | None = None, return_trajectory: bool = False):
+                      progress: int | None = None, return_trajectory: bool = False,
+                      step_noise_fn: Callable | None = None):
         """Ancestral (DDPM) sampling over all steps of this process, t = S-1 ... 0.
 
         shape: (B, H, W, C). noise: the start x_T [B, H, W, C]; step_noise: [S, B, H, W, C],
-        the noise of each step in order (step k is t = S-1-k). Either may be omitted when
-        `key` is given, which then draws what is missing. progress=k prints "k/S steps"
+        the noise of each step in order (step k is t = S-1-k), or step_noise_fn(t) ->
+        [B, H, W, C] drawing it inside the loop (e.g. from each image's own key). Either may
+        be omitted when `key` is given, which then draws what is missing. progress=k prints "k/S steps"
         every k steps from inside the compiled loop. Returns the final x [B, H, W, C]; with
         return_trajectory, also {"sample", "pred_xstart"} stacked per step ([S, B, H, W, C]).
         """
         return sampling.p_sample_loop(self, model_fn, shape, noise=noise, step_noise=step_noise,
                                       key=key, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
                                       model_kwargs=model_kwargs, progress=progress,
-                                      return_trajectory=return_trajectory)
+                                      return_trajectory=return_trajectory,
+                                      step_noise_fn=step_noise_fn)
 
     def ddim_sample_loop(self, model_fn: ModelFn, shape, *, noise=None, step_noise=None, key=None,
                          eta: float = 0.0, clip_denoised: bool = True, denoised_fn=None,
                          model_kwargs=None, progress: int | None = None,
-                         return_trajectory: bool = False):
+                         return_trajectory: bool = False, step_noise_fn: Callable | None = None):
         """DDIM sampling over all steps of this process (use create_diffusion("ddim50") or
         "50" for 50 steps). Arguments as p_sample_loop; step noise is needed only for eta > 0."""
         return sampling.ddim_sample_loop(self, model_fn, shape, noise=noise, step_noise=step_noise,
                                          key=key, eta=eta, clip_denoised=clip_denoised,
                                          denoised_fn=denoised_fn, model_kwargs=model_kwargs,
-                                         progress=progress, return_trajectory=return_trajectory)
+                                         progress=progress, return_trajectory=return_trajectory,
+                                         step_noise_fn=step_noise_fn)
 
     def dpm_solver_sample_loop(self, model_fn: ModelFn, shape, *, noise=None, key=None,
                                order: int = 2, clip_denoised: bool = False, denoised_fn=None,

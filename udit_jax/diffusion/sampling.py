@@ -2,7 +2,8 @@
 
 Every loop is one `lax.scan` over the steps t = S-1 ... 0 of a (respaced) process, so it jits
 to one compiled loop whatever S is. Random draws are explicit: pass the start noise and the
-per-step noise as arrays (to replay a reference trajectory) or a key that draws them.
+per-step noise as arrays (to replay a reference trajectory), a per-step noise function
+(t -> noise, e.g. each image's noise from its own key), or a key that draws them.
 Progress is reported from inside the compiled loop with `jax.debug.callback`.
 """
 
@@ -40,12 +41,13 @@ def _check_shape(shape) -> tuple[int, ...]:
 
 
 def initial_and_step_noise(shape, num_steps: int, *, noise, step_noise, key, needs_step_noise: bool,
-                           what: str):
+                           what: str, step_noise_fn: Callable | None = None):
     """The start x_T and a per-step noise source for a loop.
 
     Returns (x_T [shape], step_inputs, to_noise): step_inputs has a leading axis of num_steps
-    (the stored noise, or one key per step, or None) and to_noise(step_input) gives that
-    step's noise (or None when the loop needs none). Keys are split so that the start noise
+    (the stored noise, or one key per step, or None) and to_noise(step_input, t) gives the
+    noise of step t (or None when the loop needs none). step_noise_fn(t) -> [shape], when
+    given, is that noise (a hook for callers that key noise per image, not per batch). Keys are split so that the start noise
     and the step noise are independent; the per-step noise is drawn inside the loop, so no
     [S, B, ...] array is materialised.
     """
@@ -58,18 +60,22 @@ def initial_and_step_noise(shape, num_steps: int, *, noise, step_noise, key, nee
     x_t = noise_like(jax.ShapeDtypeStruct(shape, jnp.float32), noise, init_key, what)
 
     if not needs_step_noise:
-        return x_t, None, lambda _: None
+        return x_t, None, lambda _, t: None
+    if (step_noise is not None) + (step_noise_fn is not None) > 1:
+        raise ValueError(f"{what}: pass step_noise or step_noise_fn, not both")
+    if step_noise_fn is not None:
+        return x_t, None, lambda _, t: step_noise_fn(t)
     if step_noise is not None:
         step_noise = jnp.asarray(step_noise, jnp.float32)
         if step_noise.shape != (num_steps,) + shape:
             raise ValueError(f"{what}: step_noise has shape {step_noise.shape}, expected "
                              f"{(num_steps,) + shape} (one noise array per step, in sampling order)")
-        return x_t, step_noise, lambda n: n
+        return x_t, step_noise, lambda n, t: n
     if step_key is None:
         raise ValueError(f"{what} draws noise at every step: pass step_noise=<array of shape "
                          f"{(num_steps,) + shape}> or key=")
     keys = jax.random.split(step_key, num_steps)
-    return x_t, keys, lambda k: jax.random.normal(k, shape, jnp.float32)
+    return x_t, keys, lambda k, t: jax.random.normal(k, shape, jnp.float32)
 
 
 def _report_progress(done: jax.Array, total: int, every: int, label: str) -> None:
@@ -117,14 +123,14 @@ def _batch_t(t: jax.Array, batch: int) -> jax.Array:
 
 
 def p_sample_loop(diffusion, model_fn, shape, *, noise, step_noise, key, clip_denoised, denoised_fn,
-                  model_kwargs, progress, return_trajectory):
+                  model_kwargs, progress, return_trajectory, step_noise_fn=None):
     """See GaussianDiffusion.p_sample_loop."""
     x_t, step_inputs, to_noise = initial_and_step_noise(
         shape, diffusion.num_timesteps, noise=noise, step_noise=step_noise, key=key,
-        needs_step_noise=True, what="p_sample_loop")
+        needs_step_noise=True, what="p_sample_loop", step_noise_fn=step_noise_fn)
 
     def step(x, t, step_input):
-        out = diffusion.p_sample(model_fn, x, _batch_t(t, x.shape[0]), noise=to_noise(step_input),
+        out = diffusion.p_sample(model_fn, x, _batch_t(t, x.shape[0]), noise=to_noise(step_input, t),
                                  clip_denoised=clip_denoised, denoised_fn=denoised_fn,
                                  model_kwargs=model_kwargs)
         return out["sample"], out
@@ -135,15 +141,15 @@ def p_sample_loop(diffusion, model_fn, shape, *, noise, step_noise, key, clip_de
 
 
 def ddim_sample_loop(diffusion, model_fn, shape, *, noise, step_noise, key, eta, clip_denoised,
-                     denoised_fn, model_kwargs, progress, return_trajectory):
+                     denoised_fn, model_kwargs, progress, return_trajectory, step_noise_fn=None):
     """See GaussianDiffusion.ddim_sample_loop."""
     x_t, step_inputs, to_noise = initial_and_step_noise(
         shape, diffusion.num_timesteps, noise=noise, step_noise=step_noise, key=key,
-        needs_step_noise=eta != 0, what="ddim_sample_loop")
+        needs_step_noise=eta != 0, what="ddim_sample_loop", step_noise_fn=step_noise_fn)
 
     def step(x, t, step_input):
         out = diffusion.ddim_sample(model_fn, x, _batch_t(t, x.shape[0]), eta=eta,
-                                    noise=to_noise(step_input), clip_denoised=clip_denoised,
+                                    noise=to_noise(step_input, t), clip_denoised=clip_denoised,
                                     denoised_fn=denoised_fn, model_kwargs=model_kwargs)
         return out["sample"], out
 

@@ -25,6 +25,7 @@ from udit_jax.convert.common import (CONV, LINEAR, SAME, KeySpec, check_state_di
                                      torch_shape_of)
 from udit_jax.convert.io import load_state_dict, save_state_dict
 from udit_jax.evaluation.inception import InceptionV3
+from udit_jax import paths
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -85,7 +86,7 @@ def main(argv: list[str]) -> None:
     if len(argv) != 2:
         raise SystemExit("usage: python -m udit_jax.evaluation.convert_inception IN OUT"
                          "  (IN: .pth/.npz/.safetensors; OUT: .safetensors or .npz)")
-    src, dst = argv
+    src, dst = (paths.resolve(a) for a in argv)
     state_dict = load_state_dict(src)
     inception_variables_from_torch(state_dict)  # refuses a file that is not this network
     save_state_dict(dst, {k: np.asarray(v, np.float32) for k, v in state_dict.items()

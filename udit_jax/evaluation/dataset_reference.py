@@ -90,23 +90,22 @@ def write_dataset_reference(config, out_path, inception_weights, *, max_images: 
     features; process 0 writes the file.
     """
     from udit_jax.data.sources import source_from_config
-    from udit_jax.evaluation.evaluate import _DTYPES
     from udit_jax.evaluation.convert_inception import load_inception_variables
-    from udit_jax.evaluation.features import InceptionFeatures
+    from udit_jax.evaluation.features import DTYPES, InceptionFeatures
 
     t0 = time.time()
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {tuple(_DTYPES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {tuple(DTYPES)}")
     data = config.data
     image_size = int(data.image_size)
     source = source_from_config(data)   # a missing dataset fails before the network loads
     indices = select_indices(len(source), max_images, seed)
     features = InceptionFeatures(load_inception_variables(inception_weights), preprocess,
-                                 batch_size, mesh, dtype=_DTYPES[dtype],
+                                 batch_size, mesh, dtype=DTYPES[dtype],
                                  precision="highest" if dtype == "float32" else None)
     pool_stats, spatial_stats = MomentAccumulator(), MomentAccumulator()
     kept, bad = [], 0
-    min_side, max_pixels = data.get("min_image_side", 16), data.get("max_image_pixels", 2 ** 27)
+    min_side, max_pixels = data.min_image_side, data.max_image_pixels
 
     def chunks():
         """(uint8 images [n, S, S, 3] of the readable items, items read) per chunk."""

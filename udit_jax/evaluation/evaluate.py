@@ -18,21 +18,18 @@ import time
 from typing import Iterable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
 from udit_jax import config as config_lib
-from udit_jax import parallel
 from udit_jax.evaluation import metrics as M
 from udit_jax.evaluation import reference as R
 from udit_jax.evaluation.convert_inception import load_inception_variables
-from udit_jax.evaluation.features import Activations, InceptionFeatures
+from udit_jax.evaluation.features import DTYPES, Activations, InceptionFeatures
 from udit_jax.evaluation.inception import POOL3_DIM
 
 SPATIAL_DIM = 17 * 17 * 7  # Mixed_6d grid at 299x299 input, 7 channels
 METRIC_NAMES = ("inception_score", "fid", "sfid", "precision", "recall")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _check_statistics(stats: tuple[M.Statistics, M.Statistics], path) -> None:
@@ -66,8 +63,8 @@ class Evaluator:
             raise ValueError(f"unknown fid_method {fid_method!r}; use one of {M.FRECHET_METHODS}")
         if pr_distance not in M.DISTANCE_MODES:
             raise ValueError(f"unknown pr_distance {pr_distance!r}; use one of {M.DISTANCE_MODES}")
-        if dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of {tuple(_DTYPES)}")
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {tuple(DTYPES)}")
         self.reference_path = str(reference_path)
         self.pr_distance = pr_distance
         self.fid_method = fid_method
@@ -91,7 +88,7 @@ class Evaluator:
             self.check_samples(sample_count, sample_resolution)
         variables = load_inception_variables(inception_weights)
         self.features = InceptionFeatures(variables, preprocess, batch_size, mesh,
-                                          dtype=_DTYPES[dtype],
+                                          dtype=DTYPES[dtype],
                                           precision="highest" if dtype == "float32" else None)
         self.reference_acts = None
         if self.reference_info is not None:
@@ -205,32 +202,25 @@ def evaluate_npz(sample_path, reference_path, inception_weights, *, preprocess: 
     return result
 
 
-def _mesh_from_config(config) -> jax.sharding.Mesh | None:
-    mesh_cfg = config.get("mesh")
-    if mesh_cfg is None:
-        return None
-    return parallel.make_mesh(mesh_cfg.get("data", -1), mesh_cfg.get("fsdp", 1))
-
-
-def _sample_export(config, workdir: epath.Path, num_samples: int) -> epath.Path:
-    """Samples num_samples images of random classes from the export with config.eval's
-    sampling protocol and returns the job's samples.npz (a finished job with the same settings
-    is reused, an interrupted one resumed; other settings never share a job directory)."""
+def _sample_export(config, workdir: epath.Path) -> epath.Path:
+    """Samples config.eval.num_samples images of random classes from the export with the
+    evaluation's sampling settings (config.sampling(config, "eval"): the papers' protocol by
+    default) and returns the job's samples.npz (a finished job with the same settings is
+    reused, an interrupted one resumed; other settings never share a job directory)."""
     from udit_jax import sample as sample_lib
-    ev = config_lib.base_config().eval   # the protocol's defaults, under the config's fields
-    ev.update(config.eval)
-    sampler, steps, dtype = ev.sampler, str(ev.steps), ev.dtype
-    cfg_scale, seed = float(ev.cfg_scale), int(ev.seed)
-    export_dir = epath.Path(ev.export_dir or workdir / "export")
-    channels = "-allch" if ev.guide_all_channels else ""
+    ev = config.eval
+    s = config_lib.sampling(config, "eval")
+    export_dir = epath.Path(ev.export_dir) if ev.export_dir else workdir / "export"
+    channels = "-allch" if s["guide_all_channels"] else ""
     out_dir = (workdir / "eval" / "samples"
-               / f"{sampler}-{steps}-cfg{cfg_scale:g}{channels}-{dtype}-seed{seed}-{num_samples}")
+               / f"{s['sampler']}-{s['steps']}-cfg{s['cfg_scale']:g}{channels}-{s['dtype']}-"
+                 f"seed{s['seed']}-{ev.num_samples}")
     result = sample_lib.run_sampling_job(
-        export_dir, out_dir, num_images=num_samples, seed=seed, sampler=sampler, steps=steps,
-        cfg_scale=cfg_scale, guide_all_channels=bool(ev.guide_all_channels),
-        per_device_batch=int((config.get("sample") or {}).get("per_device_batch", 32)),
-        write_png=False, vae_weights=(config.get("vae") or {}).get("weights") or None,
-        dtype=dtype)
+        export_dir, out_dir, num_images=ev.num_samples, seed=s["seed"], sampler=s["sampler"],
+        steps=s["steps"], cfg_scale=s["cfg_scale"], guide_all_channels=s["guide_all_channels"],
+        per_device_batch=config.sample.per_device_batch, write_png=False,
+        vae_weights=config.vae.weights or None, mesh=config_lib.make_mesh(config),
+        dtype=s["dtype"])
     return epath.Path(result["npz"])
 
 
@@ -238,64 +228,53 @@ def evaluate_from_config(config, workdir) -> dict:
     """`--mode=evaluate`: scores samples against config.eval.reference_npz, or writes a
     dataset's reference statistics.
 
-    config.eval fields (defaults in brackets):
-      inception_weights                pytorch-fid Inception weights (required)
-      write_reference_to [""]          if set: write the reference statistics of config.data's
-                                       dataset there (write_dataset_reference) and stop, with
-                                       reference_max_images [0 = all], reference_with_images
-                                       [False] (arr_0, for precision/recall), seed [0]
-      reference_npz                    ADM reference batch to score against (required otherwise)
-      sample_npz [""]                  the samples to score; if empty, num_samples [50000]
+    config.eval fields (defaults and meanings in udit_jax.config.base_config):
+      write_reference_to               if set: write the reference statistics of config.data's
+                                       dataset there (write_dataset_reference) and stop
+      reference_npz, inception_weights the ADM reference batch and pytorch-fid weights
+      sample_npz                       the samples to score; if empty, num_samples [50,000]
                                        images of random classes are first sampled from the
-                                       export export_dir [<workdir>/export] into
-                                       <workdir>/eval/samples/<settings>/ with the papers'
-                                       protocol: sampler ["ddpm"], steps ["250"], cfg_scale
-                                       [1.0: the config's paper table], guide_all_channels
-                                       [False], dtype ["float32"], seed [0]
-      preprocess ["adm"], batch_size [256], pr_distance ["float16"], is_split_size [5000],
-      inception_dtype ["float32"], fid_method ["sqrtm"],
-      output_json [<workdir>/eval/<sample file stem or sampling settings>.json]
-    The mesh comes from config.mesh.data / config.mesh.fsdp when present (else all devices).
+                                       export (export_dir) into <workdir>/eval/samples/<settings>/
+                                       with config.sampling(config, "eval")'s settings: the
+                                       papers' protocol by default (DDPM-250, no guidance,
+                                       float32; config.EVAL_PROTOCOL)
+      inception_dtype                  the Inception network's compute dtype
+      output_json                      "" = <workdir>/eval/<sample stem or settings>.json
+    The metric names carry the sample count (FID-50K; FID-5K when fewer). The mesh is
+    config.mesh's.
     """
-    ev = config.get("eval")
-    if ev is None:
-        raise ValueError("--mode=evaluate reads config.eval (sample_npz, reference_npz, "
-                         "inception_weights, ...); the config has no 'eval' section")
-    get = lambda name, default=None: ev.get(name, default)  # noqa: E731
+    ev = config.eval
     workdir = epath.Path(workdir)
-    mesh = _mesh_from_config(config)
-    if get("write_reference_to"):
+    mesh = config_lib.make_mesh(config)
+    if ev.write_reference_to:
         from udit_jax.evaluation.dataset_reference import write_dataset_reference
-        if not get("inception_weights"):
+        if not ev.inception_weights:
             raise ValueError("config.eval.write_reference_to needs config.eval.inception_weights "
                              "(pytorch-fid Inception weights)")
         return write_dataset_reference(
-            config, get("write_reference_to"), get("inception_weights"),
-            max_images=int(get("reference_max_images", 0)) or None, seed=int(get("seed", 0)),
-            with_images=bool(get("reference_with_images", False)),
-            preprocess=get("preprocess", "adm"), batch_size=get("batch_size", 256),
-            dtype=get("inception_dtype", "float32"), mesh=mesh)
-    missing = [k for k in ("reference_npz", "inception_weights") if not get(k)]
+            config, ev.write_reference_to, ev.inception_weights,
+            max_images=ev.reference_max_images or None, seed=ev.seed,
+            with_images=ev.reference_with_images, preprocess=ev.preprocess,
+            batch_size=ev.batch_size, dtype=ev.inception_dtype, mesh=mesh)
+    missing = [k for k in ("reference_npz", "inception_weights") if not ev[k]]
     if missing:
         raise ValueError(f"--mode=evaluate needs config.eval.{', config.eval.'.join(missing)} "
                          "(ADM reference .npz, pytorch-fid Inception weights), and either "
                          "config.eval.sample_npz or an export to sample from")
-    split = get("is_split_size", M.IS_SPLIT_SIZE)
-    if get("sample_npz"):
-        sample = epath.Path(get("sample_npz"))
+    if ev.sample_npz:
+        sample = epath.Path(ev.sample_npz)
     else:
         # Everything cheap is checked before sampling (which can take hours).
-        num = int(get("num_samples", 50_000))
-        M.check_split(num, split)
-        R.npz_keys(get("reference_npz"))
-        if not epath.Path(get("inception_weights")).exists():
-            raise FileNotFoundError(f"config.eval.inception_weights={get('inception_weights')!r} "
+        M.check_split(ev.num_samples, ev.is_split_size)
+        R.npz_keys(ev.reference_npz)
+        if not epath.Path(ev.inception_weights).exists():
+            raise FileNotFoundError(f"config.eval.inception_weights={ev.inception_weights!r} "
                                     "not found (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
-        sample = _sample_export(config, workdir, num)
-    stem = sample.stem if get("sample_npz") else sample.parent.name
-    output = get("output_json") or workdir / "eval" / f"{stem}.json"
-    return evaluate_npz(sample, get("reference_npz"), get("inception_weights"),
-                        preprocess=get("preprocess", "adm"), batch_size=get("batch_size", 256),
-                        pr_distance=get("pr_distance", "float16"), is_split_size=split,
-                        dtype=get("inception_dtype", "float32"), mesh=mesh, output_json=output,
-                        fid_method=get("fid_method", "sqrtm"))
+        sample = _sample_export(config, workdir)
+    stem = sample.stem if ev.sample_npz else sample.parent.name
+    output = ev.output_json or workdir / "eval" / f"{stem}.json"
+    return evaluate_npz(sample, ev.reference_npz, ev.inception_weights,
+                        preprocess=ev.preprocess, batch_size=ev.batch_size,
+                        pr_distance=ev.pr_distance, is_split_size=ev.is_split_size,
+                        dtype=ev.inception_dtype, mesh=mesh, output_json=output,
+                        fid_method=ev.fid_method)

@@ -23,6 +23,8 @@ from udit_jax.evaluation.inception import InceptionV3
 from udit_jax.evaluation.metrics import class_probabilities
 from udit_jax.evaluation.preprocess import MODES, check_images, preprocess
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # Inception compute dtypes by name
+
 
 @functools.lru_cache(maxsize=None)
 def _compiled_forward(mode: str, dtype, precision):

@@ -351,8 +351,8 @@ class DiT(nn.Module):
         else:
             block_args = (c,)
         for i in range(self.depth):
-            h = block_cls(**kwargs, name=f"blocks_{i}")(h, *block_args)
-        h = h[:, :self.num_patches]  # in-context: drop the conditioning tokens
+            h = block_cls(**kwargs, name=f"blocks_{i}")(layers.constrain_activations(h), *block_args)
+        h = layers.constrain_activations(h)[:, :self.num_patches]  # in-context: drop the conditioning tokens
 
         out = FinalLayer(d, p, self.out_channels, adaptive=adaptive, dtype=self.dtype,
                          name="final_layer")(h, c if adaptive else None)

@@ -53,6 +53,18 @@ def conv(features: int, kernel: int, axes: tuple[str | None, str | None], *, nam
                    bias_init=with_axes(bias_init, (axes[1],)), name=name)
 
 
+# Logical names of the main activations' axes, by rank (tokens [B, T, D]; NHWC maps). Under
+# flax logical-axis rules (parallel.activation_rules) they become sharding constraints;
+# without rules they are no-ops.
+ACTIVATION_AXES = {3: ("activation_batch", "activation_length", "activation_embed"),
+                   4: ("activation_batch", "activation_height", "activation_width", "activation_embed")}
+
+
+def constrain_activations(x: jax.Array) -> jax.Array:
+    """x with its logical activation axes declared (a block's input or output)."""
+    return nn.with_logical_constraint(x, ACTIVATION_AXES[x.ndim])
+
+
 def gelu_exact(x: jax.Array) -> jax.Array:
     """torch.nn.functional.gelu (erf form); flax's nn.gelu defaults to the tanh form."""
     return nn.gelu(x, approximate=False)

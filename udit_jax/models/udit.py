@@ -26,7 +26,6 @@ import flax.linen as nn
 from udit_jax.models import layers
 from udit_jax.models.layers import conv, dense, layer_norm, modulate
 
-LOGIT_SCALE_MAX = math.log(100.0)  # the official clamp value 4.6052 is ln(100) to 4 decimals
 _OFFICIAL_LOGIT_CAP = 4.6052
 STAGES = ("encoder_level_1", "encoder_level_2", "latent", "decoder_level_2", "decoder_level_1")
 
@@ -267,6 +266,7 @@ class UDiTBlock(nn.Module):
     @nn.compact
     def __call__(self, x, c):
         d = self.dim
+        x = layers.constrain_activations(x)
         for k in (1, 2):
             mod = dense(6 * d, ("embed", "mlp"), name=f"adaLN_modulation{k}", dtype=self.dtype,
                         kernel_init=layers.zeros)(nn.silu(c))
@@ -275,7 +275,7 @@ class UDiTBlock(nn.Module):
                                         name=f"attn{k}", **self.attn_kwargs)
             x = x + gate_msa[:, None, None] * attn(modulate(layer_norm(x), shift_msa, scale_msa))
             x = x + gate_mlp[:, None, None] * self.ffn(k)(modulate(layer_norm(x), shift_mlp, scale_mlp))
-        return x
+        return layers.constrain_activations(x)
 
 
 class FinalLayer(nn.Module):
@@ -397,9 +397,6 @@ class UDiT(nn.Module):
     def inference_form(self) -> "UDiT":
         """The model as used for sampling: re-parameterised (fused) FFNs when available."""
         return self.clone(fused_ffn=True) if self.has_rep_ffn else self
-
-    def training_form(self) -> "UDiT":
-        return self.clone(fused_ffn=False)
 
     def example_inputs(self, batch: int = 1):
         s = self.input_size
