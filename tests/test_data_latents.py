@@ -185,7 +185,7 @@ def test_other_settings_in_same_cache_dir_are_refused(tmp_path):
 
 def test_too_many_bad_files_fail_clearly_and_keep_shards(tmp_path):
     good, bad = make_image_folder(tmp_path / "images")
-    with pytest.raises(RuntimeError, match="max_bad_fraction"):
+    with pytest.raises(ValueError, match="max_bad_fraction"):
         build(tmp_path / "images", tmp_path / "cache", max_bad_fraction=0.1, records_per_shard=100)
     assert not (tmp_path / "cache" / "manifest.json").exists()
     assert list((tmp_path / "cache").glob("shard-*.array_record"))
@@ -225,7 +225,7 @@ def test_encode_dataset_from_config(tmp_path):
     config.data.update({"source": "folder", "dir": str(tmp_path / "images"),
                         "image_size": IMAGE_SIZE, "cache_dir": "", "cache_dtype": "float32",
                         "max_bad_fraction": 0.5, "min_image_side": 8, "encode_batch_size": 4,
-                        "records_per_shard": 5})
+                        "records_per_shard": 5, "num_classes": 3})
     config.vae.weights = str(tmp_path / "vae.safetensors")
     config.vae.arguments = ml_collections.ConfigDict(SMALL_VAE)
     manifest = latents.encode_dataset(config, str(tmp_path / "work"))
@@ -276,6 +276,40 @@ def test_real_vae_encode_on_2_processes(tmp_path):
               for line in out.splitlines() if line.startswith("shards:")]
     assert len(shards) == 2 and shards[0] and shards[1] and not set(shards[0]) & set(shards[1])
     assert len(shards[0]) + len(shards[1]) == len(list((tmp_path / "cache").glob("shard-*.array_record")))
+
+
+def test_encode_processes_agree_on_too_many_bad_files(tmp_path):
+    """Only process 1's shard holds bad files: both processes stop with the error (no process
+    is left waiting at a barrier for one that raised), and spec.json was written once."""
+    rng = np.random.default_rng(0)
+    for name in ("a/0.png", "a/1.png", "a/2.png", "a/3.png", "b/2.png", "b/3.png"):
+        _save(tmp_path / "images" / name, Image.fromarray(rng.integers(0, 256, (20, 20, 3), np.uint8)), "PNG")
+    for name in ("b/0.png", "b/1.png"):   # sorted first in class b: shard 1 = process 1
+        (tmp_path / "images" / name).write_bytes(b"not an image")
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, __file__, "bad_process", str(tmp_path), str(port), str(i)],
+                              env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for i, (p, (out, err)) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0 and "refused:" in out, (i, out[-2000:] + err[-3000:])
+    assert "2 of 8 images are unreadable" in outputs[1][0]
+    assert "process 1 stopped the latent cache job" in outputs[0][0]
+    assert not list((tmp_path / "cache").glob(".spec.json.tmp*"))
+
+
+def _run_bad_process(tmp: pathlib.Path, port: int, process_id: int):
+    import jax
+
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+    try:
+        build(tmp / "images", tmp / "cache", records_per_shard=4, max_bad_fraction=0.2)
+    except ValueError as e:
+        print("refused:", e)
 
 
 def _small_vae():
@@ -353,5 +387,7 @@ if __name__ == "__main__":
     mode, tmp = sys.argv[1], pathlib.Path(sys.argv[2])
     if mode == "devices":
         _run_devices(tmp)
+    elif mode == "bad_process":
+        _run_bad_process(tmp, int(sys.argv[3]), int(sys.argv[4]))
     else:
         _run_processes(tmp, int(sys.argv[3]), int(sys.argv[4]))

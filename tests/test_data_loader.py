@@ -179,7 +179,7 @@ def test_fashion_mnist_pixel_loader_pads_to_32_with_black(tmp_path):
     config = config_lib.base_config()
     config.data.update({
         "space": "pixel", "source": "fashion_mnist", "dir": str(tmp_path), "image_size": 32,
-        "random_flip": False})
+        "random_flip": False, "num_classes": 10})
     loader = loader_lib.make_loader(config, global_batch_size=4, seed=0, workdir=str(tmp_path))
     batch = next(loader)
     assert batch["image"].shape == (4, 32, 32, 1) and batch["image"].dtype == np.float32
@@ -212,5 +212,5 @@ def test_pixel_table_from_class_folders_crops_and_skips_bad_files(tmp_path):
     np.testing.assert_array_equal(table.images[0], expected)
     gray = table.images[1]
     assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 1], gray[..., 2])
-    with pytest.raises(RuntimeError, match="max_bad_fraction"):
+    with pytest.raises(ValueError, match="max_bad_fraction"):
         loader_lib.image_table_from_source(ClassFolderSource(tmp_path), 16, max_bad_fraction=0.1)

@@ -209,8 +209,6 @@ def test_evaluate_during_training(tmp_path, io):
     config = config_lib.base_config()
     config.data.space = "pixel"
     config.data.num_classes = 4
-    config.sample.steps = "2"
-    config.sample.cfg_scale = 1.0
     model = models.build_model("DiT", input_size=8, patch_size=4, in_channels=3, hidden_size=32,
                                depth=1, num_heads=2, num_classes=4)
     params = models.init_params(model, jax.random.key(0))
@@ -219,11 +217,12 @@ def test_evaluate_during_training(tmp_path, io):
              M.feature_statistics(io["tf1_299/spatial_adm"][[0, 1, 2, 0]]))
     np.savez(ref, mu=stats[0].mu, sigma=stats[0].sigma, mu_s=stats[1].mu, sigma_s=stats[1].sigma)
     config.eval.update({
-        "reference_npz": str(ref), "inception_weights": str(WEIGHTS), "num_samples": 3,
+        "reference_npz": str(ref), "inception_weights": str(WEIGHTS), "in_loop_num_samples": 3,
+        "steps": "2",
         "sample_batch": 2, "batch_size": 4, "fid_method": "eigh", "seed": 5})
 
     scores = in_training.evaluate_during_training(config, model, params, step=7)
-    assert set(scores) == {"fid", "sfid", "inception_score"}
+    assert set(scores) == {"FID-3", "sFID-3", "IS-3"}   # names carry the sample count
 
     # The same images, drawn again by the sampler with the evaluation's labels and keys.
     labels = sampler.random_labels(5, 3, 4)
@@ -232,7 +231,7 @@ def test_evaluate_during_training(tmp_path, io):
     assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8
     ev = in_training._evaluator(str(ref), str(WEIGHTS), "adm", 4, "eigh", 5000)
     acts = ev.features(images)
-    np.testing.assert_allclose(scores["inception_score"], M.inception_score(acts.probs), rtol=1e-5)
+    np.testing.assert_allclose(scores["IS-3"], M.inception_score(acts.probs), rtol=1e-5)
     np.testing.assert_allclose(
-        scores["fid"], M.frechet_distance(M.feature_statistics(acts.pool3), stats[0], method="eigh"),
+        scores["FID-3"], M.frechet_distance(M.feature_statistics(acts.pool3), stats[0], method="eigh"),
         rtol=1e-4)

@@ -64,6 +64,7 @@ SMALL_VAE = ["--config.vae.arguments=" + repr(SMALL_VAE_ARGS)]   # a Python lite
 TINY_UDIT_KWARGS = {"hidden_size": 16, "depth": [0, 1, 1, 1, 0], "num_heads": 1}
 TINY_DIT_KWARGS = {"hidden_size": 32, "depth": 2, "num_heads": 2}
 FASHION = ("--config.data.dir=fashion-mnist",)   # the small idx files the test writes
+CLASS_FOLDERS = ("--config.data.num_classes=2",)  # the two class folders the test writes
 DEMO_SMALL = ("--config.sample.per_class=1", "--config.sample.steps=2")
 
 
@@ -102,16 +103,18 @@ RECIPES = [
            r"--config\.data\.cache_dir=bucket/imagenet(256|512)_latents "
            r"--config\.vae\.weights=sd-vae-ft-ema/diffusion_pytorch_model\.safetensors$",
            ("--config.data.source=folder", "--config.data.dir=imagenet/train",
-            "--config.data.encode_batch_size=4", "--config.data.image_size=64", *SMALL_VAE)),
+            "--config.data.encode_batch_size=4", "--config.data.image_size=64", *SMALL_VAE,
+            *CLASS_FOLDERS)),
     Recipe(r"--config=configs/(\w+)\.py --workdir=bucket/\1 "
            r"--config\.data\.cache_dir=bucket/imagenet(256|512)_latents$",
-           (*TINY_LATENT, *SHORT_TRAIN)),
+           (*TINY_LATENT, *SHORT_TRAIN, *SMALL_VAE, *CLASS_FOLDERS)),
     # README: training, exports and sampling jobs.
     Recipe(r"--config=configs/udit_l\.py --workdir=bucket/udit_l --config\.batch_size=512$",
            (*TINY_LATENT, *SHORT_TRAIN, "--config.data.source=synthetic"),
            creates=("bucket/udit_l/checkpoints/2",)),
     Recipe(r"--config=configs/udit_b\.py --workdir=bucket/udit_b --mode=export$",
-           (*TINY_LATENT, *SMALL_VAE), creates=("bucket/udit_b/export/export.json",),
+           (*TINY_LATENT, *SMALL_VAE, *CLASS_FOLDERS),
+           creates=("bucket/udit_b/export/export.json",),
            needs=("configs/udit_b.py --workdir=bucket/udit_b --config.data.cache_dir",)),
     Recipe(r"--config=configs/udit_b\.py --workdir=bucket/udit_b --mode=sample "
            r"--config\.sample\.num_images=50000 --config\.sample\.cfg_scale=1\.5 "
@@ -126,6 +129,11 @@ RECIPES = [
     Recipe(r"^python -m udit_jax\.export --import_weights=U-DiT-B-400k\.pt --model=U-DiT-B "
            r"--out=exports/udit_b$", ("--model_kwargs=" + json.dumps(TINY_UDIT_KWARGS),),
            creates=("exports/udit_b/export.json",), torch=True),
+    # The round trip: the demo's export with its official weights, imported back.
+    Recipe(r"^python -m udit_jax\.export --from_export=runs/demo/export "
+           r"--out=exports/demo_reimported$", (),
+           creates=("exports/demo_reimported/export.json",), needs=("runs/demo --mode=export$",),
+           before=lambda root: _export_demo_torch_weights(root)),   # defined below
     # The full-size SD VAE decodes (the import records the official VAE): slow.
     Recipe(r"--config=configs/udit_b\.py --workdir=runs/udit_b_official --mode=sample "
            r"--config\.sample\.export_dir=exports/udit_b "
@@ -157,10 +165,10 @@ RECIPES = [
            ("--records", "64", "--latent", "4", "--batch", "8", "--threads", "1",
             "--seconds", "0.2", "--encode-images", "2", "--encode-size", "32",
             "--encode-batch", "2", "--vae", "small")),
-    Recipe(r"benchmarks\.bench_train --config configs/udit_b\.py$",
-           ("--per_device_batch", "2", "--steps", "1", "--warmup", "1",
-            "--set", "data.image_size=64", "--set", "model.name=DiT", "--set",
-            "model.kwargs=" + json.dumps(TINY_DIT_KWARGS | {"patch_size": 2}))),
+    Recipe(r"benchmarks\.bench_train --config[= ]configs/udit_b\.py$",
+           ("--per_device_batch=2", "--steps=1", "--warmup=1", "--config.data.image_size=64",
+            "--config.model.name=DiT",
+            "--config.model.kwargs=" + json.dumps(TINY_DIT_KWARGS | {"patch_size": 2}))),
     Recipe(r"benchmarks\.bench_inception$", ("--batch", "1", "--size", "75", "--iters", "1"),
            slow=True),
 ]
@@ -298,6 +306,14 @@ def _write_sd_vae(root: pathlib.Path) -> None:
     abstract = jax.eval_shape(vae.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32))
     convert.save_state_dict(root / "sd-vae-ft-ema.safetensors",
                             convert.vae_params_to_torch(vae, _random_like(abstract["params"])))
+
+
+def _export_demo_torch_weights(root: pathlib.Path) -> None:
+    """The demo's export again, with its official weights (--config.export.torch_weights)."""
+    result = run(root, ["python", "-m", "udit_jax.main", "--config=configs/demo.py",
+                        "--workdir=runs/demo", "--mode=export", "--config.export.torch_weights=True"])
+    assert result.returncode == 0, result.stdout[-8000:]
+    assert (root / "runs/demo/export/torch_state_dict.safetensors").exists()
 
 
 def _write_small_vae(path: pathlib.Path) -> None:

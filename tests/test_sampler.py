@@ -32,7 +32,9 @@ TINY = {
     "sample.write_png": False,
     # In-loop evaluation: 11 images of random classes in batches of 8 (the last one padded).
     # Its scorer is built on first use only; these paths are never read here.
-    "eval.num_samples": 11, "eval.sample_batch": 8, "eval.seed": 4, "eval.is_split_size": 11,
+    # Its sampling settings are the preview's, so its images are a sampling job's.
+    "eval.in_loop_num_samples": 11, "eval.sample_batch": 8, "eval.seed": 4,
+    "eval.is_split_size": 11, "eval.sampler": "ddpm", "eval.steps": "3", "eval.cfg_scale": 2.0,
     "eval.reference_npz": "unused.npz", "eval.inception_weights": "unused.pth",
 }
 

@@ -14,6 +14,7 @@ fields, never `.get(name, default)`.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
@@ -116,14 +117,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.on_mismatch = "stop"
 
     c.sample = ml_collections.ConfigDict()
-    c.sample.classes = [88, 207, 279, 360, 387, 388, 417, 980]  # rows of the preview grid
+    # Rows of the preview grid. A tuple, so the command line can override it
+    # (--config.sample.classes=0,1,2); configs may assign lists (stored as tuples).
+    c.sample.classes = (88, 207, 279, 360, 387, 388, 417, 980)
     c.sample.per_class = 8
     c.sample.sampler = "ddpm"         # "ddpm", "ddim" or "dpm" (DPM-Solver++, ~20 steps);
                                       # "ode" or "sde" for objective="transport"
     c.sample.steps = ""               # timestep respacing (transport: time-grid points); "" =
                                       # the sampler's default (udit_jax.sampler.SAMPLERS:
                                       # ddpm 250, ddim ddim50, dpm 20, ode 250, sde 250)
-    c.sample.cfg_scale = 4.0
+    c.sample.cfg_scale = 4.0          # guidance above 1 only (official); < 0 is refused
     c.sample.seed = 0                 # fixed noise: grids are comparable across steps
     # Sampling jobs (--mode=sample, udit_jax.sample) from an export.
     c.sample.num_images = 0           # 0: the class grid (classes x per_class); N: N random classes
@@ -148,28 +151,34 @@ def base_config() -> ml_collections.ConfigDict:
 
     # FID / sFID / IS of EMA samples (udit_jax.evaluation): in the loop every eval_every_steps,
     # and for --mode=evaluate (of a sample .npz, or of the export's samples). Both sample
-    # num_samples images of random classes with the same keys (seed), so the in-loop numbers
-    # of step k equal --mode=evaluate's of step k's export.
+    # images of random classes with the same settings and keys (seed), so the in-loop numbers
+    # of step k equal --mode=evaluate's of step k's export with num_samples=in_loop_num_samples.
     c.eval = ml_collections.ConfigDict()
     c.eval.reference_npz = ""         # ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz
     c.eval.inception_weights = ""     # pytorch-fid Inception weights
     c.eval.sample_npz = ""            # --mode=evaluate: the samples to score
     c.eval.output_json = ""           # --mode=evaluate: "" = <workdir>/eval/<sample>.json
-    c.eval.num_samples = 5000         # images sampled to score (the papers use 50,000)
+    c.eval.in_loop_num_samples = 5000  # images per in-loop evaluation (its metrics: FID-5K)
     c.eval.sample_batch = 256         # in-loop: images per sampling call (global)
     c.eval.batch_size = 256           # Inception batch
     c.eval.is_split_size = 5000
     c.eval.preprocess = "adm"
     c.eval.fid_method = "sqrtm"
     c.eval.pr_distance = "float16"
-    c.eval.dtype = "float32"
+    c.eval.inception_dtype = "float32"  # Inception compute; bfloat16 is faster, approximate
     c.eval.seed = 0
-    # Sampling for evaluation: sampler/steps/cfg_scale "" or None fall back to config.sample's.
-    # --mode=evaluate of an export (when sample_npz is "") samples num_samples images first.
+    # Sampling for evaluation (in the loop, and --mode=evaluate of an export when sample_npz is
+    # ""): the papers' protocol by default (EVAL_PROTOCOL), whatever the preview settings and
+    # the training dtype: 50,000 images of random classes, the objective's protocol sampler
+    # (DDPM: 250 respaced steps), float32, and the guidance of the paper table the config
+    # reproduces (named in its docstring; U-DiT's and DiT's 400K tables are without guidance).
+    c.eval.num_samples = 50_000       # --mode=evaluate (the in-loop count is in_loop_num_samples)
     c.eval.export_dir = ""            # "" = <workdir>/export
-    c.eval.sampler = ""
-    c.eval.steps = ""
-    c.eval.cfg_scale = ml_collections.config_dict.placeholder(float)
+    c.eval.sampler = ""               # "" = EVAL_PROTOCOL[objective]'s sampler
+    c.eval.steps = ""                 # "" = that sampler's protocol (or default) steps
+    c.eval.cfg_scale = 1.0            # > 1: classifier-free guidance (DiT-XL/2's FID 2.27: 1.5)
+    c.eval.guide_all_channels = False  # False: guide the first 3 channels, as officially
+    c.eval.dtype = "float32"          # sampling compute dtype
     # --mode=evaluate writing reference statistics of config.data instead of scoring.
     c.eval.write_reference_to = ""
     c.eval.reference_max_images = 0  # 0 = every image
@@ -229,11 +238,82 @@ def imagenet_config(model_name: str, image_size: int = 256) -> ml_collections.Co
 
 
 # ========================================================================================
+# Value checks: what a config's numbers must satisfy, checked before anything is built.
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _field(config, field: str):
+    for part in field.split("."):
+        config = config[part]
+    return config
+
+
+def check_values(config) -> None:
+    """Raises ValueError naming the first field whose value no job can use.
+
+    Pure and cheap (no files, no devices): sizes and counts positive, seeds non-negative,
+    the learning rate positive and finite, warmup and guidance non-negative, dtypes known.
+    Guidance scales from 0 to 1 are allowed and mean no guidance (the official scripts guide
+    only above 1).
+    """
+    def need(ok: bool, field: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"{field}={_field(config, field)!r}: {what}")
+
+    def positive_int(field: str) -> None:
+        value = _field(config, field)
+        need(isinstance(value, int) and value > 0, field, "must be a positive integer")
+
+    def non_negative(field: str, what: str) -> None:
+        value = _field(config, field)
+        need(_finite(value) and value >= 0, field, what)
+
+    for field in ("data.image_size", "data.channels", "data.num_classes",
+                  "diffusion.diffusion_steps", "sample.per_class", "eval.num_samples",
+                  "eval.in_loop_num_samples"):
+        positive_int(field)
+    for field in ("seed", "sample.seed", "eval.seed"):
+        value = _field(config, field)
+        need(isinstance(value, int) and value >= 0, field, "seeds are non-negative integers")
+    opt = config.optimizer
+    need(_finite(opt.learning_rate) and opt.learning_rate > 0, "optimizer.learning_rate",
+         "must be a positive finite number (the official recipe: 1e-4)")
+    need(isinstance(opt.warmup_steps, int) and opt.warmup_steps >= 0, "optimizer.warmup_steps",
+         "must be a non-negative integer (0: constant learning rate)")
+    non_negative("optimizer.weight_decay", "must be a non-negative finite number")
+    non_negative("optimizer.grad_clip_norm", "must be a non-negative finite number (0: off)")
+    need(_finite(opt.eps) and opt.eps > 0, "optimizer.eps", "must be a positive finite number")
+    for field in ("optimizer.b1", "optimizer.b2"):
+        need(_finite(_field(config, field)) and 0 <= _field(config, field) < 1, field,
+             "must be in [0, 1)")
+    classes = config.sample.classes
+    need(isinstance(classes, (tuple, list)) and all(isinstance(c, int) for c in classes),
+         "sample.classes", "class ids, e.g. --config.sample.classes=0,1,2")
+    for field in ("model.dtype", "eval.dtype"):
+        need(_field(config, field) in _DTYPES, field, f"use one of {_DTYPES}")
+    for field in ("sample.cfg_scale", "eval.cfg_scale"):
+        non_negative(field, "guidance scales are finite and >= 0 (up to 1: no guidance; the "
+                            "papers guide with 1.5 or 4)")
+    for name, value in config.model.kwargs.items():
+        if name in ("input_size", "in_channels", "num_classes", "hidden_size", "patch_size",
+                    "num_heads"):
+            need(isinstance(value, int) and value > 0, f"model.kwargs.{name}",
+                 "must be a positive integer")
+
+
+# ========================================================================================
 # Validation: everything that can be checked before compiling (the workdir is the job's).
 
 def validate(config):
     """Raises ValueError naming the field and the fix for a config that cannot run on these
-    devices; returns the model."""
+    devices; returns the model. Files are the jobs' to check (training checks the in-loop
+    evaluation's at its start: evaluation.in_training.check_requirements)."""
+    check_values(config)
     n_dev, n_proc = jax.device_count(), jax.process_count()
     b, accum = config.batch_size, config.optimizer.grad_accum_steps
     if b <= 0 or accum <= 0 or b % accum:
@@ -248,8 +328,6 @@ def validate(config):
         raise ValueError(f"total_steps={config.total_steps} must be positive")
     if not 0.0 <= config.optimizer.ema_decay <= 1.0:
         raise ValueError(f"optimizer.ema_decay={config.optimizer.ema_decay} must be in [0, 1]")
-    if config.model.dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"model.dtype={config.model.dtype!r}; use float32 or bfloat16")
     for name in ("log_every_steps", "checkpoint_every_steps"):
         if config[name] <= 0:
             raise ValueError(f"{name}={config[name]} must be positive")
@@ -263,15 +341,19 @@ def validate(config):
     bad = [c for c in config.sample.classes if not 0 <= c < config.data.num_classes]
     if config.sample_every_steps and bad:
         raise ValueError(f"sample.classes {bad} are outside [0, {config.data.num_classes})")
-    if config.sample_every_steps and preview["cfg_scale"] > 1 and not model.class_dropout_prob:
-        raise ValueError("sample.cfg_scale > 1 needs the null-class embedding, which a model with "
-                         "class_dropout_prob=0 does not have; set sample.cfg_scale=1")
+    used = {"sample": preview} if config.sample_every_steps else {}
     if config.eval_every_steps:
         missing = [k for k in ("reference_npz", "inception_weights") if not config.eval[k]]
         if missing:
             raise ValueError(f"eval_every_steps > 0 needs config.eval.{', config.eval.'.join(missing)} "
                              "(ADM reference batch, pytorch-fid Inception weights); or set "
                              "eval_every_steps=0")
+        used["eval"] = sampling(config, "eval")
+    for section, settings in used.items():
+        if settings["cfg_scale"] > 1 and not model.class_dropout_prob:
+            raise ValueError(f"{section}.cfg_scale > 1 needs the null-class embedding, which a "
+                             f"model with class_dropout_prob=0 does not have; set "
+                             f"{section}.cfg_scale=1")
     return model
 
 
@@ -347,32 +429,45 @@ def vae_arguments(config) -> dict[str, Any]:
     return dict(config.vae.arguments, scaling_factor=config.data.latent_scale)
 
 
+# The papers' evaluation sampling of each objective (sampler, steps): DiT's and U-DiT's
+# FID-50K tables sample DDPM with 250 respaced steps; SiT's headline numbers its SDE sampler
+# with 250 steps. config.eval.sampler / steps "" mean these.
+EVAL_PROTOCOL = {"ddpm": ("ddpm", "250"), "transport": ("sde", "250")}
+
+
 def sampling(config, section: str = "sample", objective: str | None = None) -> dict[str, Any]:
     """The resolved sampling settings of config.sample (previews, --mode=sample) or config.eval
     (in-loop evaluation, --mode=evaluate): {sampler, steps, cfg_scale, guidance_interval,
-    guide_all_channels, transport_options, seed}.
+    guide_all_channels, transport_options, seed, dtype}.
 
-    config.eval's sampler, steps and cfg_scale fall back to config.sample's; steps "" is the
-    sampler's default (udit_jax.sampler.SAMPLERS). The sampler must sample models of
-    `objective` (default config.objective; a job passes its export's, export_objective);
-    transport_options are its settings from config.transport ({} for DDPM samplers).
+    steps "" is the sampler's default (udit_jax.sampler.SAMPLERS); config.eval's sampler "" is
+    the objective's protocol sampler (EVAL_PROTOCOL) with its steps. The sampler must sample
+    models of `objective` (default config.objective; a job passes its export's,
+    export_objective); transport_options are its settings from config.transport ({} for DDPM
+    samplers). dtype: the compute dtype for sampling (config.eval.dtype; None for
+    config.sample: the model's own).
     """
     if section not in ("sample", "eval"):
         raise ValueError(f"section={section!r}; use 'sample' or 'eval'")
     objective = config.objective if objective is None else objective
-    s, own = config.sample, config[section]
-    name = own.sampler or s.sampler
-    sampler_lib.check_sampler(name, objective,
-                              f"{section}.sampler" if own.sampler else "sample.sampler")
-    steps = own.steps or (s.steps if name == s.sampler else "") or sampler_lib.default_steps(name)
-    cfg_scale = own.cfg_scale if own.cfg_scale is not None else s.cfg_scale
+    own = config[section]
+    name, steps = own.sampler, own.steps
+    if section == "eval" and not name:
+        if objective not in EVAL_PROTOCOL:
+            raise ValueError(f"objective={objective!r}; use one of {tuple(EVAL_PROTOCOL)}")
+        name, protocol_steps = EVAL_PROTOCOL[objective]
+        steps = steps or protocol_steps
+    sampler_lib.check_sampler(name, objective, f"{section}.sampler")
+    steps = steps or sampler_lib.default_steps(name)
     try:
-        low, high = guidance.check_interval(s.guidance_interval)
+        low, high = guidance.check_interval(config.sample.guidance_interval)
     except ValueError as e:
         raise ValueError(f"sample.guidance_interval: {e}") from e
-    settings = {"sampler": name, "steps": str(steps), "cfg_scale": float(cfg_scale),
-                "guidance_interval": (low, high), "guide_all_channels": bool(s.guide_all_channels),
-                "transport_options": transport_options(config, name), "seed": int(own.seed)}
+    settings = {"sampler": name, "steps": str(steps), "cfg_scale": float(own.cfg_scale),
+                "guidance_interval": (low, high),
+                "guide_all_channels": bool(own.guide_all_channels),
+                "transport_options": transport_options(config, name), "seed": int(own.seed),
+                "dtype": own.dtype if section == "eval" else None}
     if objective == config.objective:
         # (A job's export of another objective is checked against its own record.)
         try:
@@ -398,6 +493,7 @@ def sampling_tag(settings: dict) -> str:
     low, high = settings["guidance_interval"]
     return (settings["sampler"] + (f"_{method}" if method else "") + f"-{settings['steps']}"
             + f"-cfg{settings['cfg_scale']:g}"
+            + ("-allch" if settings["guide_all_channels"] else "")
             + ("" if (low, high) == (0.0, 1.0) else f"-interval{low:g}-{high:g}")
             + f"-seed{settings['seed']}")
 
@@ -405,10 +501,12 @@ def sampling_tag(settings: dict) -> str:
 def make_sampler(config, model, mesh, section: str = "sample"):
     """(sampler.Sampler, vae_params) of config.sample / config.eval settings for `model` on
     `mesh` (vae_params is None for pixel models). The same images as `--mode=sample` of an
-    export of the same params with the same settings."""
+    export of the same params with the same settings (and dtype)."""
     settings = sampling(config, section)
     if settings["guide_all_channels"]:
         model = model.clone(cfg_channels=None)
+    if settings["dtype"]:
+        model = model.clone(dtype=jnp.dtype(settings["dtype"]))
     vae = vae_params = None
     if is_latent(config):
         vae, vae_params = sampler_lib.load_vae(vae_arguments(config), config.vae.weights, mesh)

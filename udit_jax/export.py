@@ -40,7 +40,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from udit_jax import paths
+from udit_jax import errors, paths
 
 FORMAT_VERSION = 1
 INFO_FILE = "export.json"
@@ -354,6 +354,11 @@ def import_state_dict(state_dict: Mapping[str, np.ndarray], model_name: str,
         raise ValueError(f"image_size={image_size} is not a multiple of 8 (the VAE's factor)")
     kwargs = dict(input_size=image_size // 8 if latent else image_size,
                   in_channels=4 if latent else channels, num_classes=num_classes)
+    clash = {k: v for k, v in model_overrides.items() if k in kwargs and v != kwargs[k]}
+    if clash:
+        raise ValueError(f"model arguments {clash} disagree with image_size={image_size}, "
+                         f"space={space!r}, channels={channels}, num_classes={num_classes} "
+                         f"(which give {kwargs}); drop them or change those settings")
     kwargs.update(model_overrides)
     model = models.build_model(model_name, **kwargs)
     params = convert.params_from_torch(model, state_dict)   # checks every key first
@@ -410,20 +415,38 @@ def import_official(path: str | os.PathLike, model_name: str | None, out_dir: st
                              metadata=metadata, **kwargs)
 
 
+def description_from_export(export_dir: str | os.PathLike) -> dict[str, Any]:
+    """import_official's keyword arguments that rebuild the model an export describes:
+    {model_name, image_size, space, channels, num_classes, vae_weights, **model arguments}."""
+    info = read_info(export_dir)
+    data, model = info["data"], info["model"]
+    kwargs = {k: v for k, v in model["kwargs"].items()
+              if k not in ("input_size", "in_channels", "num_classes")}
+    vae = info.get("vae") or {}
+    return dict(kwargs, model_name=model["family"], image_size=data["image_size"],
+                space=data["space"], channels=data["channels"], num_classes=data["num_classes"],
+                vae_weights=vae.get("weights") or "")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m udit_jax.export --import_weights=PATH [--model=NAME] --out=DIR`."""
+    """`python -m udit_jax.export --import_weights=PATH [--model=NAME] --out=DIR`, or
+    `--from_export=DIR --out=DIR2` (the round trip of an export's official weights)."""
     parser = argparse.ArgumentParser(
         prog="python -m udit_jax.export",
         description="Import an official DiT / U-DiT checkpoint as an export directory "
                     "(exports of training runs: python -m udit_jax.main --mode=export).")
-    parser.add_argument("--import_weights", required=True,
-                        help="checkpoint file: .pt/.pth (needs torch), .safetensors or .npz")
+    parser.add_argument("--import_weights", default=None,
+                        help="checkpoint file: .pt/.pth (needs torch), .safetensors or .npz "
+                             f"(default with --from_export: its {TORCH_WEIGHTS_FILE})")
+    parser.add_argument("--from_export", default=None,
+                        help="take the model description (model, image size, space, channels, "
+                             "classes, VAE) from this export directory's export.json")
     parser.add_argument("--model", default=None,
                         help="model name (DiT-XL/2, U-DiT-B, ...); default: from the file name")
     parser.add_argument("--out", required=True, help="export directory to write")
     parser.add_argument("--image_size", type=int, default=None,
                         help="image size in pixels (default: from the file name, else 256)")
-    parser.add_argument("--num_classes", type=int, default=1000)
+    parser.add_argument("--num_classes", type=int, default=None, help="default 1000")
     parser.add_argument("--space", choices=("latent", "pixel"), default="latent")
     parser.add_argument("--channels", type=int, default=3, help="image channels (pixel space)")
     parser.add_argument("--vae_weights", default="",
@@ -437,17 +460,37 @@ def main(argv: list[str] | None = None) -> int:
         overrides = json.loads(args.model_kwargs)
     except json.JSONDecodeError as e:
         parser.error(f"--model_kwargs is not valid JSON ({e})")
+    if not isinstance(overrides, dict):
+        parser.error(f"--model_kwargs must be a JSON object, got {args.model_kwargs!r}")
+    # num_classes may come from the flag or from --model_kwargs (as in an export.json).
+    num_classes = overrides.pop("num_classes", args.num_classes)
+    if args.num_classes is not None and num_classes != args.num_classes:
+        parser.error(f"--num_classes={args.num_classes} but --model_kwargs has "
+                     f"num_classes={num_classes}")
     out_dir = paths.resolve(args.out)
     try:
         paths.check_output_dir(out_dir, "--out", own_entries={INFO_FILE})
     except ValueError as e:
         parser.error(str(e))
-    vae_weights = paths.resolve(args.vae_weights) if args.vae_weights else ""
-    out = import_official(paths.resolve(args.import_weights), args.model, out_dir,
-                          image_size=args.image_size, num_classes=args.num_classes,
-                          space=args.space, channels=args.channels,
-                          vae_weights=vae_weights, torch_weights=args.torch_weights,
-                          **overrides)
+    settings = dict(image_size=args.image_size, space=args.space, channels=args.channels,
+                    num_classes=1000 if num_classes is None else num_classes,
+                    vae_weights="", model_name=args.model)
+    weights = paths.resolve(args.import_weights) if args.import_weights else None
+    try:
+        if args.from_export:
+            from_export = paths.resolve(args.from_export)
+            settings.update(description_from_export(from_export))
+            weights = weights or os.path.join(from_export, TORCH_WEIGHTS_FILE)
+        if not weights:
+            parser.error("give --import_weights=FILE (or --from_export=DIR)")
+        if args.vae_weights:   # an explicit flag wins over an export's record
+            settings["vae_weights"] = paths.resolve(args.vae_weights)
+        settings.update(overrides)   # --model_kwargs wins over an export's description
+        out = import_official(weights, settings.pop("model_name"), out_dir,
+                              torch_weights=args.torch_weights, **settings)
+    except errors.EXPECTED as e:
+        errors.report(e)
+        return 1
     print(f"wrote {out}")
     return 0
 

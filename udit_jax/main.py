@@ -8,17 +8,23 @@
 evaluate (delegated to their modules). On a TPU pod or a SLURM job run the same command in
 every process; multi-host JAX is initialised automatically there, and from
 --coordinator_address/--num_processes/--process_id on other GPU clusters.
+
+Errors: an expected error (errors.EXPECTED: a bad config value, bad input data, a missing or
+unreadable file, an incompatible checkpoint, a diverged run) ends the command with one line
+`error: ...` on stderr and exit status 1; --debug shows its traceback instead. Anything else
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging as py_logging
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from udit_jax import paths
+from udit_jax import errors, paths
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                           lock_config=True)
@@ -35,6 +41,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (wi
 _LOCAL_DEVICE_IDS = flags.DEFINE_list("local_device_ids", None, "GPUs this process drives "
                                       "(SLURM with one process per node: all of them).")
 _VERBOSE_CHECKPOINTS = flags.DEFINE_bool("verbose_checkpoints", False, "Show orbax's INFO logs.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the Python traceback of expected errors (bad "
+                           "config, input or files) instead of one line.")
 
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -64,10 +72,22 @@ def mode_function(mode: str):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    workdir = paths.prepare_job(_CONFIG.value, _WORKDIR.value)   # before anything is written
     if not _VERBOSE_CHECKPOINTS.value:
         logging.get_absl_handler().addFilter(_QuietOrbax())
+    try:
+        workdir = paths.prepare_job(_CONFIG.value, _WORKDIR.value)   # before anything is written
+        run_mode(_MODE.value, _CONFIG.value, workdir)
+    except errors.EXPECTED as e:
+        if _DEBUG.value:
+            raise
+        errors.report(e)
+        sys.exit(1)
+
+
+def run_mode(mode: str, config, workdir: str) -> None:
+    from udit_jax import config as config_lib
     from udit_jax import parallel
+    config_lib.check_values(config)   # every mode: bad values fail before any work
     local_ids = None if _LOCAL_DEVICE_IDS.value is None else [int(i) for i in _LOCAL_DEVICE_IDS.value]
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                     local_ids)
@@ -75,11 +95,29 @@ def main(argv):
     logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  parallel.device_kind())
-    mode_function(_MODE.value)(_CONFIG.value, workdir)
+    mode_function(mode)(config, workdir)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with config-file and config-override mistakes (which ml_collections
+    raises as plain exceptions) reported as one line instead of a traceback."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:   # --config.<field> names no field
+        missing = str(e).strip("\"'")
+        given = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+        named = [g for g in given if missing in g.split(".")] or given
+        print(f"error: {', '.join(named)}: the config has no field {missing!r} (the fields are "
+              "those of the config file; see udit_jax/config.py base_config)", file=sys.stderr)
+    except SyntaxError as e:
+        print(f"error: config file {e.filename} line {e.lineno}: {e.msg}", file=sys.stderr)
+    except errors.EXPECTED as e:
+        errors.report(e)
+    sys.exit(1)
 
 
 def run():
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import json
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
@@ -140,9 +141,12 @@ def merge_parts(out_dir: epath.Path, num_images: int, grid_columns: int) -> tupl
 # ----------------------------------------------------------------------------------------
 # Jobs.
 
-_SPEC_KEYS = ("export_created", "export_config_hash", "objective", "seed", "sampler", "steps",
-              "cfg_scale", "guidance_interval", "guide_all_channels", "transport_options",
-              "num_images", "labels")
+# Everything that changes a job's images: a job directory holding another job's images is
+# refused, never topped up (two VAEs', two dtypes' or two objectives' images never mix).
+_SPEC_KEYS = ("export_created", "export_config_hash", "export_weights_sha256",
+              "vae_weights_sha256", "dtype", "objective", "seed", "sampler", "steps",
+              "cfg_scale", "guidance_interval", "guide_all_channels", "cfg_channels",
+              "transport_options", "num_images", "labels")
 # What job.json files written before these keys existed meant.
 _SPEC_DEFAULTS = {"objective": "ddpm", "guidance_interval": [0.0, 1.0], "transport_options": {}}
 
@@ -155,6 +159,22 @@ def _check_spec(path: epath.Path, spec: dict) -> None:
     if differs:
         raise ValueError(f"{path.parent} holds samples of another job (it differs in "
                          f"{', '.join(differs)}): use another out_dir, or delete that one to start over")
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's bytes (cached per path, size and modification time)."""
+    import hashlib
+    digest = hashlib.sha256()
+    with epath.Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _weights_sha256(path: str) -> str:
+    stat = epath.Path(path).stat()
+    return _file_sha256(str(path), stat.length, int(stat.mtime * 1e9))
 
 
 def _vae_arguments(info: dict) -> dict:
@@ -173,11 +193,12 @@ def _process(info: dict, sampler: str, steps: str, transport_options: dict):
 @functools.lru_cache(maxsize=8)
 def _job_sampler(info_json: str, guide_all_channels: bool, steps: str, sampler: str,
                  cfg_scale: float, guidance_interval: tuple[float, float],
-                 transport_options_json: str, vae_json: str | None, mesh) -> sampler_lib.Sampler:
+                 transport_options_json: str, vae_json: str | None, mesh,
+                 dtype: str) -> sampler_lib.Sampler:
     """The sampler of a job, kept across jobs with the same settings in one process (a
     resumed or repeated job does not compile again)."""
     info = json.loads(info_json)
-    model = export.model_from_description(info["model"])
+    model = export.model_from_description(info["model"], dtype)
     if guide_all_channels:
         model = model.clone(cfg_channels=None)
     process = _process(info, sampler, steps, json.loads(transport_options_json))
@@ -192,7 +213,8 @@ def run_sampling_job(export_dir, out_dir, *, num_images: int | None = None,
                      guidance_interval=(0.0, 1.0), transport_options: dict | None = None,
                      guide_all_channels: bool = False, per_device_batch: int = 32,
                      write_png: bool = True, vae_weights: str | None = None,
-                     max_batches: int | None = None, mesh=None) -> dict[str, Any]:
+                     max_batches: int | None = None, mesh=None,
+                     dtype: str | None = None) -> dict[str, Any]:
     """Samples a job's images into out_dir, resuming whatever an earlier run left there.
 
     Either `classes` (each repeated per_class times: a grid with one row per class) or
@@ -203,8 +225,10 @@ def run_sampling_job(export_dir, out_dir, *, num_images: int | None = None,
     applies. transport_options: the ode / sde settings (config.transport_options; default
     base_config's, SiT's sample.py defaults). Every process calls this; each writes the
     images its devices made. max_batches: stop after that many batches (the rest is sampled
-    by the next run). Returns {"out_dir", "num_images", "finished", "npz", "grid"} (npz and
-    grid are None until every image is done).
+    by the next run). dtype: the model's compute dtype (default: the export's, i.e. the
+    training dtype; evaluation samples in config.eval.dtype). Returns {"out_dir",
+    "num_images", "finished", "npz", "grid"} (npz and grid are None until every image is
+    done).
     """
     info = export.read_info(export_dir)
     objective = config_lib.export_objective(info)
@@ -227,29 +251,37 @@ def run_sampling_job(export_dir, out_dir, *, num_images: int | None = None,
     else:
         labels = sampler_lib.random_labels(seed, num_images, num_classes)
     sampler_lib.check_labels(labels, num_classes)
+    latent = info["data"]["space"] == "latent"
+    vae_weights = (vae_weights or info["vae"]["weights"]) if latent else None
+    if latent:
+        sampler_lib.check_vae_weights(vae_weights)   # before its hash names the job
+    dtype = jnp.dtype(dtype or info["model"]["dtype"]).name
+    guided = info["model"]["kwargs"].get("cfg_channels", 3)
     spec = {"export_dir": str(export_dir), "export_created": info["metadata"].get("created"),
-            "export_config_hash": info["metadata"].get("config_hash"), "objective": objective,
-            "seed": int(seed), "sampler": sampler, "steps": steps, "cfg_scale": float(cfg_scale),
+            "export_config_hash": info["metadata"].get("config_hash"),
+            "export_weights_sha256": info["metadata"].get("weights_sha256"),
+            "vae_weights_sha256": _weights_sha256(vae_weights) if latent else None,
+            "dtype": dtype, "objective": objective, "seed": int(seed), "sampler": sampler,
+            "steps": steps, "cfg_scale": float(cfg_scale),
             "guidance_interval": list(guidance_interval),
             "guide_all_channels": bool(guide_all_channels),
+            "cfg_channels": None if guide_all_channels or cfg_scale <= 1 else guided,
             "transport_options": dict(transport_options), "num_images": int(num_images),
             "labels": "random" if classes is None else {"classes": classes, "per_class": per_class}}
     _process(info, sampler, steps, transport_options)   # bad steps / options fail here
     out_dir = epath.Path(out_dir)
     _check_spec(out_dir / "job.json", spec)
     mesh = parallel.make_mesh() if mesh is None else mesh
-    latent = info["data"]["space"] == "latent"
     vae_params = None
     if latent:
-        _, vae_params = sampler_lib.load_vae(_vae_arguments(info),
-                                             vae_weights or info["vae"]["weights"], mesh)
-    model, params, _ = export.load_export(export_dir, mesh=mesh)
+        _, vae_params = sampler_lib.load_vae(_vae_arguments(info), vae_weights, mesh)
+    model, params, _ = export.load_export(export_dir, mesh=mesh, dtype=dtype)
     sampler_lib.check_settings(model, sampler, cfg_scale)
     job_sampler = _job_sampler(
         json.dumps({k: info.get(k) for k in ("model", "diffusion", "objective")}, sort_keys=True),
         bool(guide_all_channels), steps, sampler, float(cfg_scale), guidance_interval,
         json.dumps(transport_options, sort_keys=True),
-        json.dumps(_vae_arguments(info)) if latent else None, mesh)
+        json.dumps(_vae_arguments(info)) if latent else None, mesh, dtype)
 
     parts_dir = out_dir / "parts"
     if jax.process_index() == 0:

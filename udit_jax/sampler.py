@@ -43,6 +43,7 @@ from typing import Callable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from etils import epath
 
 from udit_jax import parallel
@@ -150,6 +151,9 @@ def model_noise_level(process) -> Callable:
 
 def check_settings(model, sampler: str, cfg_scale: float) -> None:
     check_sampler(sampler)
+    if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
+        raise ValueError(f"cfg_scale={cfg_scale} must be finite and >= 0 (up to 1: no guidance; "
+                         "the papers guide with 1.5 or 4)")
     if cfg_scale > 1.0 and not model.class_dropout_prob > 0:
         raise ValueError(f"cfg_scale={cfg_scale} needs the unconditional (null class) embedding, "
                          "which models trained with class_dropout_prob=0 lack; use cfg_scale=1")
@@ -289,6 +293,9 @@ class Sampler:
                  clip_denoised: bool | None = None):
         self.model = model
         self.mesh = parallel.make_mesh() if mesh is None else mesh
+        if 0 <= cfg_scale < 1.0 and jax.process_index() == 0:
+            logging.info("cfg_scale=%g: no classifier-free guidance is applied (guidance starts "
+                         "above 1, as in the official scripts)", cfg_scale)
         self.fn = make_batch_sampler(model, process, sampler=sampler, cfg_scale=cfg_scale,
                                      guidance_interval=guidance_interval, vae=vae,
                                      mesh=self.mesh, clip_denoised=clip_denoised)
@@ -352,17 +359,22 @@ def sample_images(model, params, process, labels, key, *, cfg_scale: float = 1.0
     return s(params, key, labels, vae_params=vae_params, indices=indices, batch_size=batch_size)
 
 
+def check_vae_weights(weights: str | None) -> None:
+    """ValueError / FileNotFoundError unless `weights` names an SD VAE weights file."""
+    if not weights:
+        raise ValueError("this is a latent-space model: set the SD VAE weights (config.vae.weights, "
+                         "or vae_weights=), e.g. sd-vae-ft-ema's diffusion_pytorch_model.safetensors")
+    if not epath.Path(weights).is_file():
+        raise FileNotFoundError(f"VAE weights not found: {weights}; set config.vae.weights "
+                                "(vae_weights=) to the SD VAE weights file")
+
+
 def load_vae(arguments: dict, weights: str, mesh):
     """(vae, params replicated on mesh) of the SD VAE described by `arguments` (build_vae's,
     with scaling_factor) from a weights file."""
     from udit_jax import models
     from udit_jax.convert.vae import load_vae_params
-    if not weights:
-        raise ValueError("this is a latent-space model: set the SD VAE weights (config.vae.weights, "
-                         "or vae_weights=), e.g. sd-vae-ft-ema's diffusion_pytorch_model.safetensors")
-    if not epath.Path(weights).exists():
-        raise FileNotFoundError(f"VAE weights not found: {weights}; set config.vae.weights "
-                                "(vae_weights=) to the SD VAE weights file")
+    check_vae_weights(weights)
     vae = models.build_vae(**arguments)
     return vae, jax.device_put(load_vae_params(vae, weights), parallel.replicated(mesh))
 

@@ -29,7 +29,7 @@ import optax
 from absl import logging
 from etils import epath
 
-from udit_jax import checkpoints, data, models, parallel
+from udit_jax import checkpoints, data, models, parallel, paths
 from udit_jax import config as config_lib
 from udit_jax import sampler as sampler_lib
 from udit_jax.evaluation import in_training
@@ -38,24 +38,22 @@ PyTree = Any
 
 
 # ========================================================================================
-# Validation: the config's own checks (config.validate) plus the workdir.
+# Validation: the config's own checks (config.validate), in-loop evaluation's files, the workdir.
 
-def check_workdir(workdir: epath.Path) -> None:
-    probe = workdir / f".write_probe_{jax.process_index()}"
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
-    except Exception as e:  # noqa: BLE001 - the kind of failure differs per filesystem
-        raise ValueError(f"workdir {workdir} is not writable ({type(e).__name__}: {e}); "
-                         "pass a --workdir you can write to") from e
-
-
-def validate(config, workdir: epath.Path):
-    """Raises ValueError for a config that cannot run here; returns the model."""
+def validate(config, workdir) -> Any:
+    """Everything a training run checks before compiling: config.validate, the files in-loop
+    evaluation reads (so a missing one fails now, not at the first evaluation hours in) and
+    the workdir (paths.check_output_dir). Raises ValueError / OSError; returns the model."""
     model = config_lib.validate(config)
-    check_workdir(workdir)
+    check_run(config, workdir)
     return model
+
+
+def check_run(config, workdir) -> None:
+    """The checks of a training run beyond config.validate (see validate)."""
+    if config.eval_every_steps:
+        in_training.check_requirements(config)
+    paths.check_output_dir(paths.resolve(workdir), "--workdir")
 
 
 # ========================================================================================
@@ -473,7 +471,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # ---- setup ------------------------------------------------------------------------
     workdir = epath.Path(workdir)
     trainer = make_trainer(config)
-    check_workdir(workdir)
+    check_run(config, workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     model, mesh = trainer.model, trainer.mesh
     iterator = make_data_iterator(config, workdir)
     ckpt = checkpoints.Checkpointer(workdir, keep=config.checkpoint.keep,

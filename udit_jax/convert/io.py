@@ -43,12 +43,13 @@ def load_state_dict(path: str | os.PathLike, prefer: str = "ema") -> dict[str, n
         raise FileNotFoundError(f"weights file not found: {path}. Give the path of a downloaded "
                                 "checkpoint (.pt, .safetensors or .npz).")
     suffix = path.suffix.lower()
+    if path.stat().st_size == 0:
+        raise ValueError(f"weights file {path} is empty (0 bytes): an interrupted download? "
+                         "Download it again")
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+        return _load_npz(path)
     if suffix == ".safetensors":
-        from safetensors.numpy import load_file
-        return dict(load_file(str(path)))
+        return _load_safetensors(path)
     if suffix in (".pt", ".pth", ".bin", ".ckpt"):
         try:
             import torch
@@ -64,6 +65,29 @@ def load_state_dict(path: str | os.PathLike, prefer: str = "ema") -> dict[str, n
         obj = _unwrap(obj, prefer)
         return {k: _torch_to_numpy(v) for k, v in obj.items() if hasattr(v, "detach")}
     raise ValueError(f"unknown weights format {suffix!r} for {path}: use .npz, .safetensors or .pt")
+
+
+def _load_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
+    import zipfile
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not an .npz archive; expected np.savez output holding one "
+                         "array per state_dict key")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except ValueError as e:  # object arrays: pickles, which are never loaded
+        raise ValueError(f"{path} holds pickled (object) arrays, which are not loaded (they can "
+                         "run code); save plain numeric arrays with np.savez") from e
+
+
+def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    try:
+        return dict(load_file(str(path)))
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a valid .safetensors file ({e}); expected a "
+                         "safetensors state_dict (download it again if it is truncated)") from e
 
 
 def save_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> None:

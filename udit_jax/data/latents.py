@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import tempfile
+import uuid
 from typing import Any, Callable, Iterator
 
 import jax
@@ -43,7 +44,7 @@ from absl import logging
 from etils import epath
 
 from udit_jax.data import preprocess
-from udit_jax.data.sources import Source, source_from_config
+from udit_jax.data.sources import Source, check_num_classes, read_with_retry, source_from_config
 
 FORMAT_VERSION = 1
 SPEC_FILE = "spec.json"
@@ -101,7 +102,8 @@ def _write_json(path: epath.Path, obj: Any) -> None:
     if not _is_local(path):
         path.write_text(text)
         return
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    # Unique per process and host: processes on different hosts may share a pid.
+    tmp = path.with_name(f".{path.name}.tmp{jax.process_index()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -124,6 +126,14 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
         return [k for key in sorted((set(a) | set(b)) - _LOCATION_KEYS)
                 for k in _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
     return [] if a == b else [prefix.rstrip(".")]
+
+
+def _allgather_int(value: int) -> list[int]:
+    """`value` of every process, in process order (one collective; [value] alone)."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+    return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int64(value)))]
 
 
 def _barrier(name: str) -> None:
@@ -179,7 +189,7 @@ class _Decoded:
 def _decode_item(source: Source, index: int, image_size: int, min_side: int,
                  max_pixels: int | None) -> _Decoded:
     try:
-        payload, label = source.read(index)
+        payload, label = read_with_retry(source, index)
         image = preprocess.load_rgb(payload, min_side=min_side, max_pixels=max_pixels)
         return _Decoded(index, label, preprocess.center_crop_arr(image, image_size))
     except (preprocess.BadImageError, OSError) as e:
@@ -270,8 +280,9 @@ def build_latent_cache(source: Source, encode_fn: EncodeFn, cache_dir: str | os.
             "max_image_pixels": max_image_pixels}
     spec = json.loads(json.dumps(spec, default=str))
     spec_path = cache_dir / SPEC_FILE
-    if not spec_path.exists():
-        _write_json(spec_path, spec)  # every process writes the same content atomically
+    if jax.process_index() == 0 and not spec_path.exists():
+        _write_json(spec_path, spec)
+    _barrier(f"latent-cache-spec-{cache_dir}")
     differing = _diff_keys(_read_json(spec_path), spec)
     if differing:
         raise ValueError(f"{cache_dir} holds a latent cache built with other settings (differing: "
@@ -295,6 +306,7 @@ def build_latent_cache(source: Source, encode_fn: EncodeFn, cache_dir: str | os.
     bar = tqdm(total=sum(len(r) for r in ranges.values()), unit="img", disable=not progress,
                desc=f"encode (process {process}/{num_processes})", smoothing=0.05)
     skipped_here = 0
+    over_limit = False   # this process saw more bad files than the whole job allows
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         for shard in shards:
             writer = _ShardWriter(cache_dir, shard, num_shards, ranges[shard].start, ranges[shard].stop)
@@ -311,11 +323,22 @@ def build_latent_cache(source: Source, encode_fn: EncodeFn, cache_dir: str | os.
             writer.commit()
             skipped_here += len(writer.info["skipped"])
             if skipped_here > allowed_bad:
-                bar.close()
-                raise _too_many_bad(cache_dir, skipped_here, num_items, max_bad_fraction,
-                                    writer.info["skipped"])
+                over_limit = True
+                break
     bar.close()
 
+    # Every process learns whether any stopped over the limit before anyone raises: a process
+    # raising alone would leave the others waiting at the next barrier forever.
+    skipped_per_process = _allgather_int(skipped_here if over_limit else -1)
+    if max(skipped_per_process) >= 0:
+        worst = int(np.argmax(skipped_per_process))
+        if over_limit:
+            raise _too_many_bad(cache_dir, skipped_here, num_items, max_bad_fraction,
+                                writer.info["skipped"])
+        raise ValueError(f"process {worst} stopped the latent cache job: it found "
+                         f"{skipped_per_process[worst]} unreadable images, more than "
+                         f"data.max_bad_fraction={max_bad_fraction} of {num_items} allows (its "
+                         "log lists them). Finished shards are kept")
     _barrier(f"latent-cache-shards-{cache_dir}")
     if process == 0:
         manifest = _assemble_manifest(cache_dir, spec, source)
@@ -374,7 +397,7 @@ def _assemble_manifest(cache_dir: epath.Path, spec: dict, source: Source) -> dic
             continue
         shards.append(_read_json(marker))
     if missing:
-        raise RuntimeError(f"latent cache {cache_dir}: shards {missing[:5]} (of {len(missing)}) are "
+        raise ValueError(f"latent cache {cache_dir}: shards {missing[:5]} (of {len(missing)}) are "
                            "not finished after every process completed; is cache_dir on a filesystem "
                            "all hosts share? Re-run the encode job to finish them")
     shapes = {tuple(s["latent_shape"]) for s in shards if s["latent_shape"] is not None}
@@ -390,9 +413,9 @@ def _assemble_manifest(cache_dir: epath.Path, spec: dict, source: Source) -> dic
 
 
 def _too_many_bad(cache_dir, num_bad: int, num_items: int, max_bad_fraction: float,
-                  examples: list) -> RuntimeError:
+                  examples: list) -> ValueError:
     listing = "; ".join(f"{e['file']}: {e['reason']}" for e in examples[:5])
-    return RuntimeError(
+    return ValueError(
         f"{num_bad} of {num_items} images are unreadable, more than data.max_bad_fraction="
         f"{max_bad_fraction} allows (e.g. {listing}). Finished shards in {cache_dir} are kept: fix "
         "data.dir, or raise data.max_bad_fraction and re-run to finish without re-encoding them")
@@ -454,6 +477,30 @@ def cache_dir_from_config(config, workdir: str) -> str:
     return config.data.cache_dir or os.path.join(workdir, "latents")
 
 
+def check_cache_matches(cache: LatentCache, config) -> None:
+    """Raises ValueError when a finished latent cache was built for another config: image
+    size, class count, latent shape, latent scale, and (when config.vae.weights is set) the VAE
+    itself (its arguments and a hash of its parameters)."""
+    manifest, data = cache.manifest, config.data
+    size = data.image_size
+    expected = {"image_size": size, "num_classes": data.num_classes,
+                "latent_shape": [size // 8, size // 8, 4]}
+    found = {k: manifest.get(k) for k in expected}
+    if found["latent_shape"] is not None:
+        found["latent_shape"] = list(found["latent_shape"])
+    if "scaling_factor" in manifest["vae"]:
+        expected["latent_scale"] = float(data.latent_scale)
+        found["latent_scale"] = manifest["vae"]["scaling_factor"]
+    differing = [f"{k}: cache {found[k]}, config {v}" for k, v in expected.items() if found[k] != v]
+    if not differing and config.vae.weights:
+        vae, params, weights = load_vae(config)
+        differing = [f"vae.{k}" for k in _diff_keys(manifest["vae"], vae_identity(vae, params, weights))]
+    if differing:
+        raise ValueError(f"latent cache {cache.cache_dir} was built for other settings ({'; '.join(differing)}): "
+                         "point data.cache_dir at the cache of this config, or re-encode "
+                         "(--mode=encode) into a new data.cache_dir")
+
+
 def load_vae(config):
     """(vae, params, weights path) from config.vae.weights and optional config.vae.arguments."""
     from udit_jax import models
@@ -470,13 +517,15 @@ def load_vae(config):
 def encode_dataset(config, workdir: str) -> dict[str, Any]:
     """`--mode=encode`: builds the latent cache of config.data's source with config.vae.
 
-    Fields read: data.source, data.dir, data.split, data.tfds_name, data.image_size,
+    Fields read: data.source, data.dir, data.split, data.tfds_name, data.num_classes (the
+    source's class count must be it: checked before encoding), data.image_size,
     data.cache_dir, data.cache_dtype, data.max_bad_fraction, data.min_image_side,
     data.max_image_pixels, data.encode_batch_size (per process), data.records_per_shard,
     data.decode_threads; vae.weights, vae.arguments. Returns the manifest.
     """
     data = config.data
     source = source_from_config(data)
+    check_num_classes(source, data.num_classes)
     vae, params, weights = load_vae(config)
     if data.image_size % vae.downsample_factor:
         raise ValueError(f"data.image_size={data.image_size} must be a multiple of the VAE's "

@@ -33,8 +33,8 @@ import numpy as np
 from absl import logging
 
 from udit_jax.data import preprocess
-from udit_jax.data.latents import LatentCache, cache_dir_from_config
-from udit_jax.data.sources import Source, source_from_config
+from udit_jax.data.latents import LatentCache, cache_dir_from_config, check_cache_matches
+from udit_jax.data.sources import Source, check_num_classes, read_with_retry, source_from_config
 
 STATE_VERSION = 1
 
@@ -200,7 +200,12 @@ class ImageTable:
         if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(labels):
             raise ValueError(f"ImageTable needs uint8 images [N, S, S, C] and N labels, got "
                              f"{images.dtype} {images.shape} and {len(labels)} labels")
-        self.images, self.labels, self.num_classes = images, np.asarray(labels, np.int32), num_classes
+        labels = np.asarray(labels, np.int32)
+        outside = labels[(labels < 0) | (labels >= num_classes)]
+        if outside.size:
+            raise ValueError(f"labels {sorted(set(outside.tolist()))[:10]} are outside [0, "
+                             f"{num_classes}); check data.num_classes")
+        self.images, self.labels, self.num_classes = images, labels, num_classes
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -215,7 +220,7 @@ def _pixels_of(source: Source, index: int, image_size: int, min_side: int, max_p
     """Arrays no larger than image_size (Fashion-MNIST) keep their channels and are padded with
     black (-1); anything else is decoded to RGB and ADM-centre-cropped."""
     try:
-        payload, label = source.read(index)
+        payload, label = read_with_retry(source, index)
         if isinstance(payload, np.ndarray) and max(payload.shape[:2]) <= image_size:
             pixels = payload if payload.ndim == 3 else payload[..., None]
             return preprocess.pad_to(pixels, image_size), label, ""
@@ -236,7 +241,7 @@ def image_table_from_source(source: Source, image_size: int, *, min_image_side: 
     for key, reason in bad:
         logging.warning("skipping %s: %s", key, reason)
     if len(bad) > max_bad_fraction * len(source):
-        raise RuntimeError(f"{len(bad)} of {len(source)} images are unreadable, more than "
+        raise ValueError(f"{len(bad)} of {len(source)} images are unreadable, more than "
                            f"data.max_bad_fraction={max_bad_fraction} allows (e.g. {bad[:5]})")
     good = [(pixels, label) for pixels, label, _ in results if pixels is not None]
     if not good:
@@ -253,18 +258,23 @@ def image_table_from_source(source: Source, image_size: int, *, min_image_side: 
 def make_loader(config, *, global_batch_size: int, seed: int, workdir: str) -> Loader:
     """The training loader for config.data.space ('latent': the VAE cache; 'pixel': images).
 
-    Fields read: data.space, data.random_flip, data.loader_threads, data.prefetch_batches,
-    data.loader_workers; for 'latent' data.cache_dir (default <workdir>/latents); for 'pixel'
-    the source fields (see sources.source_from_config), data.image_size, data.min_image_side,
+    Fields read: data.space, data.num_classes (the source's or cache's class count must be it),
+    data.random_flip, data.loader_threads, data.prefetch_batches, data.loader_workers; for
+    'latent' data.cache_dir (default <workdir>/latents), data.image_size, data.latent_scale,
+    vae.weights / vae.arguments (compared with the cache's VAE when set); for 'pixel' the
+    source fields (see sources.source_from_config), data.image_size, data.min_image_side,
     data.max_image_pixels, data.max_bad_fraction, data.decode_threads.
     """
     data = config.data
     space = data.space
     if space == "latent":
         table = LatentCache(cache_dir_from_config(config, workdir))
+        check_cache_matches(table, config)
     elif space == "pixel":
+        source = source_from_config(data)
+        check_num_classes(source, data.num_classes)
         table = image_table_from_source(
-            source_from_config(data), data.image_size, min_image_side=data.min_image_side,
+            source, data.image_size, min_image_side=data.min_image_side,
             max_image_pixels=data.max_image_pixels, max_bad_fraction=data.max_bad_fraction,
             decode_threads=data.decode_threads)
     else:

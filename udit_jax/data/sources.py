@@ -18,6 +18,8 @@ import gzip
 import hashlib
 import os
 import pathlib
+import time
+import zlib
 from typing import Any, Protocol
 
 import numpy as np
@@ -130,7 +132,7 @@ class TfdsSource:
         features = self._ds.dataset_info.features
         for key in (image_key, label_key):
             if key not in features:
-                raise KeyError(f"tfds dataset {name!r} has no feature {key!r}; features: {list(features)}")
+                raise ValueError(f"tfds dataset {name!r} has no feature {key!r}; features: {list(features)}")
         self.num_classes = int(features[label_key].num_classes)
         self.class_names = list(features[label_key].names)
 
@@ -154,8 +156,13 @@ class TfdsSource:
 def _read_idx(path: pathlib.Path, expected_magic: int) -> np.ndarray:
     """An idx file (as distributed by MNIST / Fashion-MNIST), gzipped or not, as a uint8 array."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise ValueError(f"{path} is corrupt ({type(e).__name__}: {e}); expected a gzipped idx "
+                         "file as distributed by Fashion-MNIST: download it again, or reinstall "
+                         "dataset-fashion-mnist") from e
     magic = int.from_bytes(data[:4], "big")
     if magic != expected_magic:
         raise ValueError(f"{path} is not an idx file of the expected kind (magic {magic:#x}, "
@@ -214,6 +221,32 @@ class FashionMnistSource:
 
 
 SOURCE_KINDS = ("folder", "tfds", "fashion_mnist")
+READ_ATTEMPTS = 4        # a transient OSError is retried this many times in all ...
+READ_BACKOFF_S = 0.5     # ... after 0.5, 1, 2 s (network filesystems have passing errors)
+_PERMANENT_OSERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def read_with_retry(source: Source, index: int) -> tuple[bytes | np.ndarray, int]:
+    """source.read(index), retrying an OSError (other than a missing or forbidden file) with
+    exponential backoff; the last attempt's OSError propagates (the caller counts the item bad)."""
+    for attempt in range(READ_ATTEMPTS - 1):
+        try:
+            return source.read(index)
+        except _PERMANENT_OSERRORS:
+            raise
+        except OSError:
+            time.sleep(READ_BACKOFF_S * 2 ** attempt)
+    return source.read(index)
+
+
+def check_num_classes(source: Source, num_classes: int) -> None:
+    """Raises ValueError unless the source's class count is data.num_classes: labels beyond it
+    would be the null class of guidance or index past the class embedding."""
+    if source.num_classes != num_classes:
+        names = ", ".join(source.class_names[:5]) + (", ..." if source.num_classes > 5 else "")
+        raise ValueError(f"data.num_classes={num_classes} but the data source has "
+                         f"{source.num_classes} classes ({names}); set "
+                         f"--config.data.num_classes={source.num_classes}")
 
 
 def source_from_config(data) -> Source:

@@ -141,8 +141,17 @@ class Evaluator:
         return out
 
 
+def metric_names(count: int) -> dict[str, str]:
+    """{"fid": "FID-50K", "sfid": "sFID-50K", "inception_score": "IS-50K"} for `count`
+    samples: a number is reported with the count it was computed on (FID-5K is not FID-50K)."""
+    tag = f"{count // 1000}K" if count % 1000 == 0 else str(count)
+    return {"fid": f"FID-{tag}", "sfid": f"sFID-{tag}", "inception_score": f"IS-{tag}"}
+
+
 def format_table(metrics: dict) -> str:
-    rows = [(name, metrics.get(name)) for name in METRIC_NAMES]
+    """The metrics as a table; FID, sFID and IS named with metrics["num_samples"] when given."""
+    names = metric_names(metrics["num_samples"]) if metrics.get("num_samples") else {}
+    rows = [(names.get(name, name), metrics.get(name)) for name in METRIC_NAMES]
     width = max(len(n) for n, _ in rows)
     lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  ---------"]
     lines += [f"{n.ljust(width)}  {'-' if v is None else f'{v:.4f}'}" for n, v in rows]
@@ -174,7 +183,7 @@ def evaluate_npz(sample_path, reference_path, inception_weights, *, preprocess: 
                                            sample_info.count)
     result = evaluator.score(samples)
     result.update({
-        "num_samples": sample_info.count,
+        "num_samples": sample_info.count, "metric_names": metric_names(sample_info.count),
         "num_reference": (None if evaluator.reference_info is None
                           else evaluator.reference_info.count),
         "sample_resolution": list(sample_info.resolution),
@@ -196,20 +205,23 @@ def evaluate_npz(sample_path, reference_path, inception_weights, *, preprocess: 
 
 def _sample_export(config, workdir: epath.Path) -> epath.Path:
     """Samples config.eval.num_samples images of random classes from the export with the
-    evaluation's sampling settings and returns the job's samples.npz (a finished job with the
-    same settings is reused, an interrupted one resumed)."""
+    evaluation's sampling settings (config.sampling(config, "eval"): the papers' protocol by
+    default) and returns the job's samples.npz (a finished job with the same settings is
+    reused, an interrupted one resumed; other settings never share a job directory)."""
     from udit_jax import sample as sample_lib
     ev = config.eval
     export_dir = epath.Path(ev.export_dir) if ev.export_dir else workdir / "export"
     s = config_lib.sampling(config, "eval",
                             config_lib.export_objective(export.read_info(export_dir)))
-    out_dir = workdir / "eval" / "samples" / f"{config_lib.sampling_tag(s)}-{ev.num_samples}"
+    out_dir = (workdir / "eval" / "samples"
+               / f"{config_lib.sampling_tag(s)}-{s['dtype']}-{ev.num_samples}")
     result = sample_lib.run_sampling_job(
         export_dir, out_dir, num_images=ev.num_samples, seed=s["seed"], sampler=s["sampler"],
         steps=s["steps"], cfg_scale=s["cfg_scale"], guidance_interval=s["guidance_interval"],
         transport_options=s["transport_options"], guide_all_channels=s["guide_all_channels"],
         per_device_batch=config.sample.per_device_batch, write_png=False,
-        vae_weights=config.vae.weights or None, mesh=config_lib.make_mesh(config))
+        vae_weights=config.vae.weights or None, mesh=config_lib.make_mesh(config),
+        dtype=s["dtype"])
     return epath.Path(result["npz"])
 
 
@@ -221,13 +233,16 @@ def evaluate_from_config(config, workdir) -> dict:
       write_reference_to               if set: write the reference statistics of config.data's
                                        dataset there (write_dataset_reference) and stop
       reference_npz, inception_weights the ADM reference batch and pytorch-fid weights
-      sample_npz                       the samples to score; if empty, num_samples images of
-                                       random classes are first sampled from the export
-                                       (export_dir) into <workdir>/eval/samples/<settings>/
+      sample_npz                       the samples to score; if empty, num_samples [50,000]
+                                       images of random classes are first sampled from the
+                                       export (export_dir) into <workdir>/eval/samples/<settings>/
                                        with config.sampling(config, "eval")'s settings: the
-                                       images the in-loop evaluation scores
+                                       papers' protocol by default (DDPM-250, no guidance,
+                                       float32; config.EVAL_PROTOCOL)
+      inception_dtype                  the Inception network's compute dtype
       output_json                      "" = <workdir>/eval/<sample stem or settings>.json
-    The mesh is config.mesh's.
+    The metric names carry the sample count (FID-50K; FID-5K when fewer). The mesh is
+    config.mesh's.
     """
     ev = config.eval
     workdir = epath.Path(workdir)
@@ -241,7 +256,7 @@ def evaluate_from_config(config, workdir) -> dict:
             config, ev.write_reference_to, ev.inception_weights,
             max_images=ev.reference_max_images or None, seed=ev.seed,
             with_images=ev.reference_with_images, preprocess=ev.preprocess,
-            batch_size=ev.batch_size, dtype=ev.dtype, mesh=mesh)
+            batch_size=ev.batch_size, dtype=ev.inception_dtype, mesh=mesh)
     missing = [k for k in ("reference_npz", "inception_weights") if not ev[k]]
     if missing:
         raise ValueError(f"--mode=evaluate needs config.eval.{', config.eval.'.join(missing)} "
@@ -262,4 +277,5 @@ def evaluate_from_config(config, workdir) -> dict:
     return evaluate_npz(sample, ev.reference_npz, ev.inception_weights,
                         preprocess=ev.preprocess, batch_size=ev.batch_size,
                         pr_distance=ev.pr_distance, is_split_size=ev.is_split_size,
-                        dtype=ev.dtype, mesh=mesh, output_json=output, fid_method=ev.fid_method)
+                        dtype=ev.inception_dtype, mesh=mesh, output_json=output,
+                        fid_method=ev.fid_method)

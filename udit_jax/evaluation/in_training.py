@@ -1,22 +1,26 @@
 """In-loop evaluation: sample from the EMA model and score FID / sFID / IS during training.
 
     evaluate = InTrainingEvaluation(config, model, mesh)   # built once by train.py
-    scores = evaluate(ema_params, step)                     # {"fid", "sfid", "inception_score"}
+    scores = evaluate(ema_params, step)                     # {"FID-5K", "sFID-5K", "IS-5K"}
 
-The images are config.eval.num_samples of random classes sampled by udit_jax.sampler with
-the settings config.sampling(config, "eval") resolves (config.eval's sampler, steps,
-cfg_scale, falling back to config.sample's) and keys from config.eval.seed, sharded over
-the mesh: each device samples its share of every batch of config.eval.sample_batch. They
-are the images `--mode=evaluate` samples from an export of the same params, so in-loop
-numbers and the evaluation job's agree. Scoring reads config.eval.{reference_npz,
-inception_weights, preprocess, batch_size, fid_method, is_split_size}. Precision and recall
-are not computed in the loop (they need the reference images' features and are slow); use
-`--mode=evaluate` on exported samples for the full table.
+The images are config.eval.in_loop_num_samples of random classes sampled by
+udit_jax.sampler with the settings config.sampling(config, "eval") resolves (the papers'
+protocol by default: DDPM-250, no guidance, float32 whatever the training dtype) and keys
+from config.eval.seed, sharded over the mesh: each device samples its share of every batch
+of config.eval.sample_batch. They are the images `--mode=evaluate` samples from an export of
+the same params with --config.eval.num_samples=<in_loop_num_samples>, so in-loop numbers and
+the evaluation job's agree. Scoring reads config.eval.{reference_npz, inception_weights,
+preprocess, batch_size, fid_method, is_split_size}. The scalars' names carry the sample
+count (FID-5K): they are not the papers' FID-50K. Precision and recall are not computed in
+the loop (they need the reference images' features and are slow); use `--mode=evaluate` on
+exported samples for the full table. `check_requirements` checks at the start of training
+what the first evaluation would otherwise find hours later.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Iterator
 
 import numpy as np
@@ -24,7 +28,9 @@ import numpy as np
 from udit_jax import config as config_lib
 from udit_jax import sampler as sampler_lib
 from udit_jax.evaluation import metrics as M
-from udit_jax.evaluation.evaluate import Evaluator
+from udit_jax.evaluation import reference as R
+from udit_jax.evaluation.convert_inception import load_inception_variables
+from udit_jax.evaluation.evaluate import Evaluator, metric_names
 
 
 @functools.lru_cache(maxsize=2)
@@ -41,15 +47,13 @@ class InTrainingEvaluation:
 
     def __init__(self, config, model, mesh):
         ev = config.eval
-        if not ev.reference_npz or not ev.inception_weights:
-            raise ValueError("eval_every_steps > 0 needs config.eval.reference_npz (ADM reference "
-                             "batch) and config.eval.inception_weights (pytorch-fid weights)")
-        M.check_split(ev.num_samples, ev.is_split_size)
+        M.check_split(ev.in_loop_num_samples, ev.is_split_size)
         self.ev = ev
         seed = config_lib.sampling(config, "eval")["seed"]
         self.sampler, self.vae_params = config_lib.make_sampler(config, model, mesh, "eval")
         self.key = sampler_lib.noise_key(seed)
-        self.labels = sampler_lib.random_labels(seed, ev.num_samples, config.data.num_classes)
+        self.labels = sampler_lib.random_labels(seed, ev.in_loop_num_samples,
+                                                config.data.num_classes)
 
     def images(self, ema_params) -> Iterator[np.ndarray]:
         """uint8 [b, H, W, 3] batches of the evaluation images (one channel repeated to RGB)."""
@@ -60,14 +64,32 @@ class InTrainingEvaluation:
             yield np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img
 
     def __call__(self, ema_params, step: int) -> dict[str, float]:
-        """{"fid", "sfid", "inception_score"} of the EMA params' evaluation images."""
+        """{"FID-5K", "sFID-5K", "IS-5K"} (named by the count) of the EMA params' images."""
         ev = self.ev
         evaluator = _evaluator(str(ev.reference_npz), str(ev.inception_weights), ev.preprocess,
                                ev.batch_size, ev.fid_method, ev.is_split_size)
         acts = evaluator.features.from_batches(self.images(ema_params), len(self.labels),
                                                f"eval step {step}", progress=False)
         scores = evaluator.score(acts, with_pr=False)
-        return {k: scores[k] for k in ("fid", "sfid", "inception_score")}
+        return {name: scores[k] for k, name in metric_names(len(self.labels)).items()}
+
+
+def check_requirements(config) -> None:
+    """Raises ValueError / FileNotFoundError when in-loop evaluation could not run: the
+    reference batch and Inception weights (named: config.validate) present and readable, the
+    sample count valid for the IS split, the VAE weights present for a latent model."""
+    ev = config.eval
+    M.check_split(ev.in_loop_num_samples, ev.is_split_size)
+    if not os.path.isfile(ev.reference_npz):
+        raise FileNotFoundError(f"config.eval.reference_npz={ev.reference_npz} not found (the ADM "
+                                "reference batch, e.g. VIRTUAL_imagenet256_labeled.npz)")
+    keys = R.npz_keys(ev.reference_npz)
+    if R.IMAGES_KEY not in keys and R.load_statistics(ev.reference_npz) is None:
+        raise ValueError(f"config.eval.reference_npz={ev.reference_npz} holds neither images "
+                         f"(arr_0) nor statistics (mu, sigma, mu_s, sigma_s); keys: {keys}")
+    load_inception_variables(ev.inception_weights)
+    if config_lib.is_latent(config):
+        sampler_lib.check_vae_weights(config.vae.weights)
 
 
 def evaluate_during_training(config, model, ema_params, step: int, mesh=None) -> dict[str, float]:
