@@ -138,6 +138,8 @@ def test_evaluate_defaults_to_the_papers_protocol(tmp_path, monkeypatch):
     monkeypatch.setattr(sample, "run_sampling_job",
                         lambda *a, **kw: jobs.append(kw) or {"npz": str(tmp_path / "s.npz")})
     monkeypatch.setattr(evaluate, "evaluate_npz", lambda *a, **kw: scored.append(a) or {})
+    # No export is needed: only its objective record is read before the (stubbed) job.
+    monkeypatch.setattr(evaluate.export, "read_info", lambda d: {"objective": {"name": "ddpm"}})
     evaluate.evaluate_from_config(config, tmp_path)
     job = jobs[0]
     assert (job["num_images"], job["sampler"], job["steps"], job["cfg_scale"], job["dtype"],

@@ -400,7 +400,8 @@ def test_transport_model_trains_exports_and_samples_as_its_previews(tmp_path, mo
         "sample.guidance_interval": (0.2, 0.8), "sample.write_png": False,
         "objective": "transport", "sample.sampler": "sde", "sample.steps": "10",
         "timestep_sampling.kind": "logit_normal", "loss_weighting.kind": "min_snr",
-        "eval.num_samples": 3, "eval.sample_batch": 4, "eval.seed": 5,
+        "eval.num_samples": 3, "eval.in_loop_num_samples": 3, "eval.sample_batch": 4,
+        "eval.seed": 5, "eval.sampler": "sde", "eval.steps": "10", "eval.cfg_scale": 2.0,
         "eval.reference_npz": "unused.npz", "eval.inception_weights": "unused.pth"}
     config = transport_config(**overrides)
     state = train.train_and_evaluate(config, str(tmp_path))
