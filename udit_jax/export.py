@@ -54,16 +54,6 @@ _FAMILIES = {"DiT": "DiT", "UDiT": "U-DiT"}
 _POST_TRAINING_SECTIONS = ("export", "sample", "eval")
 
 
-def config_defaults():
-    """The `config.export` fields and their defaults (config_lib.base_config() holds them)."""
-    import ml_collections
-    c = ml_collections.ConfigDict()
-    c.dir = ""              # "" = <workdir>/export
-    c.step = 0              # training step to export; 0 = the latest checkpoint
-    c.torch_weights = False  # also write the official PyTorch state_dict (.safetensors)
-    return c
-
-
 # ----------------------------------------------------------------------------------------
 # Describing a model as JSON and back.
 
@@ -273,7 +263,7 @@ def _dataset_name(config) -> str:
         return f"tfds:{d.tfds_name}/{d.split}"
     if d.source == "folder":
         return f"folder:{d.dir}"
-    return f"{d.source}:{d.dir}" if d.get("dir") else d.source
+    return f"{d.source}:{d.dir}" if d.dir else d.source
 
 
 def export_from_config(config, workdir: str) -> str:
@@ -285,23 +275,19 @@ def export_from_config(config, workdir: str) -> str:
     """
     from udit_jax import config as config_lib
     workdir = epath.Path(workdir)
-    settings = config_defaults()
-    settings.update(dict(config.get("export") or {}))
+    settings = config.export
     model = config_lib.build_model(config)
     step, ema = _restore_ema(workdir, model, settings.step or None, config)
     data = _data_section(config)
     vae = None
     if data["space"] == "latent":
-        vae = {"arguments": dict(config.vae.get("arguments") or {}),
-               "weights": str(config.vae.get("weights") or "")}
+        vae = {"arguments": dict(config.vae.arguments), "weights": str(config.vae.weights)}
     metadata = {"source": "training", "step": step, "dataset": _dataset_name(config),
                 "config_hash": config_hash(config), "workdir": str(workdir),
                 "model_name": config.model.name}
     out_dir = epath.Path(settings.dir) if settings.dir else workdir / "export"
     write_export(out_dir, model, ema, name=config.model.name,
-                 diffusion={"noise_schedule": config.diffusion.noise_schedule,
-                            "diffusion_steps": int(config.diffusion.diffusion_steps),
-                            "learn_sigma": bool(config.diffusion.learn_sigma)},
+                 diffusion=config_lib.diffusion_arguments(config),
                  data=data, vae=vae, metadata=metadata,
                  objective=config_lib.objective_description(config), config=config,
                  torch_weights=bool(settings.torch_weights))
