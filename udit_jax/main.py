@@ -72,6 +72,7 @@ def main(argv):
     if not _VERBOSE_CHECKPOINTS.value:
         logging.get_absl_handler().addFilter(_QuietOrbax())
     from udit_jax import parallel
+    parallel.set_cpu_devices(_CONFIG.value.mesh.get("cpu_devices", 0))   # before JAX starts
     local_ids = None if _LOCAL_DEVICE_IDS.value is None else [int(i) for i in _LOCAL_DEVICE_IDS.value]
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                     local_ids)

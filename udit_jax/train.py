@@ -506,6 +506,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     log = _Logger(workdir, config, start_step, flops_per_image, parallel.peak_tflops_per_device())
     sampler = make_sampler(model, config, shardings, mesh) if config.sample_every_steps else None
     evaluate = _evaluation_hook() if config.eval_every_steps else None
+    quality, score = None, None   # recognised % and FD of the previews (eval.quality)
+    if sampler is not None and config.eval.quality:
+        from udit_jax.evaluation.fashion_mnist_quality import scorer_from_config
+        quality = scorer_from_config(config)
     sigterm = checkpoints.SigtermFlag() if jax.process_count() == 1 else None
 
     step_fn = None
@@ -563,9 +567,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 if jax.process_index() == 0:
                     save_png(workdir / "samples" / f"step_{step:08d}.png", img)
                 log.image("samples/ema", img, step)
+                if quality is not None:
+                    score = quality(img, config.sample.classes)
+                    logging.info("samples at step %d: %s", step, score.summary())
+                    log.scalars("quality", score.scalars(), step)
             if evaluate is not None and step % config.eval_every_steps == 0:
                 log.scalars("eval", evaluate(config, model, state.ema_params, step), step)
         drain()
+        if score is not None:
+            logging.info("done at step %d; final samples %s", step, score.summary())
     finally:
         ckpt.wait()
         ckpt.close()

@@ -266,6 +266,14 @@ def evaluate_from_config(config, workdir) -> dict:
             with_images=bool(get("reference_with_images", False)),
             preprocess=get("preprocess", "adm"), batch_size=get("batch_size", 256),
             dtype=get("dtype", "float32"), mesh=mesh)
+    if get("quality"):
+        # Fashion-MNIST: recognised % and FD from the project's own classifier (no Inception).
+        from udit_jax.evaluation import fashion_mnist_quality
+        fashion_mnist_quality.check_quality_config(config)
+        sample = (epath.Path(get("sample_npz")) if get("sample_npz")
+                  else _sample_export(config, workdir, int(get("num_samples", 1000))))
+        score = fashion_mnist_quality.evaluate_npz(sample, config.data.get("dir") or None)
+        return score.scalars()
     missing = [k for k in ("reference_npz", "inception_weights") if not get(k)]
     if missing:
         raise ValueError(f"--mode=evaluate needs config.eval.{', config.eval.'.join(missing)} "
