@@ -127,3 +127,19 @@ def test_quality_setting_refuses_other_data():
     config.eval.quality = "cifar"
     with pytest.raises(ValueError, match="use 'fashion_mnist' or ''"):
         Q.scorer_from_config(config)
+
+
+@needs_data
+def test_evaluate_mode_prints_the_table_for_a_sample_npz(classifier, train_split, tmp_path, capsys):
+    from udit_jax import config as config_lib
+    from udit_jax.evaluation import evaluate_from_config
+    images, labels = balanced(train_split, 10)
+    np.savez(tmp_path / "samples.npz", images, labels)   # arr_0, arr_1 as --mode=sample writes
+    config = config_lib.base_config()
+    config.data.source, config.data.space = "fashion_mnist", "pixel"
+    config.eval.quality = "fashion_mnist"
+    config.eval.sample_npz = str(tmp_path / "samples.npz")
+    result = evaluate_from_config(config, tmp_path)
+    assert result["recognised"] == classifier.score(images, labels).recognised
+    table = capsys.readouterr().out
+    assert "Ankle boot" in table and "classifier test accuracy" in table

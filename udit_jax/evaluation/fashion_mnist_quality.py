@@ -10,11 +10,11 @@ classifier's penultimate features of the samples and of the Fashion-MNIST test s
 classifier's own test accuracy is reported beside it, so the recognised fraction means
 something (a real test image is recognised as often as the classifier is right).
 
-The classifier (two strided convolutions and two dense layers, ~0.2M params) trains in a few
-CPU-seconds per epoch. Training is deterministic for a given data set, architecture, recipe
-and seed; the result (params, test accuracy, test feature statistics) is cached under
-$UDIT_JAX_CACHE, else $XDG_CACHE_HOME/udit_jax, else ~/.cache/udit_jax, in a file named by a
-fingerprint of all four, so it is trained once per machine.
+The classifier (two strided 3x3 convolutions and two dense layers, 0.1M params; three epochs
+of AdamW) trains in one to two CPU-minutes. Training is deterministic for a given data set,
+architecture, recipe and seed; the result (params, test accuracy, test feature statistics)
+is cached under $UDIT_JAX_CACHE, else $XDG_CACHE_HOME/udit_jax, else ~/.cache/udit_jax, in a
+file named by a fingerprint of all four, so it is trained once per machine.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ RECIPE = dict(epochs=3, batch_size=128, learning_rate=3e-3, weight_decay=1e-4)
 
 class ClassifierCNN(nn.Module):
     """[B, 28, 28, 1] float in [-1, 1] -> (logits [B, 10], features [B, feature_dim])."""
-    widths: tuple[int, int] = (32, 64)
+    widths: tuple[int, int] = (16, 32)
     feature_dim: int = 64
 
     @nn.compact
