@@ -7,7 +7,12 @@ times mean nothing): parameter init 29 (mostly XLA compile), train-step compile 
 train step 1.93 on one XLA device and 1.78 on two (mesh.cpu_devices=2: the batch sharded
 over both cores). 1500 steps are ~45 CPU-minutes, so at best about 25 minutes on two free
 cores, and each 80-image preview (25 DPM steps with CFG) costs about as much as 100 train
-steps. The quality of the final grid: see eval.quality below and the README.
+steps. Quality of the final 80-sample preview grid (eval.quality: recognised by the
+project's Fashion-MNIST classifier, test accuracy 89.4%; FD in its 64-d features):
+
+    total_steps  CPU-minutes  recognised  FD (n=80)
+    1500         ~45          51%         25.4       (docs/demo_samples.png; coats 0/8)
+
 EMA sample grids (one row per class: T-shirt, trouser, pullover, dress, coat, sandal, shirt,
 sneaker, bag, ankle boot) are written to <workdir>/samples/step_*.png every 500 steps; the
 final one is docs/demo_samples.png. Needs the four Fashion-MNIST files: Debian/Ubuntu package
