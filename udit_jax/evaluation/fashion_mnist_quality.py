@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import tempfile
 
 import flax
@@ -92,12 +93,13 @@ class QualityScore:
     classifier_accuracy: float        # the classifier's test accuracy
 
     def scalars(self) -> dict[str, float]:
-        """Flat {name: value} for TensorBoard: recognised, fd, recognised/<class name>."""
+        """Flat {name: value} for TensorBoard: recognised, fd, classifier_accuracy and
+        recognised/<class name> (characters TensorBoard refuses in tags become '_')."""
         out = {"recognised": self.recognised, "fd": self.frechet_distance,
                "classifier_accuracy": self.classifier_accuracy}
         for name, value, count in zip(FASHION_MNIST_CLASSES, self.per_class, self.counts):
             if count:
-                out[f"recognised/{name}"] = float(value)
+                out["recognised/" + re.sub(r"[^A-Za-z0-9_.-]", "_", name)] = float(value)
         return out
 
     def summary(self) -> str:
