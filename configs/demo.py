@@ -1,17 +1,17 @@
 """The embedded demo: a tiny U-DiT learns Fashion-MNIST in pixel space on a laptop CPU.
 
 28x28 grey images padded to 32x32 (1 channel, 10 classes), diffusion straight on pixels
-(no VAE). 1500 steps of 32 images (0.8 epoch). Costs (`python -m benchmarks.bench_demo`;
-CPU-seconds = user + sys, measured on a 2-core VM shared with ~20 runnable jobs, where wall
-times mean nothing): parameter init 29 (mostly XLA compile), train-step compile 39-42, one
-train step 1.93 on one XLA device and 1.78 on two (mesh.cpu_devices=2: the batch sharded
-over both cores). 1500 steps are ~45 CPU-minutes, so at best about 25 minutes on two free
-cores, and each 80-image preview (25 DPM steps with CFG) costs about as much as 100 train
-steps. Quality of the final 80-sample preview grid (eval.quality: recognised by the
-project's Fashion-MNIST classifier, test accuracy 89.4%; FD in its 64-d features):
+(no VAE). 1500 steps of 32 images (0.8 epoch). Costs (`python -m benchmarks.bench_demo`,
+2-core VM with other jobs at load ~3; CPU-s = user + sys): parameter init 27 s (mostly XLA
+compile), train-step compile 30 s, one train step 1.52 s wall / 1.37 CPU-s on two XLA devices
+(mesh.cpu_devices=2, the batch sharded over both cores) against 1.86 s / 1.58 CPU-s on one;
+each 80-image preview (25 DPM steps with CFG) ~98 CPU-s. So the run takes ~40 minutes of
+wall time (1500 x 1.52 s + 3 previews), far from the 10-minute goal; the step keeps only
+~0.9 cores busy. Quality of the final 80-sample preview grid (eval.quality: recognised by
+the project's Fashion-MNIST classifier, test accuracy 89.4%; FD in its 64-d features):
 
-    total_steps  CPU-minutes  recognised  FD (n=80)
-    1500         ~45          51%         25.4       (docs/demo_samples.png; coats 0/8)
+    total_steps  minutes  recognised  FD (n=80)
+    1500         ~40      51%         25.4       (docs/demo_samples.png; coats 0/8)
 
 EMA sample grids (one row per class: T-shirt, trouser, pullover, dress, coat, sandal, shirt,
 sneaker, bag, ankle boot) are written to <workdir>/samples/step_*.png every 500 steps; the
