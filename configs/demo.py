@@ -30,9 +30,9 @@ def get_config():
     # The official U-DiT block design at 1/24 of U-DiT-S's width; no blocks at full 32x32
     # resolution (the costly stage on a CPU), U-DiT blocks at 16x16 and 8x8.
     config.model.kwargs = dict(
-        hidden_size=16, depth=(0, 1, 2, 1, 0), num_heads=1, mlp_ratio=2, down_factor=2,
-        ffn_type="rep", rep=1, attn_type="v2", posemb_type="rope2d", downsampler="dwconv5",
-        down_shortcut=1, class_dropout_prob=0.1)
+        hidden_size=32, depth=(0, 1, 2, 1, 0), num_heads=1, mlp_ratio=2, down_factor=2,
+        ffn_type="basic", attn_type="v2", posemb_type="rope2d", downsampler="dwconv5",
+        down_shortcut=1, patch_size=2, class_dropout_prob=0.1)
     config.data.space = "pixel"
     config.data.source = "fashion_mnist"
     config.data.image_size = 32
@@ -44,16 +44,16 @@ def get_config():
     # CPU-seconds per step than one device with intra-op threads; read on CPU hosts only).
     config.mesh.cpu_devices = 2
     config.batch_size = 32
-    config.total_steps = 1500
+    config.total_steps = 1200
     config.optimizer.learning_rate = 2e-3
     config.optimizer.warmup_steps = 100
     config.optimizer.grad_clip_norm = 1.0
     config.optimizer.ema_decay = 0.995    # a short run: average over the last ~200 steps
     config.log_every_steps = 50
-    config.checkpoint_every_steps = 500
+    config.checkpoint_every_steps = 600
     config.checkpoint.keep = 2
     config.checkpoint.keep_every = 0
-    config.sample_every_steps = 500
+    config.sample_every_steps = 600
     config.sample.classes = list(range(10))
     config.sample.per_class = 8
     config.sample.sampler = "dpm"         # DPM-Solver++(2M): 25 steps, cheap on a CPU
