@@ -7,7 +7,7 @@ much less so; the wall time on N free cores is about CPU-seconds / (N x parallel
 
     python -m benchmarks.bench_demo                          # configs/demo.py as it is
     python -m benchmarks.bench_demo --cpu_devices 1          # one XLA device, intra-op threads
-    python -m benchmarks.bench_demo --set model.kwargs.hidden_size=32 --steps 20
+    python -m benchmarks.bench_demo --set model.kwargs.hidden_size=48 --steps 20
 
 --cpu_devices splits the host into that many XLA CPU devices (the batch is sharded over
 them; default: the config's mesh.cpu_devices); it must be decided before JAX starts, so the
