@@ -13,7 +13,7 @@ from flax import traverse_util
 from conftest import FIXTURES, assert_close_rel, load_npz
 from udit_jax import convert, models
 from udit_jax.convert import common
-from udit_jax.models import udit
+from udit_jax.models import layers, udit
 from udit_jax.models.udit import STAGES, fuse_ffn_params, pixel_shuffle, pixel_unshuffle
 
 nhwc = lambda a: np.asarray(a).transpose(0, 2, 3, 1)
@@ -336,6 +336,31 @@ def test_down_factor_one_equals_full_attention():
     assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-4  # downsampling does change the output
 
 
+def test_patch_size_runs_the_network_on_unshuffled_patches():
+    # patch_size=2 at 16x16x3 is the patch-1 network at 8x8x12 between a pixel-unshuffle and a
+    # pixel-shuffle, with the same parameters.
+    patched = models.build_model("U-DiT", **{**TINY, "input_size": 16}, **OFFICIAL, patch_size=2)
+    inner = models.build_model("U-DiT", **{**TINY, "in_channels": 12}, **OFFICIAL)
+    params = _random_params(patched)
+    x = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
+    out = run(patched, params, x, T, Y)
+    want = pixel_shuffle(run(inner, params, pixel_unshuffle(x), T, Y), 2)
+    assert out.shape == (2, 16, 16, 6)
+    np.testing.assert_allclose(out, want, atol=1e-5)
+    assert patched.stage_sizes == (8, 4, 2, 4, 8)
+    assert patched.count_macs() < models.build_model("U-DiT", **{**TINY, "input_size": 16}, **OFFICIAL).count_macs()
+
+
+def test_depthwise_taps_equal_grouped_convolution():
+    x = jax.random.normal(jax.random.key(3), (2, 7, 9, 6))
+    for k in (1, 3, 5):
+        kernel = jax.random.normal(jax.random.key(k), (k, k, 1, 6))
+        want = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", feature_group_count=6,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            precision=jax.lax.Precision.HIGHEST)
+        np.testing.assert_allclose(layers.depthwise_taps(x, kernel), want, atol=1e-5)
+
+
 def test_fused_equals_unfused_on_random_weights():
     model = models.build_model("U-DiT", **TINY, **OFFICIAL)
     params = _random_params(model)
@@ -421,7 +446,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         models.build_model("U-DiT", **{**TINY, "num_heads": 3})
     with pytest.raises(ValueError, match="has no argument"):
-        models.build_model("U-DiT-S", patch_size=2)
+        models.build_model("U-DiT-S", num_blocks=2)
     no_null = model.clone(class_dropout_prob=0.0)
     with pytest.raises(ValueError, match="needs a null class"):
         no_null.apply({"params": _random_params(no_null)}, jnp.zeros((2, 8, 8, 3)), t, y, 2.0,

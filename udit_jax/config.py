@@ -105,6 +105,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1                  # -1: all devices not used by the other axes
     c.mesh.fsdp = 1
     c.mesh.rules = "data_parallel"    # or "fsdp", or [(logical axis, mesh axis), ...]
+    c.mesh.cpu_devices = 0            # CPU hosts: N XLA devices sharing the batch (-1: one per
+                                      # core); 0: one device using intra-op threads
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.keep = 3             # the last N checkpoints ...
@@ -181,6 +183,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.dtype = "float32"          # sampling compute dtype
     # --mode=evaluate writing reference statistics of config.data instead of scoring.
     c.eval.write_reference_to = ""
+    # "fashion_mnist": score preview grids and --mode=evaluate samples with the project's
+    # Fashion-MNIST classifier (recognised %, Frechet distance; evaluation.fashion_mnist_quality).
+    c.eval.quality = ""
     c.eval.reference_max_images = 0  # 0 = every image
     c.eval.reference_with_images = False
 

@@ -11,6 +11,7 @@ code is written for them; jax.make_mesh defaults to Explicit).
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import jax
@@ -18,6 +19,24 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXES = ("data", "fsdp")   # mesh axes the batch is split over (when the mesh has them)
+
+
+def set_cpu_devices(count: int) -> None:
+    """Splits the host CPU into `count` XLA devices (-1: one per core; 0: leave JAX's default
+    of one). Only the CPU backend reads it, and only when it starts: call before anything
+    touches a device (main.py does, from config.mesh.cpu_devices)."""
+    if count == 0:
+        return
+    if count < -1:
+        raise ValueError(f"mesh.cpu_devices={count}; use -1 (one per core), 0 (default) or N > 0")
+    count = len(os.sched_getaffinity(0)) if count == -1 else count
+    if jax.config.jax_num_cpu_devices == count:
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError as e:   # jax refuses once the CPU backend has started
+        raise RuntimeError(f"mesh.cpu_devices={count} must be set before JAX starts its CPU "
+                           f"backend ({e})") from e
 
 
 def build_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:

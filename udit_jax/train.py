@@ -495,6 +495,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     preview = make_preview(config, model, mesh) if config.sample_every_steps else None
     evaluate = (in_training.InTrainingEvaluation(config, model, mesh)
                 if config.eval_every_steps else None)
+    quality, score = None, None   # recognised % and FD of the previews (eval.quality)
+    if preview is not None and config.eval.quality:
+        from udit_jax.evaluation.fashion_mnist_quality import scorer_from_config
+        quality = scorer_from_config(config)
     sigterm = checkpoints.SigtermFlag() if jax.process_count() == 1 else None
     drain = _MetricsDrain(log, ckpt, config.optimizer.skip_nonfinite)
     every = lambda n: step % n == 0 or step == config.total_steps  # noqa: E731
@@ -530,9 +534,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 if jax.process_index() == 0:
                     sampler_lib.write_png(workdir / "samples" / f"step_{step:08d}.png", img)
                 log.image("samples/ema", img, step)
+                if quality is not None:
+                    score = quality(img, config.sample.classes)
+                    logging.info("samples at step %d: %s", step, score.summary())
+                    log.scalars("quality", score.scalars(), step)
             if evaluate is not None and step % config.eval_every_steps == 0:
                 log.scalars("eval", evaluate(state.ema_params, step), step)
         drain()
+        if score is not None:
+            logging.info("done at step %d; final samples %s", step, score.summary())
     finally:
         try:
             ckpt.close()

@@ -15,11 +15,16 @@
                                                   # config.eval.num_samples from the export
                                                   # first; or write a dataset reference
 
+    # Fashion-MNIST (the demo): recognised % per class and FD in a small classifier's features
+    from udit_jax.evaluation import fashion_mnist_quality
+    score = fashion_mnist_quality.load_or_train_classifier().score(images_u8, labels)
+
 Modules: inception (network), convert_inception (weights), preprocess (ADM / pytorch-fid
 resize), metrics (FID, sFID, IS, precision/recall), features (sharded extraction),
 reference (ADM .npz files), dataset_reference (reference statistics of a training dataset),
 evaluate (end-to-end scoring, `--mode=evaluate`, from a sample .npz or an export), in_training
-(sampling + scoring every config.eval_every_steps).
+(sampling + scoring every config.eval_every_steps), fashion_mnist_quality (the demo's
+recognised fraction and FD, config.eval.quality).
 """
 
 from udit_jax.evaluation.convert_inception import (inception_key_specs,

@@ -257,6 +257,13 @@ def evaluate_from_config(config, workdir) -> dict:
             max_images=ev.reference_max_images or None, seed=ev.seed,
             with_images=ev.reference_with_images, preprocess=ev.preprocess,
             batch_size=ev.batch_size, dtype=ev.inception_dtype, mesh=mesh)
+    if ev.quality:
+        # Fashion-MNIST: recognised % and FD from the project's own classifier (no Inception).
+        from udit_jax.evaluation import fashion_mnist_quality
+        fashion_mnist_quality.check_quality_config(config)
+        sample = (epath.Path(ev.sample_npz) if ev.sample_npz else _sample_export(config, workdir))
+        score = fashion_mnist_quality.evaluate_npz(sample, config.data.dir or None)
+        return score.scalars()
     missing = [k for k in ("reference_npz", "inception_weights") if not ev[k]]
     if missing:
         raise ValueError(f"--mode=evaluate needs config.eval.{', config.eval.'.join(missing)} "

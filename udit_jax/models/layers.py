@@ -42,12 +42,12 @@ def dense(features: int, axes: tuple[str | None, str | None], *, name: str, dtyp
 
 
 def conv(features: int, kernel: int, axes: tuple[str | None, str | None], *, name: str,
-         dtype: Dtype, groups: int = 1, stride: int = 1, padding: Any = "SAME",
+         dtype: Dtype, stride: int = 1, padding: Any = "SAME",
          use_bias: bool = True, kernel_init: Callable = xavier_uniform,
          bias_init: Callable = zeros) -> nn.Conv:
     """nn.Conv with an HWIO kernel annotated ('conv_h', 'conv_w', *axes)."""
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
-                   feature_group_count=groups, use_bias=use_bias, dtype=dtype,
+                   use_bias=use_bias, dtype=dtype,
                    param_dtype=jnp.float32,
                    kernel_init=with_axes(kernel_init, ("conv_h", "conv_w") + tuple(axes)),
                    bias_init=with_axes(bias_init, (axes[1],)), name=name)
@@ -63,6 +63,48 @@ ACTIVATION_AXES = {3: ("activation_batch", "activation_length", "activation_embe
 def constrain_activations(x: jax.Array) -> jax.Array:
     """x with its logical activation axes declared (a block's input or output)."""
     return nn.with_logical_constraint(x, ACTIVATION_AXES[x.ndim])
+
+
+def depthwise_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Depthwise 'SAME' convolution as a sum of shifted, per-channel scaled copies of x.
+
+    x: [B, H, W, C], kernel: [k, k, 1, C] (k odd; flax's grouped-conv HWIO layout) -> [B, H, W, C].
+    Equal to lax.conv with feature_group_count=C, but XLA's CPU backend runs grouped
+    convolutions (and their gradients) as slow generic loops; k*k fused multiply-adds
+    vectorise over C and cut a small U-DiT's train step about 3x on a CPU.
+    """
+    k = kernel.shape[0]
+    r = k // 2
+    h, w = x.shape[1], x.shape[2]
+    xp = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)))
+    kernel = kernel.astype(x.dtype)
+    out = None
+    for i in range(k):
+        for j in range(k):
+            term = xp[:, i:i + h, j:j + w, :] * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise k x k 'SAME' conv with nn.Conv's params (kernel [k, k, 1, C], bias [C]).
+
+    x: [B, H, W, C] -> [B, H, W, C]; computed by `depthwise_taps`.
+    """
+
+    features: int
+    kernel: int
+    axes: tuple[str | None, str | None]
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, c = self.kernel, self.features
+        # The init `conv` gives a grouped nn.Conv kernel (xavier over the HWIO shape).
+        kernel = self.param("kernel", with_axes(xavier_uniform, ("conv_h", "conv_w") + tuple(self.axes)),
+                            (k, k, 1, c), jnp.float32)
+        bias = self.param("bias", with_axes(zeros, (self.axes[1],)), (c,), jnp.float32)
+        return depthwise_taps(x.astype(self.dtype), kernel) + bias.astype(self.dtype)
 
 
 def gelu_exact(x: jax.Array) -> jax.Array:

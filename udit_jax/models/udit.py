@@ -10,7 +10,10 @@ Each `UDiTBlock` holds TWO adaLN-Zero transformer sublayers (attn1/mlp1, attn2/m
 official code does. Three timestep+label embedders (widths C, 2C, 4C) condition the stages.
 The options of the official constructor all work (attn_type, posemb_type, ffn_type, rep,
 downsampler, down_shortcut, down_factor, mlp_ratio, depth); `attn_downsample` adds the
-paper's ablations: full attention ('none') and key/value-only downsampling ('kv').
+paper's ablations: full attention ('none') and key/value-only downsampling ('kv'), and
+`patch_size` p > 1 runs the whole network on p x p patches (pixel-unshuffle in, pixel-shuffle
+out), so a pixel-space model's stages work at 1/p of the image side with p*p times the
+input channels (cheap on a CPU; p = 1 is the official model).
 """
 
 from __future__ import annotations
@@ -127,7 +130,7 @@ class DownsampledAttention(nn.Module):
         z = x
         if self.downsampler is not None:
             k = int(self.downsampler[-1])
-            z = conv(d, k, ("embed", "embed"), groups=d, name="downsampler_layer", dtype=self.dtype)(x)
+            z = layers.DepthwiseConv(d, k, ("embed", "embed"), self.dtype, name="downsampler_layer")(x)
             if self.down_shortcut:
                 z = z + x
         qkv = dense(3 * d, ("embed", "mlp"), name="to_qkv", dtype=self.dtype)
@@ -202,9 +205,8 @@ class RepFeedForward(nn.Module):
         a = layers.gelu_exact(conv(h, 1, ("mlp", "mlp"), name="project_in_1", dtype=self.dtype)(x))
         branches = [_DepthwiseParams(h, k, name=f"dwconv_{i}")() for i, k in enumerate((5, 3, 1))]
         kernel, bias = merge_depthwise_branches(*branches)
-        out = jax.lax.conv_general_dilated(
-            a, kernel.astype(self.dtype), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=h) + bias.astype(self.dtype)
+        # One depthwise conv with the summed kernel, as shifted multiply-adds (fast on CPUs).
+        out = layers.depthwise_taps(a, kernel.astype(self.dtype)) + bias.astype(self.dtype)
         out = conv(h // 2, 1, ("mlp", "mlp"), name="project_out_0", dtype=self.dtype)(out)
         return conv(self.dim, 1, ("mlp", "embed"), name="project_out_1", dtype=self.dtype)(out)
 
@@ -252,7 +254,7 @@ class ConvFeedForward(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = layers.gelu_exact(conv(self.hidden, 1, ("embed", "mlp"), name="project_in", dtype=self.dtype)(x))
-        x = conv(self.hidden, 5, ("mlp", "mlp"), groups=self.hidden, name="dwconv", dtype=self.dtype)(x)
+        x = layers.DepthwiseConv(self.hidden, 5, ("mlp", "mlp"), self.dtype, name="dwconv")(x)
         return conv(self.dim, 1, ("mlp", "embed"), name="project_out", dtype=self.dtype)(x)
 
 
@@ -360,6 +362,7 @@ class UDiT(nn.Module):
     down_shortcut: int = 0
     # Port options.
     attn_downsample: str = "tokens"     # 'tokens' (official) | 'kv' | 'none' (full attention)
+    patch_size: int = 1                 # p > 1: stages run on [B, S/p, S/p, C*p*p] patches
     fused_ffn: bool = False             # inference form of the 'rep' FFN (see fuse_ffn_params)
     cfg_channels: int | None = 3        # channels forward_with_cfg guides; None = all
     dtype: Any = jnp.float32
@@ -388,21 +391,22 @@ class UDiT(nn.Module):
 
     @property
     def stage_sizes(self) -> tuple[int, ...]:
-        s = self.input_size
+        s = self.input_size // self.patch_size
         return (s, s // 2, s // 4, s // 2, s)
 
     def validate(self) -> None:
         """Raises ValueError naming the problem for configurations the model cannot run."""
         problems = []
-        c, s = self.hidden_size, self.input_size
+        c, s, p = self.hidden_size, self.input_size, self.patch_size
         if len(self.depth) != 5:
             problems.append(f"depth must list 5 stage depths (enc1, enc2, latent, dec2, dec1), got {self.depth}")
         if len(self.down_factors) != 5 or any(f < 1 for f in self.down_factors):
             problems.append(f"down_factor must be a positive int or 5 of them, got {self.down_factor}")
         if c % 2:
             problems.append(f"hidden_size must be even (the first Downsample halves it), got {c}")
-        if s % 4:
-            problems.append(f"input_size must be divisible by 4 (two 2x downsamplings), got {s}")
+        if p < 1 or s % (4 * p):
+            problems.append(f"input_size must be divisible by 4 * patch_size (patching, then two 2x "
+                            f"downsamplings), got input_size={s}, patch_size={p}")
         for name, width, size, f in zip(STAGES, self.stage_widths, self.stage_sizes, self.down_factors):
             if width % self.num_heads:
                 problems.append(f"{name}: width {width} is not divisible by num_heads={self.num_heads}")
@@ -461,7 +465,9 @@ class UDiT(nn.Module):
         self._check_inputs(x, t, y)
         dtype = self.dtype
         x = x.astype(dtype)
-        c = self.hidden_size
+        c, p = self.hidden_size, self.patch_size
+        if p > 1:
+            x = pixel_unshuffle(x, p)
         cond = []
         for k, width in enumerate((c, 2 * c, 4 * c), start=1):
             t_emb = layers.TimestepEmbedder(width, dtype=dtype, name=f"t_embedder_{k}")(t)
@@ -507,7 +513,9 @@ class UDiT(nn.Module):
         h = conv(2 * c, 1, ("embed", "embed"), name="reduce_chan_level1", dtype=dtype)(h)
         h = run_stage(4, h)
         h = conv(2 * c, 3, ("embed", "embed"), name="output", dtype=dtype)(h)
-        out = FinalLayer(2 * c, self.out_channels, dtype, name="final_layer")(h, c2)
+        out = FinalLayer(2 * c, self.out_channels * p * p, dtype, name="final_layer")(h, c2)
+        if p > 1:
+            out = pixel_shuffle(out, p)
         return out.astype(jnp.float32)
 
     def forward_with_cfg(self, x, t, y, cfg_scale):
@@ -532,7 +540,8 @@ class UDiT(nn.Module):
         softmax, GELU and adds count zero. Matches the official U-DiT-S/B/L counts to within
         about 1e-6 relative (the paper's "GFLOPs" are the fused counts).
         """
-        c, s, cin = self.hidden_size, self.input_size, self.in_channels
+        p = self.patch_size
+        c, s, cin = self.hidden_size, self.input_size // p, self.in_channels * p * p
         macs = 0
         for width in (c, 2 * c, 4 * c):  # embedders: arange*scalar, t*freqs, two linears
             macs += 128 + 128 + 256 * width + width * width
@@ -546,7 +555,7 @@ class UDiT(nn.Module):
         macs += (hw // 16) * 8 * c * 4 * c * 9 + q * 2 * c * 4 * c  # up3_2, reduce_chan_level2
         macs += q * 4 * c * 2 * c * 9 + hw * 2 * c * 2 * c          # up2_1, reduce_chan_level1
         macs += hw * 2 * c * 2 * c * 9                              # output
-        macs += 2 * c * 4 * c + hw * 2 * c + hw * self.out_channels * 2 * c * 9  # final layer
+        macs += 2 * c * 4 * c + hw * 2 * c + hw * self.out_channels * p * p * 2 * c * 9  # final layer
         return macs
 
     def _sublayer_macs(self, d: int, hw: int, f: int) -> int:
