@@ -15,7 +15,7 @@ Costs (`python -m benchmarks.bench_demo`, CPU-s = user + sys, same shared VM): p
 GFLOP per CPU-second; the old 16-wide full-resolution shape took 1.37 CPU-s at 7.5), an
 80-image preview 12 CPU-s (+9 CPU-s sampler compile, once).
 
-Measured end to end (`/usr/bin/time`, the README command, on the shared 2-core VM at load
+Measured end to end at 1200 steps (`/usr/bin/time`, the README command, on the shared 2-core VM at load
 4-8 from other jobs): 13.8 min wall, 597 CPU-s (440 user + 157 sys) for init, train-step
 compile (~2 min under that load), 1200 steps (2.9-4.7 steps/s whenever the other jobs
 paused, ~1 step/s under load) and two 80-image previews. On two free cores that is about
@@ -35,7 +35,7 @@ The final 80-sample training previews (cfg 3): 80.0% / FD 21.8 at 1200 steps, 96
 
 EMA sample grids (one row per class: T-shirt, trouser, pullover, dress, coat, sandal, shirt,
 sneaker, bag, ankle boot) are written to <workdir>/samples/step_*.png every 900 steps; the
-final one is docs/demo_samples.png. Needs the four Fashion-MNIST files: Debian/Ubuntu package
+final export's CFG-5 grid is docs/demo_samples.png. Needs the four Fashion-MNIST files: Debian/Ubuntu package
 `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist), or --config.data.dir=DIR holding them.
 
     python -m udit_jax.main --config=configs/demo.py --workdir=/tmp/udit_demo
