@@ -3,7 +3,7 @@
 28x28 grey images padded to 32x32 (1 channel, 10 classes), diffusion straight on pixels
 (no VAE). The official U-DiT block design (v2 cosine attention, RoPE2D, dwconv5 downsampler,
 token-downsampled attention) at hidden 32 on 2x2 patches (patch_size=2: stages at 16x16, 8x8,
-4x4; 1.71M params), the 'basic' FFN, 1200 steps of 32 images (0.64 epoch).
+4x4; 1.71M params), the 'basic' FFN, 1800 steps of 32 images (0.96 epoch).
 
 Why this shape: XLA's CPU backend ran the depthwise (grouped) convolutions, and their
 gradients, as slow generic loops (~70% of the old 1.5 s step; U-DiT now computes them as
@@ -15,7 +15,7 @@ Costs (`python -m benchmarks.bench_demo`, CPU-s = user + sys, same shared VM): p
 GFLOP per CPU-second; the old 16-wide full-resolution shape took 1.37 CPU-s at 7.5), an
 80-image preview 12 CPU-s (+9 CPU-s sampler compile, once).
 
-Measured end to end (`/usr/bin/time`, the README command, on the shared 2-core VM at load
+Measured end to end at 1200 steps (`/usr/bin/time`, the README command, on the shared 2-core VM at load
 4-8 from other jobs): 13.8 min wall, 597 CPU-s (440 user + 157 sys) for init, train-step
 compile (~2 min under that load), 1200 steps (2.9-4.7 steps/s whenever the other jobs
 paused, ~1 step/s under load) and two 80-image previews. On two free cores that is about
@@ -24,14 +24,18 @@ Quality (eval.quality: recognised by the project's Fashion-MNIST classifier, tes
 89.4%; FD in its 64-d features; 1000 samples, 100 per class, drawn by --mode=sample from the
 export with DPM-Solver++ 25 steps):
 
-    total_steps  CPU-s  recognised (cfg 3)  recognised (cfg 5)  FD (cfg 3 / 5)  worst class (cfg 5)
-    1200         597    78.9%               85.6%               18.5 / 20.3     pullover 52%, coat 75%
+    total_steps  CPU-s  wall (shared)  recognised cfg 3 / 5  FD cfg 3 / 5  worst class (cfg 5)
+    1200         597    13.8 min       78.9% / 85.6%         18.5 / 20.3   pullover 52%
+    1800         804    17.3 min       -     / 94.7%         -    / 14.3   shirt 81%, pullover 82%
 
-The final 80-sample training preview of that run: 80.0% recognised, FD 21.8 (n=80, cfg 3).
+1800 steps is the default: 804 CPU-s (583 user + 222 sys) measured end to end while other
+jobs ran (load 4-8); about 8-9 minutes of wall time on two free cores (1800 steps at the
+~0.21 s/step seen when the machine was quiet, plus ~1.5 min of init/compile and previews).
+The final 80-sample training previews (cfg 3): 80.0% / FD 21.8 at 1200 steps, 96.2% / FD 14.3 at 1800.
 
 EMA sample grids (one row per class: T-shirt, trouser, pullover, dress, coat, sandal, shirt,
-sneaker, bag, ankle boot) are written to <workdir>/samples/step_*.png every 600 steps; the
-final one is docs/demo_samples.png. Needs the four Fashion-MNIST files: Debian/Ubuntu package
+sneaker, bag, ankle boot) are written to <workdir>/samples/step_*.png every 900 steps; the
+final export's CFG-5 grid is docs/demo_samples.png. Needs the four Fashion-MNIST files: Debian/Ubuntu package
 `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist), or --config.data.dir=DIR holding them.
 
     python -m udit_jax.main --config=configs/demo.py --workdir=runs/demo
@@ -60,16 +64,16 @@ def get_config():
     # CPU-seconds per step than one device with intra-op threads; read on CPU hosts only).
     config.mesh.cpu_devices = 2
     config.batch_size = 32
-    config.total_steps = 1200
+    config.total_steps = 1800
     config.optimizer.learning_rate = 2e-3
     config.optimizer.warmup_steps = 100
     config.optimizer.grad_clip_norm = 1.0
     config.optimizer.ema_decay = 0.995    # a short run: average over the last ~200 steps
     config.log_every_steps = 50
-    config.checkpoint_every_steps = 600
+    config.checkpoint_every_steps = 900
     config.checkpoint.keep = 2
     config.checkpoint.keep_every = 0
-    config.sample_every_steps = 600
+    config.sample_every_steps = 900
     config.sample.classes = list(range(10))
     config.sample.per_class = 8
     config.sample.sampler = "dpm"         # DPM-Solver++(2M): 25 steps, cheap on a CPU
