@@ -395,7 +395,9 @@ def bad_inputs(tmp: pathlib.Path) -> list[tuple[list[str], str]]:
         (demo + ["--mode=sample", "--config.sample.cfg_scale=-1"], "sample.cfg_scale=-1.0"),
         (demo + ["--mode=sample"], "is not an export directory"),
         (demo + ["--mode=export"], "no training checkpoints"),
-        (demo + ["--mode=evaluate"], "--mode=evaluate needs config.eval.reference_npz"),
+        (demo + ["--mode=evaluate", "--config.eval.quality="],
+         "--mode=evaluate needs config.eval.reference_npz"),
+        (demo + ["--mode=evaluate"], "is not an export directory"),   # the demo's quality score
         (["--config=configs/demo.py", "--workdir=/proc/udit_jax_not_writable"],
          "--workdir: cannot write to /proc/udit_jax_not_writable"),
         ([f"--config={tmp / 'broken.py'}", f"--workdir={tmp / 'work'}"], "line 1: invalid syntax"),
