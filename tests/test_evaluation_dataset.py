@@ -142,10 +142,10 @@ def test_evaluate_an_export(tmp_path, features):
                          cfg_scale=1.0, seed=3, fid_method="eigh")
 
     result = evaluate_from_config(config, workdir)
-    written = json.loads((workdir / "eval" / "ddim-2-cfg1-float32-seed3-5.json").read_text())
+    written = json.loads((workdir / "eval" / "ddim-2-cfg1-seed3-float32-5.json").read_text())
     assert written == result
     assert result["num_samples"] == 5 and result["precision"] is None
-    job = json.loads((workdir / "eval" / "samples" / "ddim-2-cfg1-float32-seed3-5" / "job.json").read_text())
+    job = json.loads((workdir / "eval" / "samples" / "ddim-2-cfg1-seed3-float32-5" / "job.json").read_text())
     assert (job["sampler"], job["steps"], job["seed"], job["num_images"]) == ("ddim", "2", 3, 5)
     with np.load(result["sample_path"]) as f:
         images = f["arr_0"]

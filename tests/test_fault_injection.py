@@ -82,6 +82,8 @@ def setup(tmp_path_factory):
 def _new_workdir(root: pathlib.Path, name: str) -> pathlib.Path:
     workdir = root / name
     workdir.mkdir()
+    # A run's workdir (the entry point refuses directories of something else) holding a user's file.
+    (workdir / "samples").mkdir()
     (workdir / "notes.txt").write_text("the user's own file")
     return workdir
 

@@ -233,6 +233,7 @@ def train_params(model: ClassifierCNN, images: np.ndarray, labels: np.ndarray, s
 
     images float32 [N, 28, 28, 1] in [-1, 1], labels int [N]. Deterministic given the seed.
     """
+    batch_size = min(batch_size, len(images))   # a tiny data folder still trains
     steps_per_epoch = len(images) // batch_size
     schedule = optax.cosine_decay_schedule(learning_rate, epochs * steps_per_epoch)
     tx = optax.adamw(schedule, weight_decay=weight_decay)
