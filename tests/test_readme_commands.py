@@ -96,7 +96,7 @@ RECIPES = [
     Recipe(r"configs/demo\.py --workdir=runs/demo --mode=export$", (),
            creates=("runs/demo/export/export.json",), needs=("runs/demo$",)),
     Recipe(r"configs/demo\.py --workdir=runs/demo --mode=sample$", DEMO_SMALL,
-           creates=("runs/demo/samples/dpm-2-cfg3-seed0-grid/grid.png",),
+           creates=("runs/demo/samples/dpm-2-cfg5-seed0-grid/grid.png",),
            needs=("runs/demo --mode=export$",)),
     # The ImageNet configs' docstrings: encode a few JPEGs with a small VAE, train on them.
     Recipe(r"--config=configs/(\w+)\.py --workdir=bucket/\1 --mode=encode "
@@ -107,7 +107,9 @@ RECIPES = [
             *CLASS_FOLDERS)),
     Recipe(r"--config=configs/(\w+)\.py --workdir=bucket/\1 "
            r"--config\.data\.cache_dir=bucket/imagenet(256|512)_latents$",
-           (*TINY_LATENT, *SHORT_TRAIN, *SMALL_VAE, *CLASS_FOLDERS)),
+           # bucket/udit_l also holds the README's synthetic run: start fresh beside it.
+           (*TINY_LATENT, *SHORT_TRAIN, *SMALL_VAE, *CLASS_FOLDERS,
+            "--config.checkpoint.on_mismatch=start_fresh")),
     # README: training, exports and sampling jobs.
     Recipe(r"--config=configs/udit_l\.py --workdir=bucket/udit_l --config\.batch_size=512$",
            (*TINY_LATENT, *SHORT_TRAIN, "--config.data.source=synthetic"),
