@@ -119,3 +119,27 @@ def test_sampling_batch_compiles_per_denoising_step(libtpu, tmp_path):
     assert 1.0 <= ratio < 1.25, ratio
     assert report["estimated_images_per_second_per_chip"] == pytest.approx(
         2 / (4 * report["estimated_step_seconds"]))
+
+
+def test_plain_runs_do_not_start_libtpu_without_a_tpu(tmp_path):
+    """With libtpu installed (for this file's compile mode) on a machine without TPU chips,
+    the other modes start JAX without loading libtpu, whose start-up prints a page of TPU
+    worker-hostname errors before JAX falls back to the CPU."""
+    import importlib.util
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    from udit_jax import parallel
+    if importlib.util.find_spec("libtpu") is None or parallel._on_cloud_tpu_vm():
+        pytest.skip("needs libtpu installed on a machine without TPU chips")
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    # --mode=export without checkpoints: JAX starts its backends, then one error line.
+    proc = subprocess.run([sys.executable, "-m", "udit_jax.main", "--config=configs/demo.py",
+                           f"--workdir={tmp_path / 'w'}", "--mode=export"],
+                          cwd=repo, env=dict(env, PYTHONPATH=str(repo)), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and "devices (cpu)" in proc.stderr, proc.stderr[-2000:]
+    for noise in ("TPU_WORKER_HOSTNAMES", "libtpu", "Unable to initialize backend"):
+        assert noise not in proc.stderr, proc.stderr[-2000:]

@@ -401,6 +401,11 @@ def bad_inputs(tmp: pathlib.Path) -> list[tuple[list[str], str]]:
         (["--config=configs/demo.py", "--workdir=/proc/udit_jax_not_writable"],
          "--workdir: cannot write to /proc/udit_jax_not_writable"),
         ([f"--config={tmp / 'broken.py'}", f"--workdir={tmp / 'work'}"], "line 1: invalid syntax"),
+        # absl's own flag errors (absl prints two lines, "FATAL Flags parsing error" + help).
+        (demo + ["--config.optimizer.learning_rate=abc"], "learning_rate"),
+        (["--config=configs/demo.py"], "--workdir must have a value"),
+        (demo + ["--mode=bogus"], "--mode"),
+        (demo + ["--num_processes=two"], "--num_processes"),
     ]
 
 
@@ -418,3 +423,4 @@ def test_main_reports_every_expected_error_in_one_line(tmp_path):
         errors = [line for line in err.splitlines() if line.startswith("error: ")]
         assert result["rc"] == 1 and "Traceback" not in err, (argv, err[-2000:])
         assert len(errors) == 1 and message in errors[0], (argv, err[-2000:])
+        assert "FATAL" not in err and "Pass --helpshort" not in err, (argv, err[-2000:])

@@ -130,6 +130,87 @@ def test_in_loop_evaluation_samples_each_image_once_on_8_devices():
     np.testing.assert_array_equal(np.asarray(out["images"], np.uint8), one_device)
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_two_processes(score: dict | None) -> list[dict]:
+    """The worker in 2 processes x 4 CPU devices joined by jax.distributed on 127.0.0.1;
+    each one's JSON report."""
+    coordinator = f"127.0.0.1:{_free_port()}"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+               XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_DEFAULT_MATMUL_PRECISION="highest")
+    procs = [subprocess.Popen(
+        [sys.executable, __file__, json.dumps({"coordinator": coordinator, "process_id": pid,
+                                               "score": score})],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for pid in range(2)]
+    logs = [p.communicate(timeout=900)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    return [json.loads(log.strip().splitlines()[-1]) for log in logs]
+
+
+def _check_sharded_once(reports: list[dict], one_device: np.ndarray) -> None:
+    """Each batch of 8 was sampled by the 8 devices of the 2 processes, each image once, and
+    every process got all of them, equal to the one-device images."""
+    assert [r["process"] for r in reports] == [0, 1]
+    assert all(r["devices"] == 8 and r["program_batch"] == [1] for r in reports)
+    for b in range(2):
+        devices = [d for r in reports for d in r["devices_per_batch"][b]]
+        assert sorted(devices) == list(range(8))
+        assert all(len(r["devices_per_batch"][b]) == 4 for r in reports)  # 4 local devices each
+    sampled = sorted(i for r in reports for batch in r["images_per_batch"] for i in batch
+                     if i is not None)
+    assert sampled == list(range(11))
+    for r in reports:
+        np.testing.assert_array_equal(np.asarray(r["images"], np.uint8), one_device)
+
+
+def test_in_loop_evaluation_samples_each_image_once_with_2_processes():
+    """2 hosts x 4 devices: each device samples its rows; both processes get every image."""
+    config = make_config()
+    from udit_jax import config as config_lib
+    from udit_jax.evaluation import in_training
+    model, params = model_and_params(config)
+    one_device = np.concatenate(list(in_training.InTrainingEvaluation(
+        config, model, config_lib.make_mesh(config)).images(params)))
+    _check_sharded_once(_run_two_processes(None), one_device)
+
+
+@pytest.mark.slow  # Inception features and two 2048-d matrix square roots in each process
+def test_in_loop_evaluation_scores_with_2_processes(tmp_path):
+    """The full in-loop evaluation (sampling and Inception scoring) in 2 processes: both
+    report the one-process scores."""
+    from udit_jax.evaluation import in_training
+    from udit_jax.evaluation import metrics as M
+    from udit_jax import config as config_lib
+    weights = pathlib.Path(os.environ.get("UDIT_FIXTURES", REPO.parent / "shared" / "fixtures")
+                           ) / "eval" / "inception_fid_weights.npz"
+    rng = np.random.default_rng(0)
+    pool, spatial = (M.feature_statistics(rng.standard_normal((40, d)).astype(np.float32))
+                     for d in (2048, 2023))
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=pool.mu, sigma=pool.sigma, mu_s=spatial.mu, sigma_s=spatial.sigma)
+    score = {"eval.reference_npz": str(ref), "eval.inception_weights": str(weights),
+             "eval.batch_size": 8, "eval.fid_method": "eigh"}
+    config = make_config(score)
+    model, params = model_and_params(config)
+    evaluation = in_training.InTrainingEvaluation(config, model, config_lib.make_mesh(config))
+    one_device = np.concatenate(list(evaluation.images(params)))
+    expected = evaluation(params, step=3)
+    assert set(expected) == {"FID-11", "sFID-11", "IS-11"}
+    reports = _run_two_processes(score)
+    _check_sharded_once(reports, one_device)
+    for r in reports:
+        assert r["scores"].keys() == expected.keys()
+        np.testing.assert_allclose([r["scores"][k] for k in expected], list(expected.values()),
+                                   rtol=1e-4)
+
+
 def _interval_case(objective: str):
     """(sampler name, process, draws, reference(model_fn, z, y, step_noise) -> x): the
     reference runs the sampler's loop directly; step_noise[s] is the noise of DDPM step index
@@ -200,13 +281,16 @@ def test_guidance_interval_through_the_sampler(objective):
     assert np.abs(inside - full).max() > 1e-2 and np.abs(inside - unguided).max() > 1e-2
 
 
-def _worker() -> None:
-    """8 devices: runs the in-loop evaluation's sampling and reports which device sampled
-    which image (from the shards of each batch the sampler returned)."""
+def _worker(job: dict | None) -> None:
+    """8 devices (in one process, or 4 in each of 2 when `job` names a coordinator): runs the
+    in-loop evaluation's sampling and reports which device sampled which image (from the
+    shards of each batch the sampler returned), and its scores when job["score"] is set."""
     import jax
+    if job:
+        jax.distributed.initialize(job["coordinator"], 2, job["process_id"])
     from udit_jax import config as config_lib
     from udit_jax.evaluation import in_training
-    config = make_config()
+    config = make_config((job or {}).get("score"))
     model, params = model_and_params(config)
     evaluation = in_training.InTrainingEvaluation(config, model, config_lib.make_mesh(config))
     fn, report = evaluation.sampler.fn, {"devices_per_batch": [], "images_per_batch": []}
@@ -220,7 +304,9 @@ def _worker() -> None:
         images = fn(params, vae_params, key, indices, labels)
         first = len(report["images_per_batch"]) * 8
         rows = [shard.index[0] for shard in images.addressable_shards]
-        report["devices_per_batch"].append([shard.device.id for shard in images.addressable_shards])
+        position = {d: i for i, d in enumerate(jax.devices())}   # ids are not 0..7 with 2 hosts
+        report["devices_per_batch"].append([position[shard.device]
+                                            for shard in images.addressable_shards])
         # Row r of batch b is image 8b + r when that is one of the 11 (else padding).
         report["images_per_batch"].append(
             [first + r if first + r < 11 else None for s in rows for r in range(*s.indices(8))])
@@ -228,8 +314,12 @@ def _worker() -> None:
 
     evaluation.sampler.fn = recording
     images = np.concatenate(list(evaluation.images(params)))
-    print(json.dumps({**report, "images": images.tolist(), "devices": jax.device_count()}))
+    if job and job["score"]:
+        evaluation.sampler.fn = fn
+        report["scores"] = evaluation(params, step=3)
+    print(json.dumps({**report, "images": images.tolist(), "devices": jax.device_count(),
+                      "process": jax.process_index()}))
 
 
 if __name__ == "__main__":
-    _worker()
+    _worker(json.loads(sys.argv[1]) if len(sys.argv) > 1 else None)

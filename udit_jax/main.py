@@ -72,6 +72,8 @@ def mode_function(mode: str):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # JAX logs each backend it could not start ("Unable to initialize backend 'tpu'") at INFO.
+    py_logging.getLogger("jax._src.xla_bridge").setLevel(py_logging.WARNING)
     if not _VERBOSE_CHECKPOINTS.value:
         logging.get_absl_handler().addFilter(_QuietOrbax())
     try:
@@ -88,6 +90,8 @@ def run_mode(mode: str, config, workdir: str) -> None:
     from udit_jax import config as config_lib
     from udit_jax import parallel
     config_lib.check_values(config)   # every mode: bad values fail before any work
+    if mode != "compile":   # compile loads libtpu on purpose, for its TPU topologies
+        parallel.skip_tpu_backend_without_tpu()
     parallel.set_cpu_devices(config.mesh.cpu_devices)   # before JAX starts its CPU backend
     local_ids = None if _LOCAL_DEVICE_IDS.value is None else [int(i) for i in _LOCAL_DEVICE_IDS.value]
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
@@ -100,10 +104,14 @@ def run_mode(mode: str, config, workdir: str) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with config-file and config-override mistakes (which ml_collections
-    raises as plain exceptions) reported as one line instead of a traceback."""
+    """absl's flag parsing with every mistake reported as one line `error: ...`: absl's own
+    (a value of the wrong type, a missing required flag), and config-file and config-override
+    mistakes (which ml_collections raises as plain exceptions) instead of a traceback."""
     try:
-        return app.parse_flags_with_usage(argv)
+        return flags.FLAGS(argv)
+    except flags.Error as e:     # absl would print two lines: "FATAL Flags parsing error" + help
+        print(f"error: {errors.one_line(e)} (python -m udit_jax.main --helpshort lists the flags)",
+              file=sys.stderr)
     except (AttributeError, KeyError) as e:   # --config.<field> names no field
         missing = str(e).strip("\"'")
         given = [a.split("=")[0] for a in argv if a.startswith("--config.")]

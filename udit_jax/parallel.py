@@ -39,6 +39,22 @@ def set_cpu_devices(count: int) -> None:
                            f"backend ({e})") from e
 
 
+def skip_tpu_backend_without_tpu() -> bool:
+    """On a machine without TPU chips that has libtpu installed (the [tpu] extra, for
+    --mode=compile), JAX would load libtpu when its backends start, which prints a page of
+    errors about TPU worker hostnames before falling back to the CPU. Sets JAX_PLATFORMS to
+    CUDA then CPU there (the GPU is still used where its plugin is installed); True when it
+    did. Leaves a JAX_PLATFORMS the user set alone; call before anything touches a device."""
+    import importlib.util
+    if os.environ.get("JAX_PLATFORMS") or _on_cloud_tpu_vm():
+        return False
+    if importlib.util.find_spec("libtpu") is None:
+        return False
+    os.environ["JAX_PLATFORMS"] = "cuda,cpu"
+    jax.config.update("jax_platforms", "cuda,cpu")
+    return True
+
+
 def build_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh of named axes [(name, size), ...], outermost first, over `devices` (all by default).
 
