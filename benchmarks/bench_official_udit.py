@@ -34,7 +34,7 @@ from absl import app, flags
 
 _OFFICIAL = flags.DEFINE_string("official", None, "checkout of the official U-DiT repository")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "alternating rounds (each a fresh process per side)")
-_STEPS = flags.DEFINE_integer("steps", 10, "timed steps per process (after 2 warm-up steps)")
+_STEPS = flags.DEFINE_integer("timed_steps", 10, "timed steps per process (after 2 warm-up steps)")
 _BATCH = flags.DEFINE_integer("batch", 4, "images per step")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "our XLA CPU devices (config.mesh.cpu_devices)")
 _WORKER = flags.DEFINE_string("worker", None, "internal: 'official' or 'ours' (one process)")
@@ -124,7 +124,7 @@ def ours_worker(batch: int, steps: int, cpu_devices: int) -> dict:
 
 def _run_worker(side: str) -> dict:
     argv = [sys.executable, "-m", "benchmarks.bench_official_udit", f"--worker={side}",
-            f"--official={_OFFICIAL.value}", f"--batch={_BATCH.value}", f"--steps={_STEPS.value}",
+            f"--official={_OFFICIAL.value}", f"--batch={_BATCH.value}", f"--timed_steps={_STEPS.value}",
             f"--cpu_devices={_CPU_DEVICES.value}"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(argv, cwd=root, capture_output=True, text=True)

@@ -15,23 +15,23 @@ Costs (`python -m benchmarks.bench_demo`, CPU-s = user + sys, same shared VM): p
 GFLOP per CPU-second; the old 16-wide full-resolution shape took 1.37 CPU-s at 7.5), an
 80-image preview 12 CPU-s (+9 CPU-s sampler compile, once).
 
-Measured end to end at 1200 steps (`/usr/bin/time`, the README command, on the shared 2-core VM at load
-4-8 from other jobs): 13.8 min wall, 597 CPU-s (440 user + 157 sys) for init, train-step
-compile (~2 min under that load), 1200 steps (2.9-4.7 steps/s whenever the other jobs
-paused, ~1 step/s under load) and two 80-image previews. On two free cores that is about
-597 / 2 = 5 min of CPU work, i.e. roughly 6-8 minutes of wall time with the serial compile.
+Measured end to end (the README command verbatim, fresh clone and virtualenv, idle 2-core
+machine): 8 min 46 s of wall time, 11.0 min user + 3.7 min sys CPU: the quality classifier
+trained once (62 s; cached afterwards: 8 min 37 s), train-step compile 24 s, 1800 steps at
+4.1-4.9 steps/s, two 80-image previews. Last line: "done at step 1800; final samples
+recognised 93.8% (worst: Coat 75%), FD 18.50 (n=80 ...)".
 Quality (eval.quality: recognised by the project's Fashion-MNIST classifier, test accuracy
 89.4%; FD in its 64-d features; 1000 samples, 100 per class, drawn by --mode=sample from the
-export with DPM-Solver++ 25 steps):
+export with DPM-Solver++ 25 steps; the CPU-s and shared-VM wall times of the first two rows
+were measured under load 4-8 from other jobs):
 
-    total_steps  CPU-s  wall (shared)  recognised cfg 3 / 5  FD cfg 3 / 5  worst class (cfg 5)
-    1200         597    13.8 min       78.9% / 85.6%         18.5 / 20.3   pullover 52%
-    1800         804    17.3 min       -     / 94.7%         -    / 14.3   shirt 81%, pullover 82%
+    total_steps  CPU-s  wall           recognised cfg 3 / 5  FD cfg 3 / 5  worst class (cfg 5)
+    1200         597    13.8 min (shared)  78.9% / 85.6%     18.5 / 20.3   pullover 52%
+    1800         804    17.3 min (shared)  -     / 94.7%     -    / 14.3   shirt 81%, pullover 82%
+    1800         881    8.8 min (idle)     (same run as above, same numbers: training is deterministic)
 
-1800 steps is the default: 804 CPU-s (583 user + 222 sys) measured end to end while other
-jobs ran (load 4-8); about 8-9 minutes of wall time on two free cores (1800 steps at the
-~0.21 s/step seen when the machine was quiet, plus ~1.5 min of init/compile and previews).
-The final 80-sample training previews (cfg 3): 80.0% / FD 21.8 at 1200 steps, 96.2% / FD 14.3 at 1800.
+The 80-sample training previews (cfg 5): 66.2% / FD 42.8 at step 900, 93.8% / FD 18.5 at 1800
+(FD at n=80 is biased upwards; the 1000-sample numbers above are the ones to compare).
 
 EMA sample grids (one row per class: T-shirt, trouser, pullover, dress, coat, sandal, shirt,
 sneaker, bag, ankle boot) are written to <workdir>/samples/step_*.png every 900 steps; the

@@ -121,6 +121,37 @@ def test_sampling_batch_compiles_per_denoising_step(libtpu, tmp_path):
         2 / (4 * report["estimated_step_seconds"]))
 
 
+def test_saved_executable_for_a_pod_and_a_run_elsewhere(libtpu, tmp_path, caplog):
+    """compile.save_executable writes the TPU train step beside the report; a training run
+    with that workdir on other devices (this CPU) says why it does not use it and compiles."""
+    import logging
+    from udit_jax import train
+    config = tiny_config("DiT", "v5e:2x2")
+    config.compile.save_executable = True
+    report = compile_lib.compile_from_config(config, str(tmp_path))
+    saved = tmp_path / "compile" / "v5e:2x2.executable"
+    assert report["executable"] == str(saved) and saved.stat().st_size > 10_000
+    described = json.loads((tmp_path / "compile" / "v5e:2x2.executable.json").read_text())
+    assert (described["device_kind"], described["num_devices"]) == ("TPU v5 lite", 4)
+    assert described["versions"]["libtpu"] and len(described["program_sha256"]) == 64
+    config.update_from_flattened_dict({"data.source": "synthetic", "batch_size": 4,
+                                       "total_steps": 2, "checkpoint_every_steps": 2,
+                                       "sample_every_steps": 0})
+    with caplog.at_level(logging.INFO):
+        state = train.train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == 2
+    assert "v5e:2x2.executable: the program differs" in caplog.text   # batch 4, CPU lowering
+    assert "compiled for 4 x TPU v5 lite, this run has 1 x cpu" in caplog.text
+    assert "compiling the train step" in caplog.text
+
+
+def test_saving_an_executable_is_for_the_train_step(libtpu, tmp_path):
+    config = tiny_config("DiT", "v5e:2x2")
+    config.compile.update(dict(what="sample", save_executable=True))
+    with pytest.raises(ValueError, match="save_executable=True saves the train step"):
+        compile_lib.compile_from_config(config, str(tmp_path))
+
+
 def test_plain_runs_do_not_start_libtpu_without_a_tpu(tmp_path):
     """With libtpu installed (for this file's compile mode) on a machine without TPU chips,
     the other modes start JAX without loading libtpu, whose start-up prints a page of TPU

@@ -161,6 +161,10 @@ RECIPES = [
     Recipe(r"benchmarks\.bench_sampler --model U-DiT-B --batch 32 --samplers ddpm250,ddim50,dpm20$",
            ("--model", "DiT-S/8", "--batch", "1", "--image-size", "64", "--samplers",
             "ddpm2,ddim2,dpm2", "--iters", "1"), slow=True),
+    Recipe(r"benchmarks\.bench_sampler --model U-DiT-B --batch 32 --samplers "
+           r"ode-heun2_26,sde-Euler250,ode-dopri5_50$",
+           ("--model", "DiT-S/8", "--batch", "1", "--image-size", "64", "--samplers",
+            "ode-heun2_3,sde-Euler3,ode-dopri5_3", "--iters", "1"), slow=True),
     Recipe(r"benchmarks\.bench_vae --batch 32$",
            ("--batch", "1", "--size", "64", "--dtypes", "float32", "--iters", "1"), slow=True),
     Recipe(r"benchmarks\.bench_data$",

@@ -8,7 +8,9 @@ With libtpu installed (`pip install 'udit-jax[tpu]'`) the TPU compiler runs on a
 the same `config.mesh` rules as training, and the train step (the real state shardings and
 global batch) is lowered and compiled to the TPU executable. Its memory analysis gives the
 HBM per chip, its cost analysis XLA's FLOP count and the cost model's step time. The report
-is printed and written to DIR/compile/<topology>.json; a program that does not fit raises
+is printed and written to DIR/compile/<topology>.json (with compile.save_executable=True the
+compiled train step too, DIR/compile/<topology>.executable, which a training run with the same
+--workdir on that topology loads instead of compiling); a program that does not fit raises
 `DoesNotFitError` after writing it (main prints one line, exit status non-zero).
 """
 
@@ -27,7 +29,7 @@ import numpy as np
 from etils import epath
 
 from udit_jax import config as config_lib
-from udit_jax import parallel
+from udit_jax import executables, parallel
 from udit_jax import sampler as sampler_lib
 
 # Cloud TPU generation -> (libtpu's topology prefix, mesh dimensions, TensorCores per chip in
@@ -265,16 +267,20 @@ def _check(config, chips: int) -> None:
         raise ValueError(f"compile.what={c.what!r}; use 'train' or 'sample'")
     if c.num_slices < 1:
         raise ValueError(f"compile.num_slices={c.num_slices} must be at least 1")
+    if c.save_executable and c.what != "train":
+        raise ValueError("compile.save_executable=True saves the train step; use "
+                         "compile.what=train")
     accum = config.optimizer.grad_accum_steps
     if c.what == "train" and (config.batch_size % accum or (config.batch_size // accum) % chips):
         raise ValueError(f"batch_size={config.batch_size} (grad_accum_steps={accum}) does not "
                          f"split over the {chips} chips; use a multiple of {chips * accum}")
 
 
-def compile_report(config) -> dict[str, Any]:
+def compile_report(config, executable_path=None) -> dict[str, Any]:
     """Compiles config.compile.what for config.compile.topology; returns the report (see
     module docstring). Raises TopologyError / ValueError before compiling when the request
-    cannot be compiled; a program over the HBM capacity gives a report with fits=False."""
+    cannot be compiled; a program over the HBM capacity gives a report with fits=False.
+    executable_path: where to save the compiled program (udit_jax.executables)."""
     c = config.compile
     if not c.topology:
         raise TopologyError(f"set --config.compile.topology (e.g. v5p-8); known forms: {_KNOWN}")
@@ -312,6 +318,9 @@ def compile_report(config) -> dict[str, Any]:
         capacity = needed[1]
     report["compile_seconds"] = time.perf_counter() - start
     report["compile_cpu_seconds"] = time.process_time() - cpu_start
+    if compiled is not None and executable_path is not None:
+        report["executable"] = str(executables.save(executable_path, lowered, compiled, devices,
+                                                    config))
     report["hbm_capacity_bytes"] = capacity
     if compiled is not None:
         m = compiled.memory_analysis()
@@ -373,6 +382,9 @@ def format_report(r: dict[str, Any]) -> str:
                          + (f", MFU {100 * r['estimated_mfu']:.1f}%" if r["estimated_mfu"] else ""))
         for c in r["collectives"]:
             lines.append(f"  collective     {c['kind']}: {c['count']} x, {c['bytes'] / 2**20:.1f} MiB")
+    if r.get("executable"):
+        lines.append(f"  executable     {r['executable']} (a training run with this --workdir "
+                     "on this topology loads it instead of compiling)")
     return "\n".join(lines)
 
 
@@ -399,8 +411,9 @@ def report_path(workdir, config) -> epath.Path:
 def compile_from_config(config, workdir: str) -> dict[str, Any]:
     """`--mode=compile`: prints the report, writes DIR/compile/<topology>.json; raises
     DoesNotFitError (after writing) when the program needs more HBM than a chip has."""
-    report = compile_report(config)
     path = report_path(workdir, config)
+    report = compile_report(config, path.with_suffix(executables.SUFFIX)
+                            if config.compile.save_executable else None)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
     print(format_report(report), flush=True)

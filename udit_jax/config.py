@@ -150,6 +150,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.compile.topology = ""           # "v5p-8", "v5e-16" / "v5litepod-16", "v6e-256", "v4-8", "v5p:4x4x8"
     c.compile.num_slices = 1          # multi-slice: this many copies of the topology
     c.compile.what = "train"          # "train" (the train step) or "sample" (one sampling batch)
+    # Train step: also write DIR/compile/<topology>.executable; a training run with the same
+    # --workdir on that topology loads it instead of compiling (udit_jax.executables).
+    c.compile.save_executable = False
 
     # FID / sFID / IS of EMA samples (udit_jax.evaluation): in the loop every eval_every_steps,
     # and for --mode=evaluate (of a sample .npz, or of the export's samples). Both sample

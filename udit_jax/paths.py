@@ -19,7 +19,7 @@ import tempfile
 
 # Entries of a directory written by udit_jax jobs (training, encode, export, sample, evaluate).
 WORKDIR_ENTRIES = frozenset({"checkpoints", "config.json", "tensorboard", "samples", "export",
-                             "latents", "eval"})
+                             "latents", "eval", "compile"})
 # Config fields holding a local or gs:// path ("" = the job's default, kept as is).
 CONFIG_PATH_FIELDS = (
     "data.dir", "data.cache_dir", "vae.weights", "sample.export_dir", "sample.out_dir",

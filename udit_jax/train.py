@@ -29,7 +29,7 @@ import optax
 from absl import logging
 from etils import epath
 
-from udit_jax import checkpoints, data, models, parallel, paths
+from udit_jax import checkpoints, data, executables, models, parallel, paths
 from udit_jax import config as config_lib
 from udit_jax import sampler as sampler_lib
 from udit_jax.evaluation import in_training
@@ -302,6 +302,24 @@ class Trainer:
         return jit_train_step(step, self.shardings, self.mesh, example_local)
 
 
+def load_or_jit_step(trainer: Trainer, workdir, state: TrainState, local: dict) -> Callable:
+    """The train step: the executable `--mode=compile` saved in workdir/compile when it was
+    made from this very program for these devices (fast start-up on a pod), else jitted (and
+    compiled on its first call), saying why a saved one was not used."""
+    step = trainer.jit_step(local)
+    folder = epath.Path(workdir) / "compile"
+    if executables.saved_in(folder):
+        lowered = step.lower(state, trainer.global_batch(local))
+        loaded, where = executables.load_matching(folder, lowered, config=trainer.config)
+        if loaded is not None:
+            logging.info("train step loaded from %s (compiled by --mode=compile; no compile)",
+                         where)
+            return loaded
+        logging.warning("not using the saved executables: %s", where)
+    logging.info("compiling the train step...")
+    return step
+
+
 def make_trainer(config) -> Trainer:
     """Validates the config (ValueError before compiling) and builds model, mesh, objective,
     optimizer and the train state's shardings."""
@@ -510,8 +528,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         while step < config.total_steps:
             local = next(iterator)
             if step_fn is None:
-                logging.info("compiling the train step...")
-                step_fn = trainer.jit_step(local)
+                step_fn = load_or_jit_step(trainer, workdir, state, local)
             state, metrics = step_fn(state, trainer.global_batch(local))
             step += 1
             drain.push(step, metrics)
