@@ -361,6 +361,22 @@ def test_depthwise_taps_equal_grouped_convolution():
         np.testing.assert_allclose(layers.depthwise_taps(x, kernel), want, atol=1e-5)
 
 
+def test_depthwise_conv_is_taps_on_cpus_and_grouped_elsewhere():
+    """The one depthwise conv lowers to shifted multiply-adds for a CPU and to the grouped
+    convolution for other platforms (as --mode=compile lowers for a TPU from a CPU host)."""
+    x = jax.random.normal(jax.random.key(3), (2, 7, 9, 6))
+    kernel = jax.random.normal(jax.random.key(5), (5, 5, 1, 6))
+    fn = jax.jit(jax.grad(lambda x, k: jnp.sum(layers.depthwise_conv(x, k) ** 2), argnums=(0, 1)))
+    want = jax.jit(jax.grad(lambda x, k: jnp.sum(layers.depthwise_taps(x, k) ** 2),
+                            argnums=(0, 1)))(x, kernel)
+    for got, expected in zip(fn(x, kernel), want):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+    on = lambda platform: jax.jit(lambda x, k: layers.depthwise_conv(x, k)).trace(   # noqa: E731
+        x, kernel).lower(lowering_platforms=(platform,)).as_text()
+    assert "feature_group_count = 6" not in on("cpu") and on("cpu").count("stablehlo.multiply") >= 25
+    assert "feature_group_count = 6" in on("tpu") and on("tpu").count("stablehlo.multiply") < 5
+
+
 def test_fused_equals_unfused_on_random_weights():
     model = models.build_model("U-DiT", **TINY, **OFFICIAL)
     params = _random_params(model)

@@ -205,8 +205,8 @@ class RepFeedForward(nn.Module):
         a = layers.gelu_exact(conv(h, 1, ("mlp", "mlp"), name="project_in_1", dtype=self.dtype)(x))
         branches = [_DepthwiseParams(h, k, name=f"dwconv_{i}")() for i, k in enumerate((5, 3, 1))]
         kernel, bias = merge_depthwise_branches(*branches)
-        # One depthwise conv with the summed kernel, as shifted multiply-adds (fast on CPUs).
-        out = layers.depthwise_taps(a, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+        # One depthwise conv with the summed kernel (shifted multiply-adds on CPUs).
+        out = layers.depthwise_conv(a, kernel.astype(self.dtype)) + bias.astype(self.dtype)
         out = conv(h // 2, 1, ("mlp", "mlp"), name="project_out_0", dtype=self.dtype)(out)
         return conv(self.dim, 1, ("mlp", "embed"), name="project_out_1", dtype=self.dtype)(out)
 
