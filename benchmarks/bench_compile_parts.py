@@ -8,7 +8,11 @@ whose compile time is out of proportion to its FLOPs stands out.
 
     python -m benchmarks.bench_compile_parts                          # U-DiT-L stage 1 widths
     python -m benchmarks.bench_compile_parts --width 768 --side 16 --heads 16 --batch 16
-    python -m benchmarks.bench_compile_parts --parts block ffn_rep ffn_rep_grouped
+    python -m benchmarks.bench_compile_parts --parts block ffn_rep_taps ffn_rep_grouped
+
+The model itself lowers its depthwise convolutions per platform (layers.depthwise_conv): the
+`*_taps` parts show the shifted multiply-add form it used everywhere before, the `*_grouped`
+parts the grouped convolution it now compiles for TPUs.
 """
 
 from __future__ import annotations
@@ -27,38 +31,38 @@ from udit_jax import compile as compile_lib
 from udit_jax.models import layers, udit
 
 
-class _GroupedDepthwise(nn.Module):
-    """Depthwise 5x5 as lax's grouped convolution (the form TPUs have hardware paths for)."""
+class _Depthwise(nn.Module):
+    """Depthwise 5x5 as `layers.depthwise_taps` (shifted multiply-adds; U-DiT's CPU form) or
+    lax's grouped convolution (its form on other platforms), whatever the platform."""
     features: int
     dtype: jnp.dtype
+    taps: bool
 
     @nn.compact
     def __call__(self, x):
-        return nn.Conv(self.features, (5, 5), padding="SAME", feature_group_count=self.features,
-                       dtype=self.dtype, param_dtype=jnp.float32)(x)
+        kernel = self.param("kernel", nn.initializers.normal(0.1), (5, 5, 1, self.features))
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if self.taps:
+            return layers.depthwise_taps(x, kernel)
+        return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=self.features)
 
 
-class _FFNGrouped(nn.Module):
-    """The rep FFN's fused training form with a grouped-conv depthwise (instead of taps)."""
+class _FFN(nn.Module):
+    """The rep FFN's training form (its three depthwise branches and identity merged into one
+    5x5 kernel, as RepFeedForward) with the depthwise as taps or grouped convolution."""
     dim: int
     hidden: int
     dtype: jnp.dtype
+    taps: bool
 
     @nn.compact
     def __call__(self, x):
         c = lambda n, name: layers.conv(n, 1, ("embed", "mlp"), name=name, dtype=self.dtype)  # noqa: E731
         a = layers.gelu_exact(c(self.hidden, "in1")(c(self.hidden // 2, "in0")(x)))
-        a = _GroupedDepthwise(self.hidden, self.dtype)(a)
+        a = _Depthwise(self.hidden, self.dtype, self.taps)(a)
         return c(self.dim, "out1")(c(self.hidden // 2, "out0")(a))
-
-
-class _Taps(nn.Module):
-    features: int
-    dtype: jnp.dtype
-
-    @nn.compact
-    def __call__(self, x):
-        return layers.DepthwiseConv(self.features, 5, ("mlp", "mlp"), self.dtype)(x)
 
 
 class _Shuffle(nn.Module):
@@ -86,11 +90,12 @@ def parts(d: int, heads: int, mlp_ratio: float, dtype) -> dict[str, nn.Module | 
                                                        **{**attn, "posemb_type": None}),
         "attention_no_dwconv": udit.DownsampledAttention(d, heads, 2, dtype=dtype,
                                                          **{**attn, "downsampler": None}),
-        "ffn_rep": udit.RepFeedForward(d, hidden, dtype),
-        "ffn_rep_grouped": _FFNGrouped(d, hidden, dtype),
+        "ffn_rep": udit.RepFeedForward(d, hidden, dtype),        # as the model runs it
+        "ffn_rep_taps": _FFN(d, hidden, dtype, taps=True),
+        "ffn_rep_grouped": _FFN(d, hidden, dtype, taps=False),
         "ffn_basic": udit.BasicMlp(d, hidden, dtype),
-        "dwconv5_taps": (_Taps(hidden, dtype), hidden),          # on the FFN's hidden width
-        "dwconv5_grouped": (_GroupedDepthwise(hidden, dtype), hidden),
+        "dwconv5_taps": (_Depthwise(hidden, dtype, taps=True), hidden),  # the FFN's hidden width
+        "dwconv5_grouped": (_Depthwise(hidden, dtype, taps=False), hidden),
         "down_up_shuffle": _Shuffle(d, dtype),
     }
 

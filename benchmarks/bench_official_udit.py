@@ -37,6 +37,7 @@ _ROUNDS = flags.DEFINE_integer("rounds", 3, "alternating rounds (each a fresh pr
 _STEPS = flags.DEFINE_integer("timed_steps", 10, "timed steps per process (after 2 warm-up steps)")
 _BATCH = flags.DEFINE_integer("batch", 4, "images per step")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "our XLA CPU devices (config.mesh.cpu_devices)")
+_SCAN = flags.DEFINE_bool("scan_blocks", False, "our U-DiT with scanned stages (compiles faster)")
 _WORKER = flags.DEFINE_string("worker", None, "internal: 'official' or 'ours' (one process)")
 flags.mark_flags_as_required(["official"])
 
@@ -91,8 +92,9 @@ def official_worker(repo: str, batch: int, steps: int) -> dict:
     return {"train_s": train_s, "eval_s": eval_s, "threads": torch.get_num_threads()}
 
 
-def ours_worker(batch: int, steps: int, cpu_devices: int) -> dict:
+def ours_worker(batch: int, steps: int, cpu_devices: int, scan_blocks: bool) -> dict:
     from udit_jax import parallel
+    parallel.skip_tpu_backend_without_tpu()
     parallel.set_cpu_devices(cpu_devices)   # before JAX starts its CPU backend
     import jax
     import jax.numpy as jnp
@@ -103,7 +105,8 @@ def ours_worker(batch: int, steps: int, cpu_devices: int) -> dict:
     config = config_lib.imagenet_config("U-DiT-S")
     config.update_from_flattened_dict({
         "batch_size": batch, "data.source": "synthetic", "model.dtype": "float32",
-        "sample_every_steps": 0, "eval_every_steps": 0, "mesh.cpu_devices": cpu_devices})
+        "sample_every_steps": 0, "eval_every_steps": 0, "mesh.cpu_devices": cpu_devices,
+        "model.scan_blocks": scan_blocks})
     train = bench(config, steps, WARMUP)
 
     model, fuse = sampler.inference_form(config_lib.build_model(config))
@@ -125,7 +128,7 @@ def ours_worker(batch: int, steps: int, cpu_devices: int) -> dict:
 def _run_worker(side: str) -> dict:
     argv = [sys.executable, "-m", "benchmarks.bench_official_udit", f"--worker={side}",
             f"--official={_OFFICIAL.value}", f"--batch={_BATCH.value}", f"--timed_steps={_STEPS.value}",
-            f"--cpu_devices={_CPU_DEVICES.value}"]
+            f"--cpu_devices={_CPU_DEVICES.value}", f"--scan_blocks={_SCAN.value}"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(argv, cwd=root, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -140,7 +143,8 @@ def main(argv):
         print(json.dumps(official_worker(_OFFICIAL.value, _BATCH.value, _STEPS.value)))
         return
     if _WORKER.value == "ours":
-        print(json.dumps(ours_worker(_BATCH.value, _STEPS.value, _CPU_DEVICES.value)))
+        print(json.dumps(ours_worker(_BATCH.value, _STEPS.value, _CPU_DEVICES.value,
+                                     _SCAN.value)))
         return
     if not os.path.isfile(os.path.join(_OFFICIAL.value, "udit_models.py")):
         sys.exit(f"error: --official={_OFFICIAL.value} is not a checkout of the official U-DiT "

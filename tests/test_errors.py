@@ -386,6 +386,8 @@ def bad_inputs(tmp: pathlib.Path) -> list[tuple[list[str], str]]:
                  "--config.data.num_classes=2", "--config.sample.classes=0,1"],
          "data source has 3 classes"),
         (demo + ["--config.eval_every_steps=10"], "needs config.eval.reference_npz"),
+        (demo + ["--config.data.channels=3"], "data.channels=3 but the images of "
+                                              "data.source='fashion_mnist' have 1 channel(s)"),
         (demo + ["--mode=encode", "--config.data.space=latent",
                  f"--config.vae.weights={tmp / 'garbage.safetensors'}"],
          "garbage.safetensors is not a valid .safetensors file"),

@@ -277,6 +277,11 @@ def make_loader(config, *, global_batch_size: int, seed: int, workdir: str) -> L
             source, data.image_size, min_image_side=data.min_image_side,
             max_image_pixels=data.max_image_pixels, max_bad_fraction=data.max_bad_fraction,
             decode_threads=data.decode_threads)
+        channels = table.images.shape[-1]
+        if channels != data.channels:   # else the model's first conv fails at compile time
+            raise ValueError(f"data.channels={data.channels} but the images of "
+                             f"data.source={data.source!r} have {channels} channel(s); set "
+                             f"--config.data.channels={channels}")
     else:
         raise ValueError(f"data.space={space!r} is unknown; use 'latent' or 'pixel'")
     return Loader(table, global_batch_size=global_batch_size, seed=seed,
