@@ -63,8 +63,11 @@ def make_sampler(kind: str, steps: int, method: str | None, model, cfg_scale: fl
     """(fn(params, vae_params, key, indices, labels) -> latents, forwards per image or None
     when adaptive)."""
     if kind in ("ode", "sde"):
+        options = {"sampling_method": method}
+        if kind == "sde":   # SiT's sample.py settings (its library default SBDM is NaN here)
+            options.update(diffusion_form="sigma", last_step="Mean", last_step_size=0.04)
         process = sampler.transport_process({"path_type": "Linear", "prediction": "velocity"},
-                                            kind, steps, {"sampling_method": method})
+                                            kind, steps, options)
         forwards = None if method == "dopri5" else (steps - 1) * STAGES[method]
     else:
         process = diffusion.create_diffusion(str(steps))

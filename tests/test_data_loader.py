@@ -178,7 +178,7 @@ def test_fashion_mnist_pixel_loader_pads_to_32_with_black(tmp_path):
     images, labels = write_fashion(tmp_path)
     config = config_lib.base_config()
     config.data.update({
-        "space": "pixel", "source": "fashion_mnist", "dir": str(tmp_path), "image_size": 32,
+        "space": "pixel", "source": "fashion_mnist", "dir": str(tmp_path), "image_size": 32, "channels": 1,
         "random_flip": False, "num_classes": 10})
     loader = loader_lib.make_loader(config, global_batch_size=4, seed=0, workdir=str(tmp_path))
     batch = next(loader)
