@@ -88,13 +88,26 @@ def test_tiny_models_compile_with_a_full_report(libtpu, family, topology, chips,
     # matmuls/convs (3 x forward). For these models they agree within 15%.
     ratio = report["xla_flops_per_chip"] / report["model_flops_per_chip"]
     assert 1.0 <= ratio < 1.15, ratio
-    assert report["estimated_step_seconds"] > 0
+    assert report["estimated_step_seconds"] > 0 and report["estimate_covers_step"]
     assert report["estimated_images_per_second_per_chip"] == pytest.approx(
         4 / report["estimated_step_seconds"])
     # Data parallel: the float32 gradients are all-reduced (combined into few all-reduces;
     # XLA may reduce a smaller tensor instead where that is cheaper, so not all 4 bytes/param).
     reduced = {c["kind"]: c for c in report["collectives"]}["all-reduce"]["bytes"]
     assert 2 * n_params <= reduced <= 8 * n_params
+
+
+def test_scanned_stages_give_no_img_per_second_or_mfu(libtpu, tmp_path):
+    """XLA counts a scanned stage's body once: its FLOPs and cost-model time are not the step's,
+    so the report gives no img/s or MFU from them (they would be too high) and says why."""
+    config = tiny_config("U-DiT", "v5e:2x2")
+    config.model.kwargs = dict(config.model.kwargs, depth=(0, 3, 0, 0, 0))
+    config.model.scan_blocks = True
+    report = compile_lib.compile_from_config(config, str(tmp_path))
+    assert report["xla_flops_per_chip"] < 0.9 * report["model_flops_per_chip"]
+    assert report["estimate_covers_step"] is False
+    assert report["estimated_images_per_second_per_chip"] is None and report["estimated_mfu"] is None
+    assert "XLA counts loop bodies once" in compile_lib.format_report(report)
 
 
 def test_too_large_a_batch_does_not_fit(libtpu, tmp_path):

@@ -343,10 +343,15 @@ def compile_report(config, executable_path=None) -> dict[str, Any]:
     report["xla_flops_per_chip"] = float(cost.get("flops", 0.0))
     report["xla_bytes_accessed_per_chip"] = float(cost.get("bytes accessed", 0.0))
     report["estimated_step_seconds"] = seconds
-    report["estimated_images_per_second_per_chip"] = (images / chips / (seconds * steps)
-                                                      if seconds else None)
-    report["estimated_mfu"] = (model_flops / chips / (seconds * peak_tflops * 1e12)
-                               if seconds and peak_tflops else None)
+    # XLA counts a loop body once: with scanned stages (model.scan_blocks) or gradient
+    # accumulation its FLOPs and cost-model time cover one iteration of each loop, not the
+    # step, and an img/s or MFU from them would be too high.
+    report["estimate_covers_step"] = report["xla_flops_per_chip"] >= 0.9 * model_flops / chips
+    whole = seconds if report["estimate_covers_step"] else None
+    report["estimated_images_per_second_per_chip"] = (images / chips / (whole * steps)
+                                                      if whole else None)
+    report["estimated_mfu"] = (model_flops / chips / (whole * peak_tflops * 1e12)
+                               if whole and peak_tflops else None)
     report["collectives"] = collectives(compiled.as_text())
     return report
 
@@ -376,7 +381,13 @@ def format_report(r: dict[str, Any]) -> str:
     if "xla_flops_per_chip" in r:
         lines.append(f"  XLA FLOPs      {r['xla_flops_per_chip']:.3e} per chip per step "
                      f"({r['xla_bytes_accessed_per_chip']:.3e} bytes accessed)")
-        if r["estimated_step_seconds"]:
+        if r["estimated_step_seconds"] and not r["estimate_covers_step"]:
+            share = r["xla_flops_per_chip"] / r["model_flops_per_chip"]
+            lines.append(f"  cost model     {1e3 * r['estimated_step_seconds']:.2f} ms, but XLA counts "
+                         f"loop bodies once ({100 * share:.0f}% of the model's FLOPs): no img/s or "
+                         "MFU; compile with --config.model.scan_blocks=False (and "
+                         "grad_accum_steps=1) for them")
+        elif r["estimated_step_seconds"]:
             lines.append(f"  cost model     {1e3 * r['estimated_step_seconds']:.2f} ms per step, "
                          f"{r['estimated_images_per_second_per_chip']:.1f} img/s per chip"
                          + (f", MFU {100 * r['estimated_mfu']:.1f}%" if r["estimated_mfu"] else ""))
