@@ -109,9 +109,10 @@ def ours_worker(batch: int, steps: int, cpu_devices: int, scan_blocks: bool) -> 
         "model.scan_blocks": scan_blocks})
     train = bench(config, steps, WARMUP)
 
-    model, fuse = sampler.inference_form(config_lib.build_model(config))
     from udit_jax import models
-    params = fuse(models.init_params(config_lib.build_model(config), jax.random.key(0)))
+    trained = config_lib.build_model(config)
+    model, fuse = sampler.inference_form(trained)
+    params = fuse(models.init_params(trained, jax.random.key(0)))
     forward = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
     x = jax.random.normal(jax.random.key(1), (batch, 32, 32, 4))
     t = jnp.arange(batch, dtype=jnp.int32) * 97

@@ -130,16 +130,10 @@ def test_in_loop_evaluation_samples_each_image_once_on_8_devices():
     np.testing.assert_array_equal(np.asarray(out["images"], np.uint8), one_device)
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_two_processes(score: dict | None) -> list[dict]:
     """The worker in 2 processes x 4 CPU devices joined by jax.distributed on 127.0.0.1;
     each one's JSON report."""
+    from test_train import _free_port
     coordinator = f"127.0.0.1:{_free_port()}"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
                XLA_FLAGS="--xla_force_host_platform_device_count=4",

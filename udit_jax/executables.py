@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import pickle
 from importlib import metadata
 from typing import Any
 
@@ -130,7 +131,8 @@ def load_matching(folder, lowered, devices=None, config=None) -> tuple[Any, str]
         try:
             compiled = serialize_executable.deserialize_and_load(
                 path.read_bytes(), lowered.in_tree, lowered.out_tree)
-        except Exception as e:   # noqa: BLE001 - any failure to load means: compile instead
+        except (jax.errors.JaxRuntimeError, pickle.UnpicklingError, EOFError, ValueError,
+                TypeError) as e:   # a truncated or foreign payload: compile instead
             reasons.append(f"{path.name}: could not be loaded ({type(e).__name__}: {e})")
             continue
         return compiled, str(path)
