@@ -158,6 +158,8 @@ def main(argv):
                   + ", ".join(f"{k} {v:.4g}" for k, v in runs[side][-1].items()), flush=True)
     med = {side: {k: statistics.median(run[k] for run in rs) for k in rs[0]}
            for side, rs in runs.items()}
+    from udit_jax import parallel
+    parallel.skip_tpu_backend_without_tpu()   # the table names this host's backend
     from benchmarks.common import print_table
     rows = [{"what": what, "batch": _BATCH.value,
              "official_ms": 1e3 * med["official"][f"{what}_s"],

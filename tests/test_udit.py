@@ -352,13 +352,28 @@ def test_patch_size_runs_the_network_on_unshuffled_patches():
 
 
 def test_depthwise_taps_equal_grouped_convolution():
-    x = jax.random.normal(jax.random.key(3), (2, 7, 9, 6))
-    for k in (1, 3, 5):
-        kernel = jax.random.normal(jax.random.key(k), (k, k, 1, 6))
-        want = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", feature_group_count=6,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                            precision=jax.lax.Precision.HIGHEST)
-        np.testing.assert_allclose(layers.depthwise_taps(x, kernel), want, atol=1e-5)
+    """Values and both gradients (the hand-written VJP) against lax's grouped convolution, for
+    heights that take each row-block size of the kernel gradient (7: 1 row, 6: 2, 8: 4)."""
+    grouped = lambda x, kernel: jax.lax.conv_general_dilated(   # noqa: E731
+        x, kernel, (1, 1), "SAME", feature_group_count=x.shape[-1],
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST)
+    for h, w in ((7, 9), (6, 5), (8, 8)):
+        x = jax.random.normal(jax.random.key(h), (2, h, w, 6))
+        g = jax.random.normal(jax.random.key(h + 1), (2, h, w, 6))
+        for k in (1, 3, 5):
+            kernel = jax.random.normal(jax.random.key(k), (k, k, 1, 6))
+            np.testing.assert_allclose(layers.depthwise_taps(x, kernel), grouped(x, kernel), atol=1e-5)
+            grads = lambda fn: jax.jit(jax.grad(   # noqa: E731
+                lambda x, kernel: jnp.sum(fn(x, kernel) * g), argnums=(0, 1)))(x, kernel)
+            for got, want in zip(grads(layers.depthwise_taps), grads(grouped)):
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    # bfloat16 activations: gradients in their dtypes, the kernel's summed in float32.
+    x16 = x.astype(jnp.bfloat16)
+    gx, gk = jax.grad(lambda x, k: jnp.sum(layers.depthwise_taps(x, k).astype(jnp.float32) * g),
+                      argnums=(0, 1))(x16, kernel)
+    assert gx.dtype == jnp.bfloat16 and gk.dtype == jnp.float32
+    want = jax.grad(lambda k: jnp.sum(grouped(x16.astype(jnp.float32), k) * g))(kernel)
+    np.testing.assert_allclose(gk, want, rtol=2e-2, atol=2e-1)
 
 
 def test_depthwise_conv_is_taps_on_cpus_and_grouped_elsewhere():
@@ -467,3 +482,27 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="needs a null class"):
         no_null.apply({"params": _random_params(no_null)}, jnp.zeros((2, 8, 8, 3)), t, y, 2.0,
                       method="forward_with_cfg")
+
+
+def test_pointwise_conv_is_nn_conv_1x1():
+    """layers.conv(k=1) is a matmul module with nn.Conv's params: the same names, shapes,
+    logical axes and initial values, and the same outputs and gradients."""
+    x = jax.random.normal(jax.random.key(7), (2, 5, 3, 6))
+    ours = layers.conv(4, 1, ("embed", "mlp"), name=None, dtype=jnp.float32)
+    assert isinstance(ours, layers.PointwiseConv)
+    reference = nn.Conv(4, (1, 1), param_dtype=jnp.float32, name=None,
+                        kernel_init=layers.with_axes(layers.xavier_uniform, ("conv_h", "conv_w", "embed", "mlp")),
+                        bias_init=layers.with_axes(layers.zeros, ("mlp",)))
+    variables = ours.init(jax.random.key(0), x)
+    want = reference.init(jax.random.key(0), x)
+    assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(want)
+    assert variables["params"]["kernel"].names == ("conv_h", "conv_w", "embed", "mlp")
+    params = nn.meta.unbox(variables)["params"]
+    params = {**params, "bias": jax.random.normal(jax.random.key(1), (4,))}
+    np.testing.assert_array_equal(params["kernel"], nn.meta.unbox(want)["params"]["kernel"])
+    loss = lambda module: (lambda p: jnp.sum(jnp.sin(module.apply({"params": p}, x))))  # noqa: E731
+    np.testing.assert_allclose(ours.apply({"params": params}, x), reference.apply({"params": params}, x),
+                               rtol=1e-6, atol=1e-6)
+    for got, expected in zip(jax.tree_util.tree_leaves(jax.grad(loss(ours))(params)),
+                             jax.tree_util.tree_leaves(jax.grad(loss(reference))(params))):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)

@@ -41,16 +41,47 @@ def dense(features: int, axes: tuple[str | None, str | None], *, name: str, dtyp
                     bias_init=with_axes(bias_init, (axes[1],)), name=name)
 
 
-def conv(features: int, kernel: int, axes: tuple[str | None, str | None], *, name: str,
+def conv(features: int, kernel: int, axes: tuple[str | None, str | None], *, name: str | None,
          dtype: Dtype, stride: int = 1, padding: Any = "SAME",
          use_bias: bool = True, kernel_init: Callable = xavier_uniform,
-         bias_init: Callable = zeros) -> nn.Conv:
-    """nn.Conv with an HWIO kernel annotated ('conv_h', 'conv_w', *axes)."""
+         bias_init: Callable = zeros) -> nn.Module:
+    """nn.Conv with an HWIO kernel annotated ('conv_h', 'conv_w', *axes).
+
+    A 1x1 stride-1 conv is a `PointwiseConv`: the same params, computed as a matmul.
+    """
+    kernel_init = with_axes(kernel_init, ("conv_h", "conv_w") + tuple(axes))
+    bias_init = with_axes(bias_init, (axes[1],))
+    if kernel == 1 and stride == 1:
+        return PointwiseConv(features, use_bias=use_bias, dtype=dtype, kernel_init=kernel_init,
+                             bias_init=bias_init, name=name)
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
-                   use_bias=use_bias, dtype=dtype,
-                   param_dtype=jnp.float32,
-                   kernel_init=with_axes(kernel_init, ("conv_h", "conv_w") + tuple(axes)),
-                   bias_init=with_axes(bias_init, (axes[1],)), name=name)
+                   use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                   kernel_init=kernel_init, bias_init=bias_init, name=name)
+
+
+class PointwiseConv(nn.Module):
+    """A 1x1 convolution with nn.Conv's params (kernel [1, 1, in, out], bias [out]), run as a
+    matmul over the channel axis: x [..., in] -> [..., out].
+
+    Equal to nn.Conv with kernel (1, 1). XLA lowers the convolution's weight gradient with
+    layout transposes of the whole activation on each side (most of a small U-DiT's CPU step
+    went there); a dot_general contracts the minor axis in place.
+    """
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    kernel_init: Callable = xavier_uniform
+    bias_init: Callable = zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel[0, 0].astype(self.dtype),
+                                (((x.ndim - 1,), (0,)), ((), ())))
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
+        return y
 
 
 # Logical names of the main activations' axes, by rank (tokens [B, T, D]; NHWC maps). Under
@@ -84,14 +115,8 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.platform_dependent(x, kernel, cpu=depthwise_taps, default=grouped)
 
 
-def depthwise_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Depthwise 'SAME' convolution as a sum of shifted, per-channel scaled copies of x.
-
-    x: [B, H, W, C], kernel: [k, k, 1, C] (k odd; flax's grouped-conv HWIO layout) -> [B, H, W, C].
-    Equal to lax.conv with feature_group_count=C, but XLA's CPU backend runs grouped
-    convolutions (and their gradients) as slow generic loops; k*k fused multiply-adds
-    vectorise over C and cut a small U-DiT's train step about 3x on a CPU.
-    """
+def _shifted_sum(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """'SAME' depthwise correlation as k*k shifted, per-channel scaled copies of x (see below)."""
     k = kernel.shape[0]
     r = k // 2
     h, w = x.shape[1], x.shape[2]
@@ -103,6 +128,61 @@ def depthwise_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
             term = xp[:, i:i + h, j:j + w, :] * kernel[i, j, 0]
             out = term if out is None else out + term
     return out
+
+
+def _taps_kernel_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
+    """d(sum(g * taps(x, K))) / dK: [k, k, 1, C], summed in float32.
+
+    K[i, j, c] collects sum_{b,h,w} xpad[b, h+i, w+j, c] * g[b, h, w, c]. Written plainly
+    (k*k reductions of shifted slices), XLA's CPU backend copies every slice of the whole
+    activation out of cache and the step spends most of its time there; here a scan walks
+    (image, block of rows) pieces small enough to stay in cache and reduces all taps of each.
+    """
+    b, h, w, c = x.shape
+    r = k // 2
+    rows = max(d for d in (1, 2, 4) if h % d == 0)
+    xp = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)))
+    blocks = h // rows
+
+    def add_block(acc, index):
+        n, start = index // blocks, (index % blocks) * rows
+        xb = jax.lax.dynamic_slice(xp, (n, start, 0, 0), (1, rows + 2 * r, w + 2 * r, c))[0]
+        gb = jax.lax.dynamic_slice(g, (n, start, 0, 0), (1, rows, w, c))[0]
+        taps = [jnp.sum(xb[i:i + rows, j:j + w] * gb, axis=(0, 1), dtype=jnp.float32)
+                for i in range(k) for j in range(k)]
+        return acc + jnp.stack(taps), None
+
+    total, _ = jax.lax.scan(add_block, jnp.zeros((k * k, c), jnp.float32), jnp.arange(b * blocks))
+    return total.reshape(k, k, 1, c)
+
+
+@jax.custom_vjp
+def depthwise_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Depthwise 'SAME' convolution as a sum of shifted, per-channel scaled copies of x.
+
+    x: [B, H, W, C], kernel: [k, k, 1, C] (k odd; flax's grouped-conv HWIO layout) -> [B, H, W, C].
+    Equal to lax.conv with feature_group_count=C, but XLA's CPU backend runs grouped
+    convolutions (and their gradients) as slow generic loops; k*k fused multiply-adds
+    vectorise over C. The gradient is written by hand: w.r.t. x it is the same sum with the
+    kernel flipped, w.r.t. the kernel a cache-blocked reduction (`_taps_kernel_grad`); left
+    to autodiff, the backward pass keeps all k*k shifted copies of x, which on a CPU cost
+    more than the rest of a U-DiT block.
+    """
+    return _shifted_sum(x, kernel)
+
+
+def _depthwise_taps_fwd(x, kernel):
+    return _shifted_sum(x, kernel), (x, kernel)
+
+
+def _depthwise_taps_bwd(residuals, g):
+    x, kernel = residuals
+    grad_x = _shifted_sum(g, kernel[::-1, ::-1])
+    grad_kernel = _taps_kernel_grad(x, g.astype(x.dtype), kernel.shape[0])
+    return grad_x.astype(x.dtype), grad_kernel.astype(kernel.dtype)
+
+
+depthwise_taps.defvjp(_depthwise_taps_fwd, _depthwise_taps_bwd)
 
 
 class DepthwiseConv(nn.Module):
@@ -246,6 +326,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None,
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    # Heads-major batched matmuls ([B, heads, N, hd]), transposed back once: contracting in
+    # the [B, N, heads, hd] layout directly made XLA's CPU backend fall back from its matmul
+    # library to a generic loop, 5x slower at U-DiT's first-stage shapes.
+    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    return jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)
