@@ -15,25 +15,26 @@ Costs (`python -m benchmarks.bench_demo`, CPU-s = user + sys, same shared VM): p
 GFLOP per CPU-second; the old 16-wide full-resolution shape took 1.37 CPU-s at 7.5), an
 80-image preview 12 CPU-s (+9 CPU-s sampler compile, once).
 
-Measured end to end (the README command verbatim, fresh clone and virtualenv, idle 2-core
-machine): 8 min 46 s of wall time, 11.0 min user + 3.7 min sys CPU: the quality classifier
-trained once (62 s; cached afterwards: 8 min 37 s), train-step compile 24 s, 1800 steps at
-4.1-4.9 steps/s, two 80-image previews. Last line: "done at step 1800; final samples
-recognised 93.8% (worst: Coat 75%), FD 18.50 (n=80 ...)".
+Measured end to end (the README command verbatim, fresh clone and virtualenv, 2-core
+machine), this release with the quality classifier cached: 8 min 21 s of wall time, 10.5 min
+user + 3.0 min sys CPU, 1800 steps at 3.9-5.6 steps/s, two 80-image previews. Last line: "done
+at step 1800; final samples recognised 92.5% (worst: Shirt 62%), FD 19.04 (n=80 ...)". The
+previous release on a truly fresh start (classifier trained once, 62 s): 8 min 46 s.
 Quality (eval.quality: recognised by the project's Fashion-MNIST classifier, test accuracy
 89.4%; FD in its 64-d features; 1000 samples, 100 per class, drawn by --mode=sample from the
 export with DPM-Solver++ 25 steps; the CPU-s and shared-VM wall times of the first two rows
-were measured under load 4-8 from other jobs):
+were measured under load 4-8 from other jobs; table measured with the previous release):
 
     total_steps  CPU-s  wall           recognised cfg 3 / 5  FD cfg 3 / 5  worst class (cfg 5)
     1200         597    13.8 min (shared)  78.9% / 85.6%     18.5 / 20.3   pullover 52%
     1800         804    17.3 min (shared)  -     / 94.7%     -    / 14.3   shirt 81%, pullover 82%
     1800         881    8.8 min (idle)     -     / 94.7%     -    / 14.3   (the same run: training is
                                                                              deterministic, same numbers)
-With --mode=evaluate (1000 samples of random classes): 93.2% / FD 16.0 at CFG 5, 90.2% / 11.8 at
-CFG 3. The same budget with the transport objective: see README "Flow matching".
+With --mode=evaluate (1000 samples of random classes): 95.0% / FD 16.0 at CFG 5 (worst: shirt
+83%) with this release; 93.2% / 16.0 at CFG 5, 90.2% / 11.8 at CFG 3 with the previous one.
+The same budget with the transport objective: see README "Flow matching".
 
-The 80-sample training previews (cfg 5): 66.2% / FD 42.8 at step 900, 93.8% / FD 18.5 at 1800
+The 80-sample training previews (cfg 5): 71.2% / FD 40.8 at step 900, 92.5% / FD 19.0 at 1800
 (FD at n=80 is biased upwards; the 1000-sample numbers above are the ones to compare).
 
 EMA sample grids (one row per class: T-shirt, trouser, pullover, dress, coat, sandal, shirt,
