@@ -120,12 +120,11 @@ def compile_part(name: str, module, b: int, side: int, d: int, device) -> dict:
     lowered = fn.lower(jax.tree.map(put, params), *map(put, args))
     lower_s = time.perf_counter() - t0
     compiled = lowered.compile()
-    cost = compiled.cost_analysis()
-    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-    seconds = cost.get("optimal_seconds")
+    cost = compile_lib.cost_analysis(compiled)
+    seconds = compile_lib.cost_model_seconds(cost.get("optimal_seconds"), compiled.as_text())
     return {"part": name, "lower s": lower_s, "compile s": time.perf_counter() - t0 - lower_s,
             "CPU-s": time.process_time() - c0, "XLA GFLOP": cost.get("flops", 0) / 1e9,
-            "est ms": 1e3 * seconds if seconds and seconds > 0 else None,
+            "est ms": 1e3 * seconds if seconds else None,
             "HLO lines": len(compiled.as_text().splitlines())}
 
 

@@ -22,8 +22,7 @@ import time
 
 import jax
 
-from benchmarks.bench_train import load_config
-from benchmarks.common import print_table
+from benchmarks.common import load_config, print_table
 
 
 def cpu_seconds() -> float:
@@ -45,8 +44,7 @@ class Clock:
 
 
 def bench(config, steps: int) -> list[dict]:
-    from udit_jax import models, parallel, train
-    from udit_jax import config as config_lib
+    from udit_jax import models, train
     rows = []
 
     def row(phase, clock, per=1):
@@ -55,19 +53,14 @@ def bench(config, steps: int) -> list[dict]:
                      "cpu/wall": cpu / wall if wall else None})
 
     clock = Clock()
-    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-    model = config_lib.build_model(config)
-    diffusion = config_lib.make_diffusion(config)
-    tx, schedule = config_lib.make_optimizer(config.optimizer)
-    _, shardings = train.state_shardings(model, tx, config.seed, mesh, config.mesh.rules)
+    trainer = train.make_trainer(config)   # the setup of training itself
+    model = trainer.model
     clock.lap()
-    state = jax.block_until_ready(train.init_state(model, tx, config.seed, shardings))
+    state = jax.block_until_ready(trainer.init_state())
     row("init (compile + run)", clock)
-    data = train.SyntheticBatches(config, 0, 1)
-    local = next(data)
-    batch = {k: parallel.global_batch_from_local(mesh, v) for k, v in local.items()}
-    step = train.jit_train_step(train.make_train_step(model, diffusion, tx, schedule, config, mesh),
-                                shardings, mesh, local)
+    local = next(train.SyntheticBatches(config, 0, 1))
+    batch = trainer.global_batch(local)
+    step = trainer.jit_step(local)
     clock.lap()
     compiled = step.lower(state, batch).compile()
     row("train step compile", clock)
@@ -79,12 +72,12 @@ def bench(config, steps: int) -> list[dict]:
     jax.block_until_ready(metrics)
     row(f"train step (mean of {steps})", clock, steps)
     step_cpu = rows[-1]["cpu_s"]
-    if config.sample_every_steps:
-        sampler = train.make_sampler(model, config, shardings, mesh)
+    preview = train.make_preview(config, model, trainer.mesh) if config.sample_every_steps else None
+    if preview is not None:
         clock.lap()
-        sampler(state.ema_params)
+        preview(state.ema_params)
         row("preview grid (compile + run)", clock)
-        sampler(state.ema_params)
+        preview(state.ema_params)
         row("preview grid", clock)
     gmacs = models.model_info(model)["gmacs"]
     flops = 3 * 2 * gmacs * 1e9 * config.batch_size

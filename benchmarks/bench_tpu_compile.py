@@ -19,8 +19,7 @@ import json
 import resource
 import time
 
-from benchmarks.bench_train import load_config
-from benchmarks.common import print_table
+from benchmarks.common import load_config, print_table
 from udit_jax import compile as compile_lib
 
 CONFIGS = {"U-DiT-S": "configs/udit_s.py", "U-DiT-B": "configs/udit_b.py",

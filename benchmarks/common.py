@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import time
 from typing import Callable, Sequence
 
@@ -41,3 +43,20 @@ def print_table(rows: Sequence[dict], title: str = "") -> None:
     print("  ".join("-" * w for w in widths))
     for r in rows:
         print("  ".join(fmt(r.get(c)).ljust(w) for c, w in zip(cols, widths)))
+
+
+def load_config(path: str, overrides: Sequence[str] = ()):
+    """A configs/*.py file's get_config(), with "a.b.c=value" overrides (Python literals,
+    else strings), as `--config.a.b.c=value` would set them."""
+    spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for item in overrides:
+        key, value = item.split("=", 1)
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass
+        config.update_from_flattened_dict({key: value})
+    return config

@@ -91,23 +91,119 @@ def test_tiny_models_compile_with_a_full_report(libtpu, family, topology, chips,
     assert report["estimated_step_seconds"] > 0 and report["estimate_covers_step"]
     assert report["estimated_images_per_second_per_chip"] == pytest.approx(
         4 / report["estimated_step_seconds"])
+    profile = report["cost_profile"]
+    assert len(profile) > 3 and 0.3 < sum(p["share"] for p in profile) <= 1 + 1e-9
     # Data parallel: the float32 gradients are all-reduced (combined into few all-reduces;
     # XLA may reduce a smaller tensor instead where that is cheaper, so not all 4 bytes/param).
     reduced = {c["kind"]: c for c in report["collectives"]}["all-reduce"]["bytes"]
     assert 2 * n_params <= reduced <= 8 * n_params
 
 
-def test_scanned_stages_give_no_img_per_second_or_mfu(libtpu, tmp_path):
-    """XLA counts a scanned stage's body once: its FLOPs and cost-model time are not the step's,
-    so the report gives no img/s or MFU from them (they would be too high) and says why."""
+def test_scanned_stages_are_estimated_with_their_trip_counts(libtpu, tmp_path):
+    """XLA counts a scanned stage's body once; the report scales the cost model's time by the
+    loops' trip counts (loop_scale) and then gives img/s and MFU for the whole step."""
     config = tiny_config("U-DiT", "v5e:2x2")
     config.model.kwargs = dict(config.model.kwargs, depth=(0, 3, 0, 0, 0))
     config.model.scan_blocks = True
     report = compile_lib.compile_from_config(config, str(tmp_path))
-    assert report["xla_flops_per_chip"] < 0.9 * report["model_flops_per_chip"]
-    assert report["estimate_covers_step"] is False
-    assert report["estimated_images_per_second_per_chip"] is None and report["estimated_mfu"] is None
-    assert "XLA counts loop bodies once" in compile_lib.format_report(report)
+    assert report["xla_flops_per_chip"] < 0.9 * report["model_flops_per_chip"]  # bodies once
+    assert report["estimate_covers_step"] and report["loop_scale"] > 1.2
+    assert report["estimated_step_seconds"] == pytest.approx(
+        report["cost_model_seconds_loop_bodies_once"] * report["loop_scale"])
+    assert report["estimated_images_per_second_per_chip"] == pytest.approx(
+        4 / report["estimated_step_seconds"])
+    assert "loop bodies times their trip counts" in compile_lib.format_report(report)
+
+
+def _matmul_loop(n: int, scanned: bool):
+    """n (1024 x 1024 bf16 matmul + tanh) layers, as one lax.scan or unrolled, compiled for
+    one TPU v5e chip: (cost-model seconds with loop bodies once, loop_scale)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    device = compile_lib.topology_devices(compile_lib.parse_topology("v5e-1"))[0]
+    sharding = NamedSharding(Mesh(np.array([device]), ("d",)), P())
+    layer = lambda h, w: (jnp.tanh(h @ w), None)  # noqa: E731
+
+    def run(x, ws):
+        if scanned:
+            return jax.lax.scan(layer, x, ws)[0]
+        for i in range(n):
+            x = layer(x, ws[i])[0]
+        return x
+
+    compiled = jax.jit(run).lower(
+        jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16, sharding=sharding),
+        jax.ShapeDtypeStruct((n, 1024, 1024), jnp.bfloat16, sharding=sharding)).compile()
+    text = compiled.as_text()
+    seconds = compile_lib.cost_analysis(compiled)["optimal_seconds"]
+    return compile_lib.cost_model_seconds(seconds, text), compile_lib.loop_scale(text)
+
+
+def test_loop_scale_counts_each_iteration(libtpu):
+    """A scan of n identical layers: XLA's cost model gives about the same time for 4 and 8
+    iterations (one body each); loop_scale restores the factor n (the body dominates)."""
+    (once4, scale4), (once8, scale8) = _matmul_loop(4, True), _matmul_loop(8, True)
+    assert once8 == pytest.approx(once4, rel=0.1)
+    assert 3.5 < scale4 <= 4 and 7 < scale8 <= 8
+    assert once8 * scale8 / (once4 * scale4) == pytest.approx(2, rel=0.1)
+    # Without loops there is nothing to scale.
+    assert _matmul_loop(4, False)[1] == 1.0
+
+
+_HLO_WITH_LOOPS = """
+%inner.cond (p: (s32[])) -> pred[] {
+  %c = s32[]{:T(128)} constant(3)
+  %p = (s32[]) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %c), direction=LT, metadata={op_name="while/cond/lt"}
+}
+
+%inner.body (p: (s32[])) -> (s32[]) {
+  %f = f32[8]{0} fusion(%x), kind=kLoop, calls=%fused, metadata={op_name="jit(step)/transpose(jvp(M))/while/body/attn/exp"}, backend_config={"estimated_cycles":"10"}
+}
+
+%outer.cond (p: (s32[])) -> pred[] {
+  %n.clone = s32[]{:T(128)} constant(5)
+  %p = (s32[]) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt.2 = pred[]{:T(512)} compare(%i, %n.clone), direction=LT
+}
+
+%outer.body (p: (s32[])) -> (s32[]) {
+  %g = f32[8]{0} fusion(%x), kind=kLoop, calls=%fused, backend_config={"estimated_cycles":"20"}
+  %w = (s32[]) while(%t), condition=%inner.cond, body=%inner.body, backend_config={}
+}
+
+%fused (p: f32[8]) -> f32[8] {
+  %e = f32[8]{0} exponential(%p), backend_config={"estimated_cycles":"999"}
+}
+
+ENTRY %main (x: f32[8]) -> f32[8] {
+  %h = f32[8]{0} fusion(%x), kind=kLoop, calls=%fused, metadata={op_name="jit(step)/jvp(M)/embed/dot_general"}, backend_config={"estimated_cycles":"100"}
+  %w.1 = (s32[]) while(%t), condition=%outer.cond, body=%outer.body
+  ROOT %cc = f32[8]{0} custom-call(%a, %b), custom_call_target="ConcatBitcast"
+}
+"""
+
+
+def test_loop_scale_and_unpriced_ops_from_hlo_text():
+    # Once: 100 + 20 + 10 = 130 cycles (fused computations are priced at their fusion).
+    # With trip counts: 100 + 5 x (20 + 3 x 10) = 350.
+    assert compile_lib.loop_scale(_HLO_WITH_LOOPS) == pytest.approx(350 / 130)
+    unknown = _HLO_WITH_LOOPS.replace("direction=LT, metadata", "direction=NE, metadata")
+    assert compile_lib.loop_scale(unknown) is None      # a trip count it cannot read
+    assert compile_lib.loop_scale("HloModule m") is None
+    # Where the time goes, by source op, loops counted in full.
+    assert [(p["op"], p["share"]) for p in compile_lib.cost_profile(_HLO_WITH_LOOPS)] == [
+        ("backward attn", pytest.approx(150 / 350)),
+        ("forward embed", pytest.approx(100 / 350)),
+        ("(no source op)", pytest.approx(100 / 350))]
+    # The cost model's -1 s for the unpriced ConcatBitcast is taken back out.
+    assert compile_lib.cost_model_seconds(-0.9994, _HLO_WITH_LOOPS) == pytest.approx(0.0006)
+    assert compile_lib.cost_model_seconds(-1.5, _HLO_WITH_LOOPS) is None
+    assert compile_lib.cost_model_seconds(0.002, "HloModule m") == 0.002
 
 
 def test_too_large_a_batch_does_not_fit(libtpu, tmp_path):

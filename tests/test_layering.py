@@ -96,3 +96,4 @@ def test_no_job_imports_the_trainer():
     exception is compile, whose subject is the train step itself."""
     importers = sorted(m for m, targets in import_graph().items() if "udit_jax.train" in targets)
     assert importers in ([], ["udit_jax.compile"]), importers
+

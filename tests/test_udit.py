@@ -376,20 +376,47 @@ def test_depthwise_taps_equal_grouped_convolution():
     np.testing.assert_allclose(gk, want, rtol=2e-2, atol=2e-1)
 
 
-def test_depthwise_conv_is_taps_on_cpus_and_grouped_elsewhere():
-    """The one depthwise conv lowers to shifted multiply-adds for a CPU and to the grouped
-    convolution for other platforms (as --mode=compile lowers for a TPU from a CPU host)."""
+def test_depthwise_conv_lowers_per_platform():
+    """The one depthwise conv lowers (as --mode=compile lowers for a TPU from a CPU host) to
+    shifted multiply-adds on CPUs and TPUs, with the kernel gradient as a cache-blocked scan on
+    CPUs and as the grouped convolution's kernel gradient on TPUs, and to lax's grouped
+    convolution on GPUs. The CPU gradients equal the taps', and the TPU kernel gradient equals
+    the CPU one."""
     x = jax.random.normal(jax.random.key(3), (2, 7, 9, 6))
     kernel = jax.random.normal(jax.random.key(5), (5, 5, 1, 6))
-    fn = jax.jit(jax.grad(lambda x, k: jnp.sum(layers.depthwise_conv(x, k) ** 2), argnums=(0, 1)))
+    grad = jax.grad(lambda x, k: jnp.sum(layers.depthwise_conv(x, k) ** 2), argnums=(0, 1))
     want = jax.jit(jax.grad(lambda x, k: jnp.sum(layers.depthwise_taps(x, k) ** 2),
                             argnums=(0, 1)))(x, kernel)
-    for got, expected in zip(fn(x, kernel), want):
+    for got, expected in zip(jax.jit(grad)(x, kernel), want):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
-    on = lambda platform: jax.jit(lambda x, k: layers.depthwise_conv(x, k)).trace(   # noqa: E731
-        x, kernel).lower(lowering_platforms=(platform,)).as_text()
-    assert "feature_group_count = 6" not in on("cpu") and on("cpu").count("stablehlo.multiply") >= 25
-    assert "feature_group_count = 6" in on("tpu") and on("tpu").count("stablehlo.multiply") < 5
+    g = jax.random.normal(jax.random.key(6), x.shape)
+    np.testing.assert_allclose(layers._grouped_kernel_grad(x, g, 5),
+                               layers._taps_kernel_grad(x, g, 5), rtol=1e-5, atol=1e-4)
+
+    def lowered(fn, platform):
+        return jax.jit(fn).trace(x, kernel).lower(lowering_platforms=(platform,)).as_text()
+
+    forward = lambda x, k: layers.depthwise_conv(x, k)   # noqa: E731
+    for platform in ("cpu", "tpu"):
+        assert "feature_group_count = 6" not in lowered(forward, platform)
+        assert lowered(forward, platform).count("stablehlo.multiply") >= 25
+    assert "feature_group_count = 6" in lowered(forward, "cuda")
+    # Kernel gradients: a scan (while loop) on CPUs, a batch-grouped convolution on TPUs.
+    assert "stablehlo.while" in lowered(grad, "cpu") and "batch_group_count" not in lowered(grad, "cpu")
+    assert "batch_group_count = 6" in lowered(grad, "tpu") and "stablehlo.while" not in lowered(grad, "tpu")
+
+
+def test_attention_lowers_per_platform():
+    """Heads-major matmuls for CPUs (XLA:CPU's matmul library), in-place einsums elsewhere; the
+    same values."""
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 10, 3, 4)) for i in range(3))
+    want = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(
+        jnp.einsum("bqhd,bkhd->bhqk", q, k) * 0.7, axis=-1), v)
+    np.testing.assert_allclose(layers.attention(q, k, v, scale=0.7), want, rtol=1e-5, atol=1e-6)
+    on = lambda platform: jax.jit(lambda q, k, v: layers.attention(q, k, v, scale=0.7)).trace(  # noqa: E731
+        q, k, v).lower(lowering_platforms=(platform,)).as_text()
+    # CPU: q, k, v to heads-major and the output back; elsewhere at most einsum's own.
+    assert on("tpu").count("stablehlo.transpose") <= 1 < 4 <= on("cpu").count("stablehlo.transpose")
 
 
 def test_fused_equals_unfused_on_random_weights():
