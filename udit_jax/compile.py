@@ -252,7 +252,7 @@ def _op_group(line: str) -> str:
         direction = "backward" if parts[0].startswith("transpose(") else "forward"
         return " ".join([direction, "/".join(parts[1:-1]) or parts[-1]]) if len(parts) > 1 \
             else direction
-    return "outside the model: " + "/".join(parts)
+    return "outside the model: " + ("/".join(parts) or m.group(1))
 
 
 def _cycles_by_op(hlo_text: str, trips: bool) -> dict[str, int] | None:
