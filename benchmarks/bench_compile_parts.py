@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from benchmarks.common import print_table
 from udit_jax import compile as compile_lib
+from udit_jax import hlo_cost
 from udit_jax.models import layers, udit
 
 
@@ -120,8 +121,8 @@ def compile_part(name: str, module, b: int, side: int, d: int, device) -> dict:
     lowered = fn.lower(jax.tree.map(put, params), *map(put, args))
     lower_s = time.perf_counter() - t0
     compiled = lowered.compile()
-    cost = compile_lib.cost_analysis(compiled)
-    seconds = compile_lib.cost_model_seconds(cost.get("optimal_seconds"), compiled.as_text())
+    cost = hlo_cost.cost_analysis(compiled)
+    seconds = hlo_cost.cost_model_seconds(cost.get("optimal_seconds"), compiled.as_text())
     return {"part": name, "lower s": lower_s, "compile s": time.perf_counter() - t0 - lower_s,
             "CPU-s": time.process_time() - c0, "XLA GFLOP": cost.get("flops", 0) / 1e9,
             "est ms": 1e3 * seconds if seconds else None,

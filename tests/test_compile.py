@@ -5,6 +5,7 @@ import json
 import pytest
 
 from udit_jax import compile as compile_lib
+from udit_jax import hlo_cost
 from udit_jax import config as config_lib
 
 
@@ -52,7 +53,7 @@ def test_collectives_from_hlo_text():
   ROOT %rs = f32[2,4]{1,0} reduce-scatter(%d), dimensions={0}
   %x = f32[4]{0} add(%all-reduce.1, %e)
 """
-    got = {c["kind"]: (c["count"], c["bytes"]) for c in compile_lib.collectives(hlo)}
+    got = {c["kind"]: (c["count"], c["bytes"]) for c in hlo_cost.collectives(hlo)}
     assert got == {"all-reduce": (1, 192 * 4 + 32 * 192 * 2), "all-gather": (1, 32 * 4 * 4),
                    "reduce-scatter": (1, 2 * 4 * 4)}
 
@@ -137,8 +138,8 @@ def _matmul_loop(n: int, scanned: bool):
         jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16, sharding=sharding),
         jax.ShapeDtypeStruct((n, 1024, 1024), jnp.bfloat16, sharding=sharding)).compile()
     text = compiled.as_text()
-    seconds = compile_lib.cost_analysis(compiled)["optimal_seconds"]
-    return compile_lib.cost_model_seconds(seconds, text), compile_lib.loop_scale(text)
+    seconds = hlo_cost.cost_analysis(compiled)["optimal_seconds"]
+    return hlo_cost.cost_model_seconds(seconds, text), hlo_cost.loop_scale(text)
 
 
 def test_loop_scale_counts_each_iteration(libtpu):
@@ -191,19 +192,19 @@ ENTRY %main (x: f32[8]) -> f32[8] {
 def test_loop_scale_and_unpriced_ops_from_hlo_text():
     # Once: 100 + 20 + 10 = 130 cycles (fused computations are priced at their fusion).
     # With trip counts: 100 + 5 x (20 + 3 x 10) = 350.
-    assert compile_lib.loop_scale(_HLO_WITH_LOOPS) == pytest.approx(350 / 130)
+    assert hlo_cost.loop_scale(_HLO_WITH_LOOPS) == pytest.approx(350 / 130)
     unknown = _HLO_WITH_LOOPS.replace("direction=LT, metadata", "direction=NE, metadata")
-    assert compile_lib.loop_scale(unknown) is None      # a trip count it cannot read
-    assert compile_lib.loop_scale("HloModule m") is None
+    assert hlo_cost.loop_scale(unknown) is None      # a trip count it cannot read
+    assert hlo_cost.loop_scale("HloModule m") is None
     # Where the time goes, by source op, loops counted in full.
-    assert [(p["op"], p["share"]) for p in compile_lib.cost_profile(_HLO_WITH_LOOPS)] == [
+    assert [(p["op"], p["share"]) for p in hlo_cost.cost_profile(_HLO_WITH_LOOPS)] == [
         ("backward attn", pytest.approx(150 / 350)),
         ("forward embed", pytest.approx(100 / 350)),
         ("(no source op)", pytest.approx(100 / 350))]
     # The cost model's -1 s for the unpriced ConcatBitcast is taken back out.
-    assert compile_lib.cost_model_seconds(-0.9994, _HLO_WITH_LOOPS) == pytest.approx(0.0006)
-    assert compile_lib.cost_model_seconds(-1.5, _HLO_WITH_LOOPS) is None
-    assert compile_lib.cost_model_seconds(0.002, "HloModule m") == 0.002
+    assert hlo_cost.cost_model_seconds(-0.9994, _HLO_WITH_LOOPS) == pytest.approx(0.0006)
+    assert hlo_cost.cost_model_seconds(-1.5, _HLO_WITH_LOOPS) is None
+    assert hlo_cost.cost_model_seconds(0.002, "HloModule m") == 0.002
 
 
 def test_too_large_a_batch_does_not_fit(libtpu, tmp_path):

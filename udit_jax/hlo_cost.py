@@ -1,0 +1,183 @@
+"""What a compiled TPU program's text and cost analysis say: collectives, XLA's cost-model
+time (corrected), loops' trip counts and where the time goes.
+
+XLA's cost analysis of a TPU executable (`optimal_seconds`) counts every loop body once and
+prices a few ops it has no model for at -1 s. The optimised HLO text carries the TPU
+backend's own per-op cycle estimates (`estimated_cycles` in each instruction's backend
+config) and the loops' conditions, from which the loops' share is scaled to their trip counts.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
+                "ragged-all-to-all")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(.+?)\s+(" + "|".join(_COLLECTIVES)
+                          + r")(-start)?\(", re.MULTILINE)
+_ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+
+
+def _shape_bytes(shape_text: str) -> list[int]:
+    return [_DTYPE_BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d)
+            for dt, dims in _ARRAY.findall(shape_text)]
+
+
+def collectives(hlo_text: str) -> list[dict[str, Any]]:
+    """[{kind, count, bytes}] of the collectives in optimised HLO text, by kind.
+
+    bytes: their results per chip per call (all operands of a combined collective; the output
+    buffer of an async all-gather / collective-permute start, whose result also holds the input).
+    Collectives inside loops are counted once, as written.
+    """
+    totals: dict[str, list[int]] = {}
+    for shape_text, kind, start in _INSTRUCTION.findall(hlo_text):
+        sizes = _shape_bytes(shape_text)
+        if start and kind in ("all-gather", "collective-permute") and len(sizes) >= 2:
+            sizes = sizes[1:2]
+        entry = totals.setdefault(kind, [0, 0])
+        entry[0] += 1
+        entry[1] += sum(sizes)
+    return [{"kind": k, "count": c, "bytes": b} for k, (c, b) in sorted(totals.items())]
+
+
+def cost_analysis(compiled) -> dict[str, float]:
+    """XLA's cost analysis of a compiled program as one dict (flops, optimal_seconds, ...)."""
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+
+
+# XLA:TPU's cost model prices an op it has no model for at -1 s in `optimal_seconds`: the
+# ConcatBitcast custom call that joins asynchronously sliced copies of an array (a layout
+# no-op). Each one made whole U-DiT programs report a negative time.
+_UNPRICED = re.compile(r'custom_call_target="ConcatBitcast"')
+
+
+def cost_model_seconds(optimal_seconds: float | None, hlo_text: str) -> float | None:
+    """The cost model's time for a compiled program (loop bodies once), with the -1 s of
+    each unpriced op (`_UNPRICED`) taken back out; None when there is no positive estimate."""
+    if optimal_seconds is None:
+        return None
+    seconds = float(optimal_seconds) + len(_UNPRICED.findall(hlo_text))
+    return seconds if seconds > 0 else None
+
+
+# Optimised HLO text: computation headers, the TPU backend's per-op cycle estimate, loops.
+_HEADER = re.compile(r"^(ENTRY\s+)?%(\S+)\s.*\{\s*$")
+_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+_WHILE = re.compile(r"\swhile\(.*\bcondition=%([^\s,]+), body=%([^\s,]+)")
+_CALL = re.compile(r"\scall\(.*\bto_apply=%([^\s,]+)")
+_LOOP_TEST = re.compile(r"^\s*ROOT\s+%\S+\s*=\s*pred\[\]\S*\s+compare\(([^)]*)\).*direction=LT")
+_S32_CONSTANT = re.compile(r"^\s*%(\S+)\s*=\s*s32\[\]\S*\s+constant\((\d+)\)")
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+    """({computation name: its instruction lines}, the entry computation's name)."""
+    computations: dict[str, list[str]] = {}
+    entry = current = None
+    for line in hlo_text.splitlines():
+        if current is None:
+            if m := _HEADER.match(line):
+                current = m.group(2)
+                computations[current] = []
+                entry = current if m.group(1) else entry
+        elif line.startswith("}"):
+            current = None
+        else:
+            computations[current].append(line)
+    return computations, entry
+
+
+def _trip_count(condition: list[str]) -> int | None:
+    """N of a loop whose condition is `counter < N` with N a constant (lax.scan / fori_loop
+    counters start at 0); None for any other condition."""
+    constants = dict(m.groups() for m in map(_S32_CONSTANT.match, condition) if m)
+    for line in condition:
+        if m := _LOOP_TEST.match(line):
+            bounds = [int(constants[name]) for name in re.findall(r"%([^\s,]+)", m.group(1))
+                      if name in constants]
+            return bounds[0] if len(bounds) == 1 else None
+    return None
+
+
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_OP_SCAFFOLD = re.compile(r"^jit\([^)]*\)$|^(while|body|cond|branch_\d+_fun|closed_call|checkpoint|"
+                          r"rematted_computation|remat)$|\.<lambda>$|->")
+
+
+def _op_group(line: str) -> str:
+    """The model part an HLO instruction came from: "forward"/"backward" and the module path
+    ("backward encoder_level_1/attn1/to_qkv"), without the jit name, loop/remat scaffolding,
+    einsum specs and the primitive; ops outside the model keep their primitive
+    ("outside the model: add", the optimizer update and the loss)."""
+    m = _OP_NAME.search(line)
+    if not m:
+        return "(no source op)"
+    parts = [p for p in m.group(1).split("/") if not _OP_SCAFFOLD.search(p)]
+    if parts and parts[0].startswith(("jvp(", "transpose(jvp(")):
+        direction = "backward" if parts[0].startswith("transpose(") else "forward"
+        return " ".join([direction, "/".join(parts[1:-1]) or parts[-1]]) if len(parts) > 1 \
+            else direction
+    return "outside the model: " + ("/".join(parts) or m.group(1))
+
+
+def _cycles_by_op(hlo_text: str, trips: bool) -> dict[str, int] | None:
+    """The TPU backend's per-op cycle estimates summed by source op, from the entry
+    computation down through loops (each body times its trip count when `trips`, else once)
+    and calls; fused computations are priced at their fusion. None when a needed trip count
+    cannot be read or the program has no entry."""
+    computations, entry = _computations(hlo_text)
+    memo: dict[str, dict[str, int] | None] = {}
+
+    def walk(name: str) -> dict[str, int] | None:
+        if name not in memo:
+            totals: dict[str, int] = {}
+
+            def add(part: dict[str, int] | None, times: int) -> bool:
+                if part is None:
+                    return False
+                for op, cycles in part.items():
+                    totals[op] = totals.get(op, 0) + times * cycles
+                return True
+
+            ok = True
+            for line in computations.get(name, ()):
+                if m := _CYCLES.search(line):
+                    op = _op_group(line)
+                    totals[op] = totals.get(op, 0) + int(m.group(1))
+                if w := _WHILE.search(line):
+                    n = _trip_count(computations.get(w.group(1), [])) if trips else 1
+                    ok = n is not None and add(walk(w.group(2)), n) and add(walk(w.group(1)), n + 1)
+                elif c := _CALL.search(line):
+                    ok = add(walk(c.group(1)), 1)
+                if not ok:
+                    break
+            memo[name] = totals if ok else None
+        return memo[name]
+
+    return None if entry is None else walk(entry)
+
+
+def loop_scale(hlo_text: str) -> float | None:
+    """How much longer the program runs than XLA's cost analysis counts, which takes every
+    loop body once: (the TPU backend's per-op cycle estimates, summed with each loop body
+    times its trip count) / (the same with each body once). 1.0 without loops; None when a
+    loop's trip count cannot be read or the text has no cycle estimates (not a TPU program).
+    """
+    once, scaled = _cycles_by_op(hlo_text, False), _cycles_by_op(hlo_text, True)
+    if not once or scaled is None or not sum(once.values()):
+        return None
+    return sum(scaled.values()) / sum(once.values())
+
+
+def cost_profile(hlo_text: str, top: int = 12) -> list[dict[str, Any]]:
+    """Where the cost model's time goes: the `top` model parts (`_op_group`) by their share of
+    the TPU backend's cycle estimates over the whole call (loops times their trip counts)."""
+    cycles = _cycles_by_op(hlo_text, True) or {}
+    total = sum(cycles.values())
+    ranked = sorted(cycles.items(), key=lambda item: -item[1])[:top]
+    return [{"op": op, "share": c / total} for op, c in ranked] if total else []
