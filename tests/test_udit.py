@@ -165,6 +165,24 @@ def test_rope_table_matches_official(reduced):
             np.testing.assert_allclose(np.sin(angles), imag, atol=2e-6, err_msg=key)
 
 
+def test_rope_rotates_pairs_and_returns_them_deinterleaved():
+    """apply_rope is the official pairwise rotation (a complex multiply of each channel pair)
+    with the pairs' reals and imaginaries split into halves: the same permutation for queries
+    and keys, so the logits are the official ones."""
+    n, heads, hd = 16, 2, 8
+    angles = udit.rope2d_angles(n, hd)
+    q, k = (np.asarray(jax.random.normal(jax.random.key(i), (3, n, heads, hd))) for i in (0, 1))
+    rotate = lambda x: (x[..., 0::2] + 1j * x[..., 1::2]) * np.exp(1j * angles)[:, None, :]  # noqa: E731
+    interleaved = lambda z: np.stack([z.real, z.imag], axis=-1).reshape(z.shape[:-1] + (-1,))  # noqa: E731
+    order = np.r_[0:hd:2, 1:hd:2]
+    for x in (q, k):
+        np.testing.assert_allclose(udit.apply_rope(x, angles), interleaved(rotate(x))[..., order],
+                                   atol=1e-5)
+    logits = np.einsum("bqhd,bkhd->bhqk", udit.apply_rope(q, angles), udit.apply_rope(k, angles))
+    want = np.einsum("bqhd,bkhd->bhqk", interleaved(rotate(q)), interleaved(rotate(k)))
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- fusion
 def test_fused_ffn_tensors_match_official(reduced, fused):
     model_f, params_f = fused

@@ -111,13 +111,16 @@ _OP_SCAFFOLD = re.compile(r"^jit\([^)]*\)$|^(while|body|cond|branch_\d+_fun|clos
 
 def _op_group(line: str) -> str:
     """The model part an HLO instruction came from: "forward"/"backward" and the module path
-    ("backward encoder_level_1/attn1/to_qkv"), without the jit name, loop/remat scaffolding,
-    einsum specs and the primitive; ops outside the model keep their primitive
+    ("backward encoder_level_1/blocks_*/attn1/to_qkv"), without the jit name, loop/remat
+    scaffolding, einsum specs, block indices and the primitive; ops outside the model keep
+    their primitive
     ("outside the model: add", the optimizer update and the loss)."""
     m = _OP_NAME.search(line)
     if not m:
         return "(no source op)"
-    parts = [p for p in m.group(1).split("/") if not _OP_SCAFFOLD.search(p)]
+    # Repeated blocks (blocks_0, blocks_1, ...) count as one part.
+    parts = [re.sub(r"^blocks_\d+$", "blocks_*", p) for p in m.group(1).split("/")
+             if not _OP_SCAFFOLD.search(p)]
     if parts and parts[0].startswith(("jvp(", "transpose(jvp(")):
         direction = "backward" if parts[0].startswith("transpose(") else "forward"
         return " ".join([direction, "/".join(parts[1:-1]) or parts[-1]]) if len(parts) > 1 \

@@ -90,16 +90,20 @@ def rope2d_angles(num_tokens: int, head_dim: int, positions: np.ndarray | None =
 
 
 def apply_rope(x: jax.Array, angles: np.ndarray) -> jax.Array:
-    """Rotates adjacent channel pairs (2k, 2k+1) of x [..., N, heads, hd] by angles [N, hd/2].
+    """Rotates adjacent channel pairs (2k, 2k+1) of x [..., N, heads, hd] by angles [N, hd/2]
+    and returns them de-interleaved: [rotated 2k channels | rotated 2k+1 channels].
 
-    Runs in float32 (as upstream) and returns x's dtype.
+    The official code interleaves the pairs back; for attention logits the order does not
+    matter as long as queries and keys share it (dot products and norms are invariant under
+    one permutation of both), and two contiguous halves avoid an interleaving copy of every
+    query and key. Runs in float32 (as upstream) and returns x's dtype.
     """
     x32 = x.astype(jnp.float32)
     re, im = x32[..., 0::2], x32[..., 1::2]
     cos = jnp.asarray(np.cos(angles))[:, None, :]
     sin = jnp.asarray(np.sin(angles))[:, None, :]
-    out = jnp.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
-    return out.reshape(x.shape).astype(x.dtype)
+    out = jnp.concatenate([re * cos - im * sin, re * sin + im * cos], axis=-1)
+    return out.astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- attention
