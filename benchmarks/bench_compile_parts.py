@@ -121,12 +121,12 @@ def compile_part(name: str, module, b: int, side: int, d: int, device) -> dict:
     lowered = fn.lower(jax.tree.map(put, params), *map(put, args))
     lower_s = time.perf_counter() - t0
     compiled = lowered.compile()
-    cost = hlo_cost.cost_analysis(compiled)
-    seconds = hlo_cost.cost_model_seconds(cost.get("optimal_seconds"), compiled.as_text())
+    cost, text = hlo_cost.cost_analysis(compiled), compiled.as_text()
+    seconds = hlo_cost.cost_model_seconds(cost.get("optimal_seconds"), text)
     return {"part": name, "lower s": lower_s, "compile s": time.perf_counter() - t0 - lower_s,
             "CPU-s": time.process_time() - c0, "XLA GFLOP": cost.get("flops", 0) / 1e9,
             "est ms": 1e3 * seconds if seconds else None,
-            "HLO lines": len(compiled.as_text().splitlines())}
+            "HLO lines": len(text.splitlines())}
 
 
 def main():

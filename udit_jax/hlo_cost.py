@@ -9,6 +9,7 @@ config) and the loops' conditions, from which the loops' share is scaled to thei
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any
@@ -75,6 +76,7 @@ _LOOP_TEST = re.compile(r"^\s*ROOT\s+%\S+\s*=\s*pred\[\]\S*\s+compare\(([^)]*)\)
 _S32_CONSTANT = re.compile(r"^\s*%(\S+)\s*=\s*s32\[\]\S*\s+constant\((\d+)\)")
 
 
+@functools.lru_cache(maxsize=2)   # loop_scale and cost_profile read the same program
 def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
     """({computation name: its instruction lines}, the entry computation's name)."""
     computations: dict[str, list[str]] = {}

@@ -167,7 +167,8 @@ def depthwise_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
     Equal to lax.conv with feature_group_count=C, but XLA's CPU backend runs grouped
     convolutions (and their gradients) as slow generic loops; k*k fused multiply-adds
     vectorise over C. The gradient is written by hand: w.r.t. x it is the same sum with the
-    kernel flipped, w.r.t. the kernel a cache-blocked reduction (`_taps_kernel_grad`); left
+    kernel flipped, w.r.t. the kernel a cache-blocked reduction on CPUs (`_taps_kernel_grad`)
+    and the grouped convolution's kernel gradient elsewhere (`_grouped_kernel_grad`); left
     to autodiff, the backward pass keeps all k*k shifted copies of x, which on a CPU cost
     more than the rest of a U-DiT block.
     """
@@ -342,19 +343,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None,
     if scale is None:
         scale = q.shape[-1] ** -0.5
 
+    def contract(q, k, v, logits_spec, out_spec):
+        logits = jnp.einsum(logits_spec, q, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits * scale, axis=-1).astype(v.dtype)
+        return jnp.einsum(out_spec, weights, v)
+
     def heads_major(q, k, v):
         # XLA's CPU backend runs the [B, N, heads, hd] contraction as a generic loop, 5x
         # slower at U-DiT's first-stage shapes than its matmul library on heads-major copies.
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(logits * scale, axis=-1).astype(v.dtype)
-        return jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)
+        return contract(q, k, v, "bhqd,bhkd->bhqk", "bhqk,bhkd->bhqd").transpose(0, 2, 1, 3)
 
     def in_place(q, k, v):
         # TPU: the layout is XLA's to choose; explicit transposes cost copies (U-DiT-L's
         # attention at stage 1 on v5p: cost model 2.95 ms against 3.32 ms heads-major).
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(logits * scale, axis=-1).astype(v.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        return contract(q, k, v, "bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd")
 
     return jax.lax.platform_dependent(q, k, v, cpu=heads_major, default=in_place)
