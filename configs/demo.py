@@ -10,16 +10,17 @@ gradients, as slow generic loops (~70% of the old 1.5 s step; U-DiT now computes
 fused shifted multiply-adds), and full-resolution 32x32 stages with 16-32 channels waste the
 vector units. Patching 2x2 moves the work to 4x fewer positions with 4x wider channels.
 
-Costs (`python -m benchmarks.bench_demo`, CPU-s = user + sys, idle 2-core VM, this release):
-parameter init 16 CPU-s (10 s wall), train-step compile 32 CPU-s (21 s), one train step 0.36
-CPU-s (0.21 s) on two XLA devices (22.8 GFLOP per CPU-second; the old 16-wide full-resolution
-shape took 1.37 CPU-s at 7.5), an 80-image preview 5.9 CPU-s (+6 CPU-s sampler compile, once).
+Costs (`python -m benchmarks.bench_demo`, CPU-s = user + sys, idle 2-core VM, this release, four
+runs): parameter init 19 CPU-s (12 s wall), train-step compile 32-36 CPU-s (22-25 s), one train
+step 0.32-0.35 CPU-s (0.18-0.21 s) on two XLA devices (22-26 GFLOP per CPU-second; the old 16-wide
+full-resolution shape took 1.37 CPU-s at 7.5), an 80-image preview 5.1-6.1 CPU-s (+6 CPU-s
+sampler compile, once).
 
 Measured end to end (the README command verbatim, fresh clone and virtualenv, 2-core
-machine), this release with the quality classifier cached: 7 min 56 s of wall time, 10.2 min
-user + 2.6 min sys CPU (pip install included), train step compiled in 21 s, 1800 steps at
-4.5-5 steps/s, two 80-image previews. Last line: "done at step 1800; final samples recognised
-93.8% (worst: Shirt 75%), FD 18.47 (n=80 ...)". An earlier release on a truly fresh start
+machine), this release with the quality classifier cached: 7 min 59 s of wall time, 10.0 min
+user + 2.6 min sys CPU (pip install included), train step compiled in 25 s, 1800 steps at
+mostly 4.5-5.5 steps/s, two 80-image previews. Last line: "done at step 1800; final samples
+recognised 92.5% (worst: Coat 75%), FD 19.81 (n=80 ...)". An earlier release on a truly fresh start
 (classifier trained once, 62 s): 8 min 46 s.
 Quality (eval.quality: recognised by the project's Fashion-MNIST classifier, test accuracy
 89.4%; FD in its 64-d features; 1000 samples, 100 per class, drawn by --mode=sample from the
@@ -31,13 +32,13 @@ were measured under load 4-8 from other jobs; table measured with the previous r
     1800         804    17.3 min (shared)  -     / 94.7%     -    / 14.3   shirt 81%, pullover 82%
     1800         881    8.8 min (idle)     -     / 94.7%     -    / 14.3   (the same run: training is
                                                                              deterministic, same numbers)
-With --mode=evaluate (1000 samples of random classes): 92.6% / FD 16.9 at CFG 5 (worst:
-pullover 71%) with this release; 95.0% / 16.0 with the previous one (the runs differ by float
-rounding in RoPE's new channel order); 93.2% / 16.0 at CFG 5, 90.2% / 11.8 at CFG 3 with an
-earlier one.
+With --mode=evaluate (1000 samples of random classes): 94.4% / FD 16.1 at CFG 5 (worst:
+shirt 79%) with this release; 92.6% / 16.9 and 95.0% / 16.0 with the two before it (the runs
+differ by float rounding: the dense layers' CPU weight gradient, RoPE's channel order); 93.2% /
+16.0 at CFG 5, 90.2% / 11.8 at CFG 3 with an earlier one.
 The same budget with the transport objective: see README "Flow matching".
 
-The 80-sample training previews (cfg 5): 67.5% / FD 42.4 at step 900, 93.8% / FD 18.5 at 1800
+The 80-sample training previews (cfg 5): 68.8% / FD 40.7 at step 900, 92.5% / FD 19.8 at 1800
 (FD at n=80 is biased upwards; the 1000-sample numbers above are the ones to compare).
 
 EMA sample grids (one row per class: T-shirt, trouser, pullover, dress, coat, sandal, shirt,
