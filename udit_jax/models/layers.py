@@ -100,8 +100,10 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """nn.Dense's contraction (the last axis of the input with the kernel's first) as `matmul`."""
-    if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or preferred_element_type is not None:
+    """nn.Dense's contraction (the last axis of the input with the kernel's first) as `matmul`;
+    any other contraction, precision or output type goes to lax unchanged."""
+    if (dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or precision is not None
+            or preferred_element_type is not None):
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type)
     return matmul(lhs, rhs)
