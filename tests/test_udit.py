@@ -12,7 +12,7 @@ import flax.linen as nn
 from flax import traverse_util
 
 from conftest import FIXTURES, assert_close_rel, load_npz
-from udit_jax import convert, models
+from udit_jax import convert, hlo_cost, models
 from udit_jax.convert import common
 from udit_jax.models import layers, udit
 from udit_jax.models.udit import STAGES, fuse_ffn_params, pixel_shuffle, pixel_unshuffle
@@ -447,18 +447,10 @@ def _residual_chain_grad_hlo(n_blocks: int, dot) -> str:
 def _largest_transposing_fusion(hlo: str) -> int:
     """The most instructions in one fused computation that transposes or copies (changes
     the layout of) its result, in a compiled HLO text."""
-    sizes, n, transposes = [0], None, False
-    for line in hlo.splitlines():
-        if line.startswith("%fused_computation"):
-            n, transposes = 0, False
-        elif line.startswith("}"):
-            if n is not None and transposes:
-                sizes.append(n)
-            n = None
-        elif n is not None and "=" in line:
-            n += 1
-            transposes = transposes or re.search(r"\s(transpose|copy)\(", line) is not None
-    return max(sizes)
+    computations, _ = hlo_cost._computations(hlo)
+    return max([sum("=" in line for line in lines) for name, lines in computations.items()
+                if name.startswith("fused_computation")
+                and any(re.search(r"\s(transpose|copy)\(", line) for line in lines)] + [0])
 
 
 def test_matmul_values_gradients_and_lowering():
