@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -427,6 +428,50 @@ def _wait_for(proc, text: str, lines: list, timeout=600) -> None:
 
 
 _LONG_RUN = {"total_steps": 100_000, "checkpoint_every_steps": 100_000, "log_every_steps": 1}
+
+
+def test_a_rerun_loads_the_train_step_from_the_compilation_cache(tmp_path):
+    """The command line keeps compiled programs in compile.cache_dir (typed relative, as users
+    do): the first run writes the train step there, a second run of the same config loads it
+    (JAX reports the hit) and trains to the same losses."""
+    config_file = _write_config_file(tmp_path / "tiny.py", {
+        "total_steps": 3, "checkpoint_every_steps": 3, "log_every_steps": 1})
+    env = dict(_env(1, tmp_path / "unused"), JAX_LOG_COMPILES="1")
+    del env["JAX_COMPILATION_CACHE_DIR"]   # the config's directory, not the tests' shared one
+
+    def run(workdir: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "udit_jax.main", f"--config={config_file}",
+             f"--workdir={workdir}", "--config.compile.cache_dir=xla_cache"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, output[-6000:]
+        return output
+
+    hit = "Persistent compilation cache hit for 'jit_train_step'"
+    first = run("first")
+    assert hit not in first
+    assert any(p.name.startswith("jit_train_step-") for p in (tmp_path / "xla_cache").iterdir())
+    second = run("second")
+    assert hit in second, second[-3000:]
+    losses = lambda out: re.findall(r"step \d+/3 loss \S+", out)
+    assert len(losses(first)) == 2 and losses(first) == losses(second)   # steps 2 and 3
+
+
+def test_compilation_cache_off_or_unusable_leaves_jax_alone(tmp_path, caplog):
+    import jax
+    from udit_jax import main
+    config = make_config()
+    before = jax.config.jax_compilation_cache_dir
+    config.compile.cache = False
+    assert main.use_compilation_cache(config.compile) is None
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    config.compile.cache, config.compile.cache_dir = True, str(blocker / "xla")
+    with caplog.at_level("WARNING"):
+        assert main.use_compilation_cache(config.compile) is None
+    assert "compiling without a persistent cache: cannot create" in caplog.text
+    assert jax.config.jax_compilation_cache_dir == before
 
 
 def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path, cache_dir):

@@ -55,6 +55,7 @@ ON_MISMATCH = ("stop", "start_fresh", "load_params")
 RESUMABLE_FIELDS = (
     "total_steps", "log_every_steps", "checkpoint_every_steps", "sample_every_steps",
     "eval_every_steps", "batch_size", "checkpoint", "sample", "export", "eval", "mesh",
+    "compile",
     # The SD VAE is no part of the train state (the latent cache checks its own encoder).
     "model.dtype", "model.remat", "vae",
     "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.grad_clip_norm",

@@ -153,6 +153,13 @@ def base_config() -> ml_collections.ConfigDict:
     # Train step: also write DIR/compile/<topology>.executable; a training run with the same
     # --workdir on that topology loads it instead of compiling (udit_jax.executables).
     c.compile.save_executable = False
+    # Every other mode keeps XLA's compiled programs in JAX's persistent compilation cache and
+    # loads them when a later run compiles the same program (a restart, a resume, the next
+    # sampling job; the demo's train step on a 2-core CPU: 25 s of XLA compile -> 3 s). "" =
+    # $JAX_COMPILATION_CACHE_DIR if set, else <user cache>/xla (paths.user_cache_dir:
+    # $UDIT_JAX_CACHE, $XDG_CACHE_HOME/udit_jax or ~/.cache/udit_jax); or a gs:// directory.
+    c.compile.cache = True
+    c.compile.cache_dir = ""
 
     # FID / sFID / IS of EMA samples (udit_jax.evaluation): in the loop every eval_every_steps,
     # and for --mode=evaluate (of a sample .npz, or of the export's samples). Both sample

@@ -24,7 +24,7 @@ WORKDIR_ENTRIES = frozenset({"checkpoints", "config.json", "tensorboard", "sampl
 CONFIG_PATH_FIELDS = (
     "data.dir", "data.cache_dir", "vae.weights", "sample.export_dir", "sample.out_dir",
     "export.dir", "eval.reference_npz", "eval.inception_weights", "eval.sample_npz",
-    "eval.output_json", "eval.export_dir", "eval.write_reference_to",
+    "eval.output_json", "eval.export_dir", "eval.write_reference_to", "compile.cache_dir",
 )
 
 
@@ -40,6 +40,15 @@ def resolve(path: str | os.PathLike) -> str:
         scheme, rest = path.split("://", 1)
         return f"{scheme}://{rest.rstrip('/')}"
     return os.path.abspath(os.path.expanduser(path))
+
+
+def user_cache_dir() -> str:
+    """This user's cache of udit_jax (the quality classifier, compiled programs):
+    $UDIT_JAX_CACHE, else $XDG_CACHE_HOME/udit_jax, else ~/.cache/udit_jax."""
+    if os.environ.get("UDIT_JAX_CACHE"):
+        return resolve(os.environ["UDIT_JAX_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return resolve(os.path.join(base, "udit_jax"))
 
 
 def _nearest_existing(path: str) -> str:

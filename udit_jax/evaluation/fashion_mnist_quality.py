@@ -35,6 +35,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from udit_jax import paths
 from udit_jax.data.sources import FASHION_MNIST_CLASSES, FashionMnistSource
 from udit_jax.evaluation import metrics
 
@@ -56,13 +57,6 @@ class ClassifierCNN(nn.Module):
             x = nn.relu(nn.Conv(width, (3, 3), strides=2, padding="SAME")(x))
         features = nn.relu(nn.Dense(self.feature_dim)(x.reshape(x.shape[0], -1)))
         return nn.Dense(NUM_CLASSES)(features), features
-
-
-def default_cache_dir() -> pathlib.Path:
-    if os.environ.get("UDIT_JAX_CACHE"):
-        return pathlib.Path(os.environ["UDIT_JAX_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(base) / "udit_jax"
 
 
 def to_classifier_input(images: np.ndarray) -> np.ndarray:
@@ -282,13 +276,13 @@ def load_or_train_classifier(data_dir: str | None = None, cache_dir: str | os.Pa
                              seed: int = 0, model: ClassifierCNN | None = None,
                              recipe: dict | None = None) -> FashionMnistClassifier:
     """The classifier for the Fashion-MNIST files in data_dir (default: the Debian package's),
-    loaded from cache_dir (default_cache_dir()) or trained there once (a minute on a CPU)."""
+    loaded from cache_dir (default: paths.user_cache_dir()) or trained there once (a minute on a CPU)."""
     model = model or ClassifierCNN()
     recipe = dict(RECIPE, **(recipe or {}))
     train = FashionMnistSource(data_dir, split="train")
     test = FashionMnistSource(data_dir, split="test")
     fingerprint = _fingerprint(model, recipe, seed, train, test)
-    path = pathlib.Path(cache_dir or default_cache_dir()) / f"fashion_mnist_classifier-{fingerprint}.npz"
+    path = pathlib.Path(cache_dir or paths.user_cache_dir()) / f"fashion_mnist_classifier-{fingerprint}.npz"
     if path.exists():
         with np.load(path) as f:
             params = flax.traverse_util.unflatten_dict(
