@@ -460,16 +460,16 @@ def test_a_rerun_loads_the_train_step_from_the_compilation_cache(tmp_path):
 
 def test_compilation_cache_off_or_unusable_leaves_jax_alone(tmp_path, caplog):
     import jax
-    from udit_jax import main
+    from udit_jax import parallel
     config = make_config()
     before = jax.config.jax_compilation_cache_dir
     config.compile.cache = False
-    assert main.use_compilation_cache(config.compile) is None
+    assert parallel.use_compilation_cache(config.compile) is None
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     config.compile.cache, config.compile.cache_dir = True, str(blocker / "xla")
     with caplog.at_level("WARNING"):
-        assert main.use_compilation_cache(config.compile) is None
+        assert parallel.use_compilation_cache(config.compile) is None
     assert "compiling without a persistent cache: cannot create" in caplog.text
     assert jax.config.jax_compilation_cache_dir == before
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib
 import logging as py_logging
-import os
 import sys
 
 from absl import app, flags, logging
@@ -102,36 +101,8 @@ def run_mode(mode: str, config, workdir: str) -> None:
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  parallel.device_kind())
     if mode != "compile":   # --mode=compile reports what compiling costs: never from a cache
-        use_compilation_cache(config.compile)
+        parallel.use_compilation_cache(config.compile)
     mode_function(mode)(config, workdir)
-
-
-def use_compilation_cache(compile_config) -> str | None:
-    """Turns on JAX's persistent compilation cache for this process (before its first compile)
-    as compile.cache / compile.cache_dir say (and JAX_ENABLE_COMPILATION_CACHE=false lets
-    it be); returns the directory, None when off.
-
-    "" means $JAX_COMPILATION_CACHE_DIR when set, else <user cache>/xla. JAX writes entries
-    from process 0 only (a pod shares them through a gs:// directory) and only for programs
-    that took a second or more; an unreadable or unwritable entry is a warning and a
-    compile, never an error. A local directory that cannot be created turns the cache off
-    with one warning."""
-    import jax
-    if not (compile_config.cache and jax.config.jax_enable_compilation_cache):
-        return None
-    cache_dir = (compile_config.cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR")
-                 or os.path.join(paths.user_cache_dir(), "xla"))
-    if not paths.is_url(cache_dir):
-        try:
-            os.makedirs(cache_dir, exist_ok=True)
-        except OSError as e:
-            logging.warning("compiling without a persistent cache: cannot create %s (%s); set "
-                            "--config.compile.cache_dir=DIR, or --config.compile.cache=False",
-                            cache_dir, e.strerror or e)
-            return None
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    logging.info("XLA compilation cache: %s (--config.compile.cache=False turns it off)", cache_dir)
-    return cache_dir
 
 
 def parse_flags(argv: list[str]) -> list[str]:

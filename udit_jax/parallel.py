@@ -16,7 +16,10 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from udit_jax import paths
 
 DATA_AXES = ("data", "fsdp")   # mesh axes the batch is split over (when the mesh has them)
 
@@ -247,6 +250,33 @@ DEVICE_FACTS: dict[str, tuple[float, float | None]] = {
     "TPU v4": (275.0, 32.0), "TPU v5 lite": (197.0, 16.0), "TPU v5e": (197.0, 16.0),
     "TPU v5p": (459.0, 95.0), "TPU v5": (459.0, 95.0), "TPU v6 lite": (918.0, 32.0),
     "TPU v6e": (918.0, 32.0)}
+
+
+def use_compilation_cache(compile_config) -> str | None:
+    """Turns on JAX's persistent compilation cache for this process (before its first compile)
+    as compile.cache / compile.cache_dir say (and JAX_ENABLE_COMPILATION_CACHE=false lets
+    it be); returns the directory, None when off.
+
+    "" means $JAX_COMPILATION_CACHE_DIR when set, else <user cache>/xla. JAX writes entries
+    from process 0 only (a pod shares them through a gs:// directory) and only for programs
+    that took a second or more; an unreadable or unwritable entry is a warning and a
+    compile, never an error. A local directory that cannot be created turns the cache off
+    with one warning."""
+    if not (compile_config.cache and jax.config.jax_enable_compilation_cache):
+        return None
+    cache_dir = (compile_config.cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+                 or os.path.join(paths.user_cache_dir(), "xla"))
+    if not paths.is_url(cache_dir):
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+        except OSError as e:
+            logging.warning("compiling without a persistent cache: cannot create %s (%s); set "
+                            "--config.compile.cache_dir=DIR, or --config.compile.cache=False",
+                            cache_dir, e.strerror or e)
+            return None
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    logging.info("XLA compilation cache: %s (--config.compile.cache=False turns it off)", cache_dir)
+    return cache_dir
 
 
 def device_kind() -> str:
