@@ -188,24 +188,26 @@ def _taps_kernel_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
     K[i, j, c] collects sum_{b,h,w} xpad[b, h+i, w+j, c] * g[b, h, w, c]. Written plainly
     (k*k reductions of shifted slices), XLA's CPU backend copies every slice of the whole
     activation out of cache and the step spends most of its time there; here a scan walks
-    (image, block of rows) pieces small enough to stay in cache and reduces all taps of each.
+    blocks of two rows (of every image) small enough to stay in cache and reduces all taps of
+    each. Only rows are sliced, and images are summed after the scan: with the batch sharded
+    over devices, each device walks its own images and one all-reduce adds them (slicing
+    images made XLA gather the whole batch onto every device, which then repeated the work).
     """
     b, h, w, c = x.shape
     r = k // 2
-    rows = max(d for d in (1, 2, 4) if h % d == 0)
+    rows = 2 if h % 2 == 0 else 1
     xp = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)))
-    blocks = h // rows
 
-    def add_block(acc, index):
-        n, start = index // blocks, (index % blocks) * rows
-        xb = jax.lax.dynamic_slice(xp, (n, start, 0, 0), (1, rows + 2 * r, w + 2 * r, c))[0]
-        gb = jax.lax.dynamic_slice(g, (n, start, 0, 0), (1, rows, w, c))[0]
-        taps = [jnp.sum(xb[i:i + rows, j:j + w] * gb, axis=(0, 1), dtype=jnp.float32)
+    def add_block(acc, start):
+        xb = jax.lax.dynamic_slice_in_dim(xp, start, rows + 2 * r, axis=1)
+        gb = jax.lax.dynamic_slice_in_dim(g, start, rows, axis=1)
+        taps = [jnp.sum(xb[:, i:i + rows, j:j + w] * gb, axis=(1, 2), dtype=jnp.float32)
                 for i in range(k) for j in range(k)]
-        return acc + jnp.stack(taps), None
+        return acc + jnp.stack(taps, axis=1), None       # [B, k*k, C]
 
-    total, _ = jax.lax.scan(add_block, jnp.zeros((k * k, c), jnp.float32), jnp.arange(b * blocks))
-    return total.reshape(k, k, 1, c)
+    per_image, _ = jax.lax.scan(add_block, jnp.zeros((b, k * k, c), jnp.float32),
+                                jnp.arange(0, h, rows))
+    return per_image.sum(0).reshape(k, k, 1, c)
 
 
 @jax.custom_vjp
