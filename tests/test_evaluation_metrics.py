@@ -46,8 +46,11 @@ def test_statistics_and_frechet_distance(fid):
         terms = M.frechet_terms(a, b)
         assert terms["mean_term"].dtype == np.float32  # both means float32 -> float32 term
         np.testing.assert_allclose(terms["mean_term"], fid[f"{c}/mean_term"], rtol=1e-6)
-        for key in ("trace_a", "trace_b", "tr_covmean"):
+        for key in ("trace_a", "trace_b"):
             np.testing.assert_allclose(terms[key], fid[f"{c}/{key}"], rtol=1e-10, err_msg=key)
+        # sqrtm's iterations round differently with the host's BLAS kernels (3e-10 seen on
+        # an AVX2 host); still 1000x tighter than the FID check below.
+        np.testing.assert_allclose(terms["tr_covmean"], fid[f"{c}/tr_covmean"], rtol=1e-8)
         assert terms["fallback_used"] == bool(fid[f"{c}/fallback_used"])
         np.testing.assert_allclose(M.frechet_distance(a, b), fid[f"{c}/fid"], rtol=1e-5, err_msg=c)
         # And from the stored statistics.

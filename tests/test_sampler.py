@@ -39,6 +39,16 @@ TINY = {
 }
 
 
+def assert_same_images(got, want) -> None:
+    """uint8 images equal up to float rounding: a program of another batch shape or device
+    count may round a pixel's last level the other way on some hosts (1 pixel in 2112 on an
+    AVX2 host). Another seed, label or order changes most pixels by far more."""
+    got, want = np.asarray(got, np.int16), np.asarray(want, np.int16)
+    assert got.shape == want.shape
+    diff = np.abs(got - want)
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.01, (diff.max(), (diff > 0).mean())
+
+
 def make_config(overrides: dict | None = None):
     from udit_jax import config as config_lib
     config = config_lib.base_config()
@@ -89,8 +99,9 @@ def test_preview_in_loop_evaluation_and_sampling_job_draw_the_same_images(tmp_pa
         job_images, job_labels = f["arr_0"], f["arr_1"]
     np.testing.assert_array_equal(job_labels, [2, 2, 0, 0, 1, 1])
     assert job_images.std() > 10                     # not a degenerate image
-    np.testing.assert_array_equal(preview, sampler.make_grid(job_images, 2))
-    np.testing.assert_array_equal(preview, np.asarray(Image.open(job["grid"])))
+    job_grid = sampler.make_grid(job_images, 2)
+    assert_same_images(preview, job_grid)
+    np.testing.assert_array_equal(np.asarray(Image.open(job["grid"])), job_grid)
 
     # In-loop evaluation vs --mode=sample of as many random-class images with its seed.
     evaluation = in_training.InTrainingEvaluation(config, model, mesh)
@@ -100,7 +111,7 @@ def test_preview_in_loop_evaluation_and_sampling_job_draw_the_same_images(tmp_pa
         "sample.seed": 4}), str(tmp_path))
     with np.load(job["npz"]) as f:
         np.testing.assert_array_equal(f["arr_1"], sampler.random_labels(4, 11, 3))
-        np.testing.assert_array_equal(in_loop, f["arr_0"])
+        assert_same_images(in_loop, f["arr_0"])
 
     # The guidance and the seed reach the images (a saturated pixel can stay the same).
     for changed, fraction in (({"sample.cfg_scale": 1.0}, 0.1), ({"sample.seed": 8}, 0.5)):
@@ -127,7 +138,7 @@ def test_in_loop_evaluation_samples_each_image_once_on_8_devices():
     assert out["program_batch"] == [1]
     sampled = sorted(i for b in out["images_per_batch"] for i in b if i is not None)
     assert sampled == list(range(11))                # each image once, none missing
-    np.testing.assert_array_equal(np.asarray(out["images"], np.uint8), one_device)
+    assert_same_images(np.asarray(out["images"], np.uint8), one_device)
 
 
 def _run_two_processes(score: dict | None) -> list[dict]:
@@ -161,7 +172,7 @@ def _check_sharded_once(reports: list[dict], one_device: np.ndarray) -> None:
                      if i is not None)
     assert sampled == list(range(11))
     for r in reports:
-        np.testing.assert_array_equal(np.asarray(r["images"], np.uint8), one_device)
+        assert_same_images(np.asarray(r["images"], np.uint8), one_device)
 
 
 def test_in_loop_evaluation_samples_each_image_once_with_2_processes():

@@ -248,6 +248,28 @@ def test_corrupted_latest_checkpoint_falls_back(single_device_runs):
     assert not (workdir / "checkpoints" / "6").exists()
 
 
+def test_initial_state_does_not_depend_on_its_compile_options():
+    """train.init_state compiles its one-off program with XLA:CPU's cheapest backend
+    optimisation: the state equals the same program compiled with the defaults (up to
+    rounding), EMA = params, zero moments, step 0."""
+    import flax.linen as nn
+    import jax
+    from udit_jax import train
+    config = make_config()
+    trainer = train.make_trainer(config)
+    got = trainer.init_state()
+    want = jax.jit(lambda: nn.unbox(train._init_state_boxed(trainer.model, trainer.tx,
+                                                           config.seed)))()
+    got_flat, want_flat = flat_state(got), flat_state(want)
+    assert got_flat.keys() == want_flat.keys()
+    for k in want_flat:
+        np.testing.assert_allclose(got_flat[k], want_flat[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    assert_identical(flat_state(got.params), flat_state(got.ema_params), "EMA starts at params")
+    assert int(got.step) == 0
+    moments = [leaf for leaf in jax.tree.leaves(got.opt_state) if np.ndim(leaf) > 0]
+    assert moments and not any(np.asarray(m).any() for m in moments)
+
+
 def test_bfloat16_compute_keeps_float32_state(tmp_path):
     from udit_jax import train
     config = make_config({"model.dtype": "bfloat16", "model.remat": True, "total_steps": 2,

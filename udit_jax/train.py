@@ -143,7 +143,10 @@ def state_shardings(model, tx, seed: int, mesh, rules) -> tuple[TrainState, Trai
 
 def init_state(model, tx, seed: int, shardings: TrainState) -> TrainState:
     init = jax.jit(lambda: nn.unbox(_init_state_boxed(model, tx, seed)), out_shardings=shardings)
-    return init()
+    # The program runs once. On CPUs XLA's cheapest backend optimisation compiles it about 3x
+    # faster (the demo: ~10 s less before the first step) and it still runs in under a second.
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    return init.lower().compile(compiler_options=options)()
 
 
 def abstract_state_on_mesh(config, model, tx, mesh) -> TrainState:
