@@ -10,18 +10,21 @@ gradients, as slow generic loops (~70% of the old 1.5 s step; U-DiT now computes
 fused shifted multiply-adds), and full-resolution 32x32 stages with 16-32 channels waste the
 vector units. Patching 2x2 moves the work to 4x fewer positions with 4x wider channels.
 
-Costs (`python -m benchmarks.bench_demo`, CPU-s = user + sys, idle 2-core VM, this release, four
-runs): parameter init 19 CPU-s (12 s wall), train-step compile 32-36 CPU-s (22-25 s), one train
-step 0.32-0.35 CPU-s (0.18-0.21 s) on two XLA devices (22-26 GFLOP per CPU-second; the old 16-wide
-full-resolution shape took 1.37 CPU-s at 7.5), an 80-image preview 5.1-6.1 CPU-s (+6 CPU-s
-sampler compile, once).
+Costs (`python -m benchmarks.bench_demo`, CPU-s = user + sys, idle 2-core AVX-512 VM, the
+previous release, four runs): parameter init 19 CPU-s (12 s wall), train-step compile 32-36
+CPU-s (22-25 s), one train step 0.32-0.35 CPU-s (0.18-0.21 s) on two XLA devices (22-26 GFLOP
+per CPU-second; the old 16-wide full-resolution shape took 1.37 CPU-s at 7.5), an 80-image
+preview 5.1-6.1 CPU-s (+6 CPU-s sampler compile, once).
 
 Measured end to end (the README command verbatim, fresh clone and virtualenv, 2-core
-machine), this release with the quality classifier cached: 7 min 59 s of wall time, 10.0 min
-user + 2.6 min sys CPU (pip install included), train step compiled in 25 s, 1800 steps at
-mostly 4.5-5.5 steps/s, two 80-image previews. Last line: "done at step 1800; final samples
-recognised 92.5% (worst: Coat 75%), FD 19.81 (n=80 ...)". An earlier release on a truly fresh start
-(classifier trained once, 62 s): 8 min 46 s.
+machine), the previous release with the quality classifier cached, on an AVX-512 VM: 7 min 59 s
+of wall time, 10.0 min user + 2.6 min sys CPU (pip install included), train step compiled in
+25 s, 1800 steps at mostly 4.5-5.5 steps/s, two 80-image previews. On a slower AVX2-only VM from
+a truly fresh start: 12 min 15 s (previous release: classifier 93 s) and 13 min 4 s (this
+release, classifier 36 s, while the VM ran ~25% slower: 2.9-3.3 steps/s); README, "The demo".
+Last line of the previous release's run: "done at step 1800; final samples recognised 92.5%
+(worst: Coat 75%), FD 19.81 (n=80 ...)". An earlier release on a truly fresh start (classifier
+trained once, 62 s): 8 min 46 s.
 Quality (eval.quality: recognised by the project's Fashion-MNIST classifier, test accuracy
 89.4%; FD in its 64-d features; 1000 samples, 100 per class, drawn by --mode=sample from the
 export with DPM-Solver++ 25 steps; the CPU-s and shared-VM wall times of the first two rows
@@ -32,9 +35,10 @@ were measured under load 4-8 from other jobs; table measured with the previous r
     1800         804    17.3 min (shared)  -     / 94.7%     -    / 14.3   shirt 81%, pullover 82%
     1800         881    8.8 min (idle)     -     / 94.7%     -    / 14.3   (the same run: training is
                                                                              deterministic, same numbers)
-With --mode=evaluate (1000 samples of random classes): 94.4% / FD 16.1 at CFG 5 (worst:
-shirt 79%) with this release; 92.6% / 16.9 and 95.0% / 16.0 with the two before it (the runs
-differ by float rounding: the dense layers' CPU weight gradient, RoPE's channel order); 93.2% /
+With --mode=evaluate (1000 samples of random classes): 94.1% / FD 16.1 at CFG 5 (worst:
+shirt 78%) with this release; 94.4% / 16.1, 92.6% / 16.9 and 95.0% / 16.0 with the three
+before it (the runs differ by float rounding: the depthwise and dense layers' CPU weight
+gradients, RoPE's channel order, the host's vector width); 93.2% /
 16.0 at CFG 5, 90.2% / 11.8 at CFG 3 with an earlier one.
 The same budget with the transport objective: see README "Flow matching".
 
@@ -87,7 +91,7 @@ def get_config():
     config.sample.sampler = "dpm"         # DPM-Solver++(2M): 25 steps, cheap on a CPU
     config.sample.steps = "25"
     config.sample.cfg_scale = 5.0         # 85.6% recognised against 78.9% at 3.0 (1200 steps)
-    # Sample quality with the project's Fashion-MNIST classifier (trained once, ~2 CPU-minutes,
+    # Sample quality with the project's Fashion-MNIST classifier (trained once, ~40 s on 2 cores,
     # cached): recognised % and FD logged with each preview; --mode=evaluate scores 1000
     # samples of the export.
     config.eval.quality = "fashion_mnist"
