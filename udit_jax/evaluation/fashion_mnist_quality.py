@@ -11,10 +11,11 @@ classifier's own test accuracy is reported beside it, so the recognised fraction
 something (a real test image is recognised as often as the classifier is right).
 
 The classifier (two strided 3x3 convolutions and two dense layers, 0.1M params; three epochs
-of AdamW) trains in well under a minute on 2 cores (36 s). Training is deterministic for a given data set,
-architecture, recipe and seed; the result (params, test accuracy, test feature statistics)
-is cached under $UDIT_JAX_CACHE, else $XDG_CACHE_HOME/udit_jax, else ~/.cache/udit_jax, in a
-file named by a fingerprint of all four, so it is trained once per machine.
+of AdamW) trains in well under a minute on 2 cores (36 s). Training is deterministic for a
+given data set, architecture, recipe and seed; the result (params, test accuracy, test feature
+statistics) is cached under $UDIT_JAX_CACHE, else $XDG_CACHE_HOME/udit_jax, else
+~/.cache/udit_jax, in a file named by a fingerprint of all four, so it is trained once per
+machine.
 """
 
 from __future__ import annotations
@@ -276,7 +277,8 @@ def load_or_train_classifier(data_dir: str | None = None, cache_dir: str | os.Pa
                              seed: int = 0, model: ClassifierCNN | None = None,
                              recipe: dict | None = None) -> FashionMnistClassifier:
     """The classifier for the Fashion-MNIST files in data_dir (default: the Debian package's),
-    loaded from cache_dir (default: paths.user_cache_dir()) or trained there once (under a minute on a CPU)."""
+    loaded from cache_dir (default: paths.user_cache_dir()) or trained there once (under a
+    minute on a CPU)."""
     model = model or ClassifierCNN()
     recipe = dict(RECIPE, **(recipe or {}))
     train = FashionMnistSource(data_dir, split="train")
