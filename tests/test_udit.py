@@ -2,7 +2,10 @@
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -426,7 +429,7 @@ def test_depthwise_conv_lowers_per_platform():
 
 
 _SHARDED_DEPTHWISE_GRAD = """
-import json, sys
+import json
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from udit_jax import hlo_cost
@@ -448,9 +451,6 @@ def test_depthwise_kernel_gradient_keeps_the_batch_sharded():
     need one all-reduce (the kernel gradient's sum over images) and equal the one-device ones.
     Guards the CPU kernel gradient's scan: slicing it by image made XLA gather the whole
     batch onto every device, which then repeated the other's work (the demo's train step)."""
-    import os
-    import subprocess
-    import sys
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
     out = subprocess.run([sys.executable, "-c", _SHARDED_DEPTHWISE_GRAD], env=env,
                          capture_output=True, text=True, timeout=300)
