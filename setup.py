@@ -30,7 +30,7 @@ setup(
         "scipy>=1.10",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
         # Only for reading official `.pt` checkpoints; never needed at run time otherwise.
         "torch": ["torch>=2.1"],
         # --mode=compile: the TPU compiler (libtpu) for the jax we are tested with; compiles for

@@ -10,6 +10,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # tests, re-runs) reuse executables. Environment variables so subprocesses inherit them.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "udit_jax_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+# Tests compile hundreds of small programs and run each a few times: LLVM's optimisations of
+# XLA:CPU's kernels cost more than they save (on a 2-core VM, test_evaluation_pipeline.py with
+# test_udit_scan.py: 162 s at level 0, 178 s at 1, 186 s at the default 2). HLO passes and
+# sharding are unchanged, and dots and convolutions stay library calls.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAGS) if f)
+
+
+def xla_flags(*flags: str) -> str:
+    """XLA_FLAGS for a test's subprocess: `flags` plus the tests' own (TEST_XLA_FLAGS)."""
+    return " ".join((*flags, TEST_XLA_FLAGS))
+
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

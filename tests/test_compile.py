@@ -69,9 +69,12 @@ def libtpu():
     pytest.importorskip("libtpu", reason="needs the [tpu] extra (pip install -e '.[tpu]')")
 
 
-@pytest.mark.parametrize("family", ["U-DiT", "DiT"])
-@pytest.mark.parametrize("topology, chips, kind", [("v5e:2x2", 4, "TPU v5 lite"),
-                                                   ("v4:2x2x1", 4, "TPU v4")])
+# Each family and each topology once in CI (a tiny U-DiT takes a minute to compile for a TPU
+# on a 2-core CI machine); the fourth pairing with -m slow.
+@pytest.mark.parametrize("family, topology, chips, kind", [
+    ("U-DiT", "v5e:2x2", 4, "TPU v5 lite"), ("DiT", "v5e:2x2", 4, "TPU v5 lite"),
+    ("DiT", "v4:2x2x1", 4, "TPU v4"),
+    pytest.param("U-DiT", "v4:2x2x1", 4, "TPU v4", marks=pytest.mark.slow)])
 def test_tiny_models_compile_with_a_full_report(libtpu, family, topology, chips, kind, tmp_path):
     report = compile_lib.compile_from_config(tiny_config(family, topology), str(tmp_path))
     assert set(REQUIRED) <= set(report)
@@ -100,6 +103,7 @@ def test_tiny_models_compile_with_a_full_report(libtpu, family, topology, chips,
     assert 2 * n_params <= reduced <= 8 * n_params
 
 
+@pytest.mark.slow   # a minute of TPU compile on 2 cores; loop_scale itself: test_loop_scale_*
 def test_scanned_stages_are_estimated_with_their_trip_counts(libtpu, tmp_path):
     """XLA counts a scanned stage's body once; the report scales the cost model's time by the
     loops' trip counts (loop_scale) and then gives img/s and MFU for the whole step."""

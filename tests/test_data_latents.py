@@ -18,6 +18,7 @@ from PIL import Image
 
 from udit_jax.data import latents
 from udit_jax.data.sources import ClassFolderSource
+from conftest import xla_flags
 
 IMAGE_SIZE = 16
 SMALL_VAE = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=IMAGE_SIZE)
@@ -247,7 +248,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"))
     env["PYTHONPATH"] = os.pathsep.join([str(pathlib.Path(__file__).resolve().parents[1]),
                                          env.get("PYTHONPATH", "")])
     return env

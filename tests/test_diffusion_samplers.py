@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_close_rel
+from conftest import assert_close_rel, xla_flags
 from udit_jax import diffusion
 
 # Independent reference for the original 1000-step linear schedule.
@@ -264,7 +264,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_batch_matches_unsharded():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu")
     root = pathlib.Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, cwd=root,
                             capture_output=True, text=True, timeout=300)

@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, REPO_ROOT, assert_close_rel, load_npz
+from conftest import FIXTURES, REPO_ROOT, assert_close_rel, load_npz, xla_flags
 from udit_jax.evaluation import metrics as M
 from udit_jax.evaluation import reference as R
 from udit_jax.evaluation.evaluate import Evaluator, evaluate_npz, evaluate_from_config
@@ -189,7 +189,7 @@ def test_features_sharded_over_eight_devices(io, sizes):
             assert err <= {REL}, (key, err)
         print("OK", out.pool3.shape)
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
                JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=600)

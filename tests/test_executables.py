@@ -86,7 +86,10 @@ def test_a_stale_executable_is_not_used_and_the_log_says_why(tmp_path, caplog, p
     assert_identical(state, plain_runs[1e-3], "compiled after refusing a stale executable")
 
 
-@pytest.mark.parametrize("damage", ["payload", "description", "versions"])
+# Each case compiles the train step again (20 s on a 2-core CI machine): the truncated
+# payload in CI, the other two with -m slow.
+@pytest.mark.parametrize("damage", ["payload", pytest.param("description", marks=pytest.mark.slow),
+                                    pytest.param("versions", marks=pytest.mark.slow)])
 def test_a_damaged_or_foreign_executable_means_compiling(tmp_path, caplog, plain_runs, damage):
     path = save_step(None, tmp_path / "compile" / "cpu.executable")
     described = path.with_name("cpu.executable.json")

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 UDIT = dict(hidden_size=16, depth=(1, 1, 1, 1, 1), num_heads=2, mlp_ratio=2, down_factor=2,
@@ -75,7 +76,7 @@ def test_images_identical_on_1_and_8_devices(pixel_export, grid_job, tmp_path):
     out8 = tmp_path / "grid8"
     job = {"export_dir": str(pixel_export[0]), "out_dir": str(out8), **GRID_JOB}
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
                JAX_DEFAULT_MATMUL_PRECISION="highest")
     proc = subprocess.run([sys.executable, __file__, json.dumps(job)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -101,7 +102,7 @@ def test_two_processes_write_their_own_parts(pixel_export, grid_job, tmp_path):
     out = tmp_path / "grid2x2"
     coordinator = f"127.0.0.1:{_free_port()}"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"),
                JAX_DEFAULT_MATMUL_PRECISION="highest")
     procs = [subprocess.Popen(
         [sys.executable, __file__, json.dumps({

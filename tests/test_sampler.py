@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = {
@@ -119,6 +120,7 @@ def test_preview_in_loop_evaluation_and_sampling_job_draw_the_same_images(tmp_pa
         assert (other != preview).mean() > fraction, changed
 
 
+@pytest.mark.slow   # the 2-process test below covers it (2 hosts x 4 devices) in CI
 def test_in_loop_evaluation_samples_each_image_once_on_8_devices():
     config = make_config()
     from udit_jax import config as config_lib
@@ -127,7 +129,7 @@ def test_in_loop_evaluation_samples_each_image_once_on_8_devices():
     one_device = np.concatenate(list(in_training.InTrainingEvaluation(
         config, model, config_lib.make_mesh(config)).images(params)))
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
                JAX_DEFAULT_MATMUL_PRECISION="highest")
     proc = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -147,7 +149,7 @@ def _run_two_processes(score: dict | None) -> list[dict]:
     from test_train import _free_port
     coordinator = f"127.0.0.1:{_free_port()}"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"),
                JAX_DEFAULT_MATMUL_PRECISION="highest")
     procs = [subprocess.Popen(
         [sys.executable, __file__, json.dumps({"coordinator": coordinator, "process_id": pid,

@@ -21,6 +21,7 @@ import time
 import numpy as np
 import pytest
 from udit_jax import config as config_lib
+from conftest import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -144,7 +145,7 @@ def _worker(job: dict) -> None:
 
 def _env(devices: int, cache_dir: pathlib.Path) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"),
                JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")

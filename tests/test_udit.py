@@ -14,7 +14,7 @@ import pytest
 import flax.linen as nn
 from flax import traverse_util
 
-from conftest import FIXTURES, assert_close_rel, load_npz
+from conftest import FIXTURES, assert_close_rel, load_npz, xla_flags
 from udit_jax import convert, hlo_cost, models
 from udit_jax.convert import common
 from udit_jax.models import layers, udit
@@ -239,14 +239,16 @@ def test_full_config_keys_shapes_and_counts(name):
     assert info["params_fused"] == official["param_count_inference_fused"]
     assert info["gmacs"] == pytest.approx(official["gmacs_torchprofile_train_form"], abs=1e-5)
     assert info["gmacs_fused"] == pytest.approx(official["gmacs_torchprofile_eval_fused"], abs=1e-5)
+    # The paper's table (params in inference form, "GFLOPs" = fused GMACs).
+    params_fused, gflops = PAPER_NUMBERS[name]
+    assert (info["params_fused"], round(info["gmacs_fused"], 2)) == (params_fused, gflops)
 
 
-def test_paper_numbers():
-    expected = {"U-DiT-S": (52_045_240, 6.04), "U-DiT-B": (204_425_064, 22.22), "U-DiT-L": (810_188_488, 85.00)}
-    for name, (params_fused, gflops) in expected.items():
-        info = models.model_info(name)
-        assert info["params_fused"] == params_fused
-        assert round(info["gmacs_fused"], 2) == gflops
+PAPER_NUMBERS = {"U-DiT-S": (52_045_240, 6.04), "U-DiT-B": (204_425_064, 22.22),
+                 "U-DiT-L": (810_188_488, 85.00)}
+
+
+def test_paper_numbers_at_512():
     assert round(models.model_info("U-DiT-B", input_size=64)["gmacs_fused"], 1) == 106.7
 
 
@@ -451,7 +453,7 @@ def test_depthwise_kernel_gradient_keeps_the_batch_sharded():
     need one all-reduce (the kernel gradient's sum over images) and equal the one-device ones.
     Guards the CPU kernel gradient's scan: slicing it by image made XLA gather the whole
     batch onto every device, which then repeated the other's work (the demo's train step)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"))
     out = subprocess.run([sys.executable, "-c", _SHARDED_DEPTHWISE_GRAD], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

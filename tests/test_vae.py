@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, REPO_ROOT, assert_close_rel, load_npz
+from conftest import FIXTURES, REPO_ROOT, assert_close_rel, load_npz, xla_flags
 from udit_jax import convert, models
 from udit_jax.convert.common import ConversionError, check_state_dict
 from udit_jax.convert.vae import (diffusers_state_dict, load_vae_params, vae_params_to_torch,
@@ -386,7 +386,7 @@ print("RESULT" + json.dumps(result))
 
 
 def test_sharded_encode_decode_on_8_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, str(FIXTURES)], env=env,
                           capture_output=True, text=True, timeout=600)
