@@ -54,3 +54,12 @@ def assert_close_rel(actual, expected, rel=1e-5, what=""):
     err = np.max(np.abs(actual - expected)) if expected.size else 0.0
     scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
     assert err <= rel * scale, f"{what}: max abs err {err:.3g} > {rel:g} * {scale:.3g}"
+
+
+def random_params(model, seed: int = 0, std: float = 0.05) -> dict:
+    """Random N(0, std) params of the model's shapes, drawn with numpy (no XLA init compile)."""
+    from flax import linen as nn
+    from udit_jax.models import info
+    rng = np.random.default_rng(seed)
+    shapes = nn.unbox(info.abstract_params(model))
+    return jax.tree_util.tree_map(lambda s: jax.numpy.asarray(rng.normal(0, std, s.shape), np.float32), shapes)

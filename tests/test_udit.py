@@ -14,7 +14,7 @@ import pytest
 import flax.linen as nn
 from flax import traverse_util
 
-from conftest import FIXTURES, assert_close_rel, load_npz, xla_flags
+from conftest import FIXTURES, assert_close_rel, load_npz, random_params, xla_flags
 from udit_jax import convert, hlo_cost, models
 from udit_jax.convert import common
 from udit_jax.models import layers, udit
@@ -300,17 +300,10 @@ X = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
 T, Y = jnp.array([3, 900]), jnp.array([0, 4])
 
 
-def _random_params(model, seed=0, std=0.05):
-    """Random params of the model's shapes, drawn with numpy (no XLA init compile)."""
-    rng = np.random.default_rng(seed)
-    shapes = nn.unbox(models.info.abstract_params(model))
-    return jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(0, std, s.shape), jnp.float32), shapes)
-
-
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variants_run_and_differ_from_official(variant):
     model = models.build_model("U-DiT", **TINY, **VARIANTS[variant])
-    params = _random_params(model)
+    params = random_params(model)
     out = np.asarray(run(model, params, X, T, Y))
     assert out.shape == (2, 8, 8, 6) and np.isfinite(out).all()
     assert np.abs(out).max() > 1e-3
@@ -352,7 +345,7 @@ def _check_init_rules(flat):
 
 def test_down_factor_one_equals_full_attention():
     base = models.build_model("U-DiT", **TINY, **OFFICIAL)
-    params = _random_params(base)
+    params = random_params(base)
     a = run(base.clone(down_factor=1), params, X, T, Y)
     b = run(base.clone(attn_downsample="none"), params, X, T, Y)
     np.testing.assert_allclose(a, b, atol=1e-6)
@@ -365,7 +358,7 @@ def test_patch_size_runs_the_network_on_unshuffled_patches():
     # pixel-shuffle, with the same parameters.
     patched = models.build_model("U-DiT", **{**TINY, "input_size": 16}, **OFFICIAL, patch_size=2)
     inner = models.build_model("U-DiT", **{**TINY, "in_channels": 12}, **OFFICIAL)
-    params = _random_params(patched)
+    params = random_params(patched)
     x = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
     out = run(patched, params, x, T, Y)
     want = pixel_shuffle(run(inner, params, pixel_unshuffle(x), T, Y), 2)
@@ -540,7 +533,7 @@ def test_attention_lowers_per_platform():
 
 def test_fused_equals_unfused_on_random_weights():
     model = models.build_model("U-DiT", **TINY, **OFFICIAL)
-    params = _random_params(model)
+    params = random_params(model)
     a = run(model, params, X, T, Y)
     b = run(model.inference_form(), fuse_ffn_params(params), X, T, Y)
     assert_close_rel(b, a, 1e-5, "fused vs unfused")
@@ -555,7 +548,7 @@ def test_remat_and_bfloat16():
     g2 = jax.jit(jax.grad(loss(nn.remat(udit.UDiTBlock))))(params)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g2)
     model = models.build_model("U-DiT", **{**TINY, "depth": (1, 0, 0, 0, 1)}, **OFFICIAL)
-    params = _random_params(model)
+    params = random_params(model)
     ref = run(model, params, X, T, Y)
     out = run(model.clone(dtype=jnp.bfloat16), params, X, T, Y)
     assert out.dtype == jnp.float32
@@ -576,7 +569,7 @@ def _random_params_of(module, *args, seed=0):
 
 def test_label_dropout_draws_independent_masks_per_stage():
     model = models.build_model("U-DiT", **{**TINY, "depth": (0, 0, 0, 0, 0)}, **OFFICIAL, class_dropout_prob=0.5)
-    params = _random_params(model)
+    params = random_params(model)
     n = 256
     x = jnp.zeros((n, 8, 8, 3))
     t, y = jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.int32)
@@ -608,7 +601,7 @@ def test_logical_axes_on_every_param():
 # ----------------------------------------------------------------------------- bad input
 def test_bad_inputs_raise_clear_errors():
     model = models.build_model("U-DiT", **TINY, **OFFICIAL)
-    params = _random_params(model)
+    params = random_params(model)
     t, y = jnp.array([1, 2]), jnp.array([0, 1])
     with pytest.raises(ValueError, match=r"\[B, 8, 8, 3\]"):
         model.apply({"params": params}, jnp.zeros((2, 16, 16, 3)), t, y)
@@ -626,7 +619,7 @@ def test_bad_inputs_raise_clear_errors():
         models.build_model("U-DiT-S", num_blocks=2)
     no_null = model.clone(class_dropout_prob=0.0)
     with pytest.raises(ValueError, match="needs a null class"):
-        no_null.apply({"params": _random_params(no_null)}, jnp.zeros((2, 8, 8, 3)), t, y, 2.0,
+        no_null.apply({"params": random_params(no_null)}, jnp.zeros((2, 8, 8, 3)), t, y, 2.0,
                       method="forward_with_cfg")
 
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import random_params
 from udit_jax import convert
 from udit_jax.models import build_model, info
 from udit_jax.models.udit import fuse_ffn_params, stack_blocks, unstack_blocks
@@ -21,11 +22,8 @@ KWARGS = dict(input_size=8, in_channels=4, hidden_size=8, depth=DEPTH, num_heads
 def models_and_params():
     unrolled = build_model("U-DiT", **KWARGS)
     scanned = build_model("U-DiT", **KWARGS, scan_blocks=True)
-    # Random weights of the model's shapes, drawn with numpy (no XLA init compile): non-zero
-    # adaLN/final weights, so every block changes the output.
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.05, s.shape), jnp.float32),
-                          nn.unbox(info.abstract_params(unrolled)))
+    # Non-zero adaLN/final weights, so every block changes the output.
+    params = random_params(unrolled)
     return unrolled, scanned, params
 
 
