@@ -76,21 +76,28 @@ def get_config():
     # CPU-seconds per step than one device with intra-op threads; read on CPU hosts only).
     config.mesh.cpu_devices = 2
     config.batch_size = 32
-    config.total_steps = 1800
-    config.optimizer.learning_rate = 2e-3
+    # 1200 steps reach what 1800 did with uniform t and equal weights (table above): noise
+    # levels drawn logit-normal (the middle of the schedule, where the class is decided) and
+    # the mse term weighted min(SNR, 5) / SNR, so the nearly clean steps stop dominating.
+    config.total_steps = 1200
+    config.timestep_sampling.kind = "logit_normal"
+    config.loss_weighting.kind = "min_snr"
+    config.loss_weighting.gamma = 5.0
+    config.optimizer.learning_rate = 3e-3
     config.optimizer.warmup_steps = 100
     config.optimizer.grad_clip_norm = 1.0
-    config.optimizer.ema_decay = 0.995    # a short run: average over the last ~200 steps
+    config.optimizer.ema_decay = 0.99     # a short run: average over the last ~100 steps
     config.log_every_steps = 50
-    config.checkpoint_every_steps = 900
+    config.checkpoint_every_steps = 600
     config.checkpoint.keep = 2
     config.checkpoint.keep_every = 0
-    config.sample_every_steps = 900
+    config.sample_every_steps = 600
     config.sample.classes = list(range(10))
     config.sample.per_class = 8
     config.sample.sampler = "dpm"         # DPM-Solver++(2M): 25 steps, cheap on a CPU
     config.sample.steps = "25"
-    config.sample.cfg_scale = 5.0         # 85.6% recognised against 78.9% at 3.0 (1200 steps)
+    config.sample.cfg_scale = 5.0         # 1000 samples: 92.0% at 4, 93.2% at 5, 93.7% at 6 (FD
+                                          # 15.1 / 16.8 / 18.7), min-SNR, 1200 steps
     # Sample quality with the project's Fashion-MNIST classifier (trained once, ~40 s on 2 cores,
     # cached): recognised % and FD logged with each preview; --mode=evaluate scores 1000
     # samples of the export.
