@@ -97,7 +97,7 @@ RECIPES = [
     Recipe(r"configs/demo\.py --workdir=runs/demo --mode=export$", (),
            creates=("runs/demo/export/export.json",), needs=("runs/demo$",)),
     Recipe(r"configs/demo\.py --workdir=runs/demo --mode=sample$", DEMO_SMALL,
-           creates=("runs/demo/samples/dpm-2-cfg5-seed0-grid/grid.png",),
+           creates=("runs/demo/samples/dpm-2-cfg5-seed0-grid10x1/grid.png",),
            needs=("runs/demo --mode=export$",)),
     # The ImageNet configs' docstrings: encode a few JPEGs with a small VAE, train on them.
     Recipe(r"--config=configs/(\w+)\.py --workdir=bucket/\1 --mode=encode "

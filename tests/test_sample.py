@@ -214,6 +214,24 @@ def test_interrupted_job_resumes_without_duplicates_or_losses(pixel_export, tmp_
         sample.run_sampling_job(export_dir, out, **dict(job, seed=4))
 
 
+def test_grids_of_another_size_get_their_own_folder(pixel_export, tmp_path):
+    """The README's grid, then the issue's 100-per-class protocol with default out_dirs: the
+    second job must not be refused as "another job" in the first one's folder."""
+    from udit_jax import config as config_lib
+    from udit_jax import sample
+    config = config_lib.base_config()
+    config.sample.update(dict(classes=[0, 2], per_class=1, export_dir=str(pixel_export[0]),
+                              seed=1, sampler="ddim", steps="ddim2", per_device_batch=2,
+                              write_png=False))
+    small = sample.sample_from_config(config, str(tmp_path))
+    config.sample.per_class = 2
+    large = sample.sample_from_config(config, str(tmp_path))
+    assert small["finished"] and large["finished"]
+    assert pathlib.Path(small["out_dir"]).name.endswith("-grid2x1")
+    assert pathlib.Path(large["out_dir"]).name.endswith("-grid2x2")
+    assert load(large["npz"])["arr_1"].tolist() == [0, 0, 2, 2]
+
+
 def test_latent_model_is_decoded_with_the_vae(tmp_path):
     from udit_jax import convert, diffusion, export, models, sample, sampler
     from udit_jax.convert.vae import vae_params_to_torch

@@ -413,7 +413,7 @@ def test_transport_model_trains_exports_and_samples_as_its_previews(tmp_path, mo
 
     # --mode=sample (SDE) of the export: the preview grid, image for image.
     job = sample.sample_from_config(config, str(tmp_path))
-    assert pathlib.Path(job["out_dir"]).name == "sde_Euler-10-cfg2-interval0.2-0.8-seed0-grid"
+    assert pathlib.Path(job["out_dir"]).name == "sde_Euler-10-cfg2-interval0.2-0.8-seed0-grid2x2"
     with np.load(job["npz"]) as f:
         images, labels = f["arr_0"], f["arr_1"]
     np.testing.assert_array_equal(labels, [0, 0, 2, 2])

@@ -134,7 +134,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.num_images = 0           # 0: the class grid (classes x per_class); N: N random classes
     c.sample.per_device_batch = 32
     c.sample.export_dir = ""          # "" = <workdir>/export
-    c.sample.out_dir = ""             # "" = <workdir>/samples/<config.sampling_tag>-<grid or N>
+    c.sample.out_dir = ""             # "" = <workdir>/samples/<config.sampling_tag>-<grid{classes}x{per_class} or N>
     c.sample.write_png = True
     c.sample.guide_all_channels = False  # CFG on every output channel instead of the official 3
 

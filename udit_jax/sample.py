@@ -359,7 +359,10 @@ def sample_from_config(config, workdir: str) -> dict[str, Any]:
     settings = config_lib.sampling(config, "sample",
                                    config_lib.export_objective(export.read_info(export_dir)))
     grid = not s.num_images
-    tag = config_lib.sampling_tag(settings) + "-" + ("grid" if grid else str(s.num_images))
+    # The grid's shape is in the name, so a 100-per-class job does not collide with the 8-per-class
+    # grid of the same settings (a clash of same-shape grids of other classes is refused by the job).
+    shape = f"grid{len(s.classes)}x{s.per_class}" if grid else str(s.num_images)
+    tag = config_lib.sampling_tag(settings) + "-" + shape
     out_dir = epath.Path(s.out_dir) if s.out_dir else workdir / "samples" / tag
     result = run_sampling_job(
         export_dir, out_dir, num_images=None if grid else s.num_images,
