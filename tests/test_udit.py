@@ -529,6 +529,38 @@ def test_attention_lowers_per_platform():
         q, k, v).lower(lowering_platforms=(platform,)).as_text()
     # CPU: q, k, v to heads-major and the output back; elsewhere at most einsum's own.
     assert on("tpu").count("stablehlo.transpose") <= 1 < 4 <= on("cpu").count("stablehlo.transpose")
+    # Elsewhere the backward is attention_recomputed's: autodiff's 4 matmuls plus the logits
+    # again and g.o (8 with the forward's 2, against 6 on CPU).
+    grads = lambda platform: jax.jit(jax.grad(  # noqa: E731
+        lambda q, k, v: jnp.sum(layers.attention(q, k, v, scale=0.7) ** 2), argnums=(0, 1, 2))
+    ).trace(q, k, v).lower(lowering_platforms=(platform,)).as_text().count("stablehlo.dot_general")
+    assert (grads("cpu"), grads("tpu")) == (6, 8)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
+def test_attention_recomputed_equals_autodiff_and_keeps_no_weights(dtype, tol):
+    """Values and gradients of the recomputing backward equal autodiff of the float32 softmax
+    (N != M, as U-DiT's pooled keys); the backward keeps no [B, heads, N, M] array."""
+    b, n, m, h, d = 2, 12, 5, 3, 4
+    q, k, v, g = (jax.random.normal(jax.random.key(i), (b, s, h, d)).astype(dtype)
+                  for i, s in enumerate((n, m, m, n)))
+
+    def reference(q, k, v):
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits * 0.6, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+    got, got_vjp = jax.vjp(lambda q, k, v: layers.attention_recomputed(q, k, v, 0.6), q, k, v)
+    want, want_vjp = jax.vjp(reference, q, k, v)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=tol, atol=tol)
+    for a, e in zip(got_vjp(g), want_vjp(g)):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32),
+                                   rtol=tol, atol=tol * float(np.abs(np.asarray(e, np.float32)).max()))
+    saved = [a.shape for a in jax.tree.leaves(got_vjp)]
+    assert (b, h, n, m) not in saved and (b, h, n, m) in [a.shape for a in jax.tree.leaves(want_vjp)]
 
 
 def test_fused_equals_unfused_on_random_weights():
@@ -554,6 +586,28 @@ def test_remat_and_bfloat16():
     assert out.dtype == jnp.float32
     assert np.abs(np.asarray(out) - np.asarray(ref)).max() < 0.05 * max(1.0, float(np.abs(ref).max()))
     assert run(model.clone(remat=True), params, X, T, Y).shape == ref.shape
+
+
+def test_remat_recomputes_no_matmul_or_attention_on_tpu():
+    """remat_policy keeps the projections' outputs and the attention's output and log-sum-exp:
+    the remat'd U-DiT block's gradient, lowered for TPUs, has as many matmuls as without remat
+    (plain remat recomputes them all), and the same values."""
+    block = udit.UDiTBlock(16, 2, 2, 2, "rep", 1, False, _attn_kwargs(models.build_model("U-DiT", **TINY, **OFFICIAL)))
+    x, c = X[..., :1].repeat(16, -1), jnp.ones((2, 16))
+    params = _random_params_of(block, x, c)
+
+    def grad(cls):
+        loss = lambda p: jnp.mean(cls(*block_args(block)).apply({"params": p}, x, c) ** 2)  # noqa: E731
+        return jax.jit(jax.grad(loss))
+
+    def dots(cls):
+        return grad(cls).trace(params).lower(lowering_platforms=("tpu",)).as_text().count(
+            "stablehlo.dot_general")
+
+    kept = nn.remat(udit.UDiTBlock, policy=layers.remat_policy())
+    assert dots(kept) == dots(udit.UDiTBlock) < dots(nn.remat(udit.UDiTBlock))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                           grad(kept)(params), grad(udit.UDiTBlock)(params))
 
 
 def block_args(block):

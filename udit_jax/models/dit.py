@@ -275,7 +275,7 @@ class DiT(nn.Module):
 
     Port options: `block_type` (see the module docstring), `dtype` (compute dtype; params are
     float32, norms and softmax run in float32, the output is float32), `remat` (recompute
-    each block in the backward pass), `attention_impl` (None: XLA with float32 softmax;
+    each block in the backward pass but what `layers.remat_policy` keeps), `attention_impl` (None: XLA with float32 softmax;
     'cudnn': the fused GPU kernel), `cfg_channels` (output channels that forward_with_cfg
     guides: 3 as officially, None for all).
     """
@@ -340,7 +340,7 @@ class DiT(nn.Module):
         if adaptive:
             kwargs["gated"] = self.block_type == "adaln_zero"
         if self.remat:
-            block_cls = nn.remat(block_cls)
+            block_cls = nn.remat(block_cls, policy=layers.remat_policy())
 
         h = tokens
         if self.block_type == "in_context":
