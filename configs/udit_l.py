@@ -21,12 +21,27 @@ Before renting, compile the step for the pod on any host: --mode=compile with
 global batch 256, data parallel, bf16):
 
     chips   remat  grad_accum  HBM per chip       compile  est. ms/step  img/s/chip  est. MFU
-    v5p-8   yes    1           26.2 GiB (72%)     435 s    400           160         21.3%
-    v5p-8   no     1           132.9 GiB: no fit  326 s    -             -           -
+    v5p-8   yes    1           50.3 GiB (47%)     413 s    381           168         22.4%
+    v5p-8   no     1           106.9 GiB: no fit  367 s    -             -           -
     v5p-8   no     2           83.6 GiB (12%)     374 s    467*          137*        18.3%*
 
-(* measured before the TPU forms of the depthwise conv, attention and RoPE, which took the
-remat row from 437 ms to 400 ms.)
+Pods, 64 images per chip (weak scaling), remat:
+
+    chips     mesh                HBM per chip     compile  est. ms/step  img/s/chip  est. MFU
+    v5p-8     data 4              50.3 GiB (47%)   413 s    381           168         22.4%
+    v5p-8     fsdp 4              38.8 GiB (59%)   355 s    no estimate (an op the cost model does not price)
+    v5p-256   data 128            50.3 GiB (47%)   369 s    381           168         22.4%
+    v5p-256   data 16 x fsdp 8    35.2 GiB (63%)   381 s    346           185         24.7%
+
+(--config.mesh.rules=fsdp --config.mesh.fsdp=8 --config.mesh.data=-1 for the last row.) Per chip,
+v5p-256 estimates the same step as v5p-8 (100%) with data parallelism; FSDP is estimated 9% faster
+(each chip then updates an eighth of the params and optimizer state). The cost model's output does not show how it
+prices the collectives (FSDP: 280 all-gathers, 734 MiB per step), so prefer measuring FSDP on the pod.
+
+remat keeps what layers.remat_policy names (projection and attention outputs): 381 ms against
+406 ms recomputing everything but the block inputs (25.2 GiB per chip). (* measured two
+releases ago, before the TPU forms of the depthwise conv, attention and RoPE and before the
+recomputing attention backward; the remat row was 437 ms then.)
 """
 
 from udit_jax import config as config_lib
