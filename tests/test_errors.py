@@ -223,6 +223,7 @@ def test_in_loop_evaluation_requirements_fail_at_start(tmp_path):
     ("data.num_classes", 0, "positive integer"),
     ("seed", -1, "non-negative"),
     ("model.kwargs.num_heads", 0, "positive integer"),
+    ("model.remat_keeps", "everything", "use one of"),
 ])
 def test_bad_values_fail_before_compiling(field, value, message, tmp_path):
     from udit_jax import train

@@ -608,6 +608,20 @@ def test_remat_recomputes_no_matmul_or_attention_on_tpu():
     assert dots(kept) == dots(udit.UDiTBlock) < dots(nn.remat(udit.UDiTBlock))
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                            grad(kept)(params), grad(udit.UDiTBlock)(params))
+    # The lighter settings: projections recomputed; everything recomputed (as plain remat).
+    keeps = lambda what: nn.remat(udit.UDiTBlock, policy=layers.remat_policy(what))  # noqa: E731
+    assert dots(udit.UDiTBlock) < dots(keeps("attention")) < dots(keeps("inputs")) \
+        == dots(nn.remat(udit.UDiTBlock))
+    with pytest.raises(ValueError, match="remat_keeps='all'"):
+        layers.remat_policy("all")
+    # The model field reaches the policy.
+    def model_dots(what):
+        model = models.build_model("U-DiT", **{**TINY, "depth": (1, 0, 0, 0, 0)}, **OFFICIAL,
+                                   remat=True, remat_keeps=what)
+        loss = lambda p: jnp.mean(run(model, p, X, T, Y) ** 2)  # noqa: E731
+        return jax.jit(jax.grad(loss)).trace(random_params(model)).lower(
+            lowering_platforms=("tpu",)).as_text().count("stablehlo.dot_general")
+    assert model_dots("outputs") < model_dots("inputs")
 
 
 def block_args(block):

@@ -57,7 +57,7 @@ RESUMABLE_FIELDS = (
     "eval_every_steps", "batch_size", "checkpoint", "sample", "export", "eval", "mesh",
     "compile",
     # The SD VAE is no part of the train state (the latent cache checks its own encoder).
-    "model.dtype", "model.remat", "vae",
+    "model.dtype", "model.remat", "model.remat_keeps", "vae",
     "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.grad_clip_norm",
     "optimizer.skip_nonfinite", "optimizer.grad_accum_steps",
     "data.dir", "data.cache_dir", "data.loader_threads", "data.prefetch_batches",

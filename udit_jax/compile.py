@@ -259,6 +259,7 @@ def compile_report(config, executable_path=None) -> dict[str, Any]:
         "topology": c.topology, "libtpu_topology": topology.libtpu_name,
         "num_slices": c.num_slices, "chips": chips, "device_kind": kind, "what": c.what,
         "model": config.model.name, "dtype": config.model.dtype, "remat": bool(config.model.remat),
+        "remat_keeps": config.model.remat_keeps if config.model.remat else None,
         "mesh": dict(mesh.shape), "mesh_rules": config.mesh.rules
         if isinstance(config.mesh.rules, str) else [list(r) for r in config.mesh.rules],
     }
@@ -375,14 +376,19 @@ def format_report(r: dict[str, Any]) -> str:
 def does_not_fit_message(r: dict[str, Any]) -> str:
     per_chip = r["global_batch"] / r["chips"]
     at_least = "at least " if "compile_error" in r else ""  # the compiler stopped early
+    knobs = ["--config.mesh.rules=fsdp with --config.mesh.fsdp=<chips> (shards params and "
+             "optimizer state)"]
+    if not r["remat"]:
+        knobs.append("--config.model.remat=True (fewer activations)")
+    elif r.get("remat_keeps") != "inputs":
+        knobs.append("--config.model.remat_keeps=inputs (remat keeps only block inputs)")
+    knobs += ["a smaller per-chip batch (--config.batch_size, or "
+              "--config.optimizer.grad_accum_steps)", "more chips"]
     return (f"{r['model']} {r['what']} step on {r['topology']} needs {at_least}"
             f"{_gib(r['hbm_bytes_per_chip']['total'])} of HBM per chip but a "
             f"{r['device_kind']} has {_gib(r['hbm_capacity_bytes'])} (global batch "
             f"{r['global_batch']}, {per_chip:g} per chip, mesh {r['mesh']}); try "
-            "--config.mesh.rules=fsdp with --config.mesh.fsdp=<chips> (shards params and "
-            "optimizer state), --config.model.remat=True (fewer activations), a smaller "
-            "per-chip batch (--config.batch_size, or --config.optimizer.grad_accum_steps), "
-            "or more chips")
+            + ", ".join(knobs[:-1]) + ", or " + knobs[-1])
 
 
 def report_path(workdir, config) -> epath.Path:

@@ -25,6 +25,7 @@ import optax
 from udit_jax import diffusion as diffusion_lib
 from udit_jax import models, parallel
 from udit_jax.diffusion import guidance
+from udit_jax.models.layers import REMAT_KEEPS
 from udit_jax import sampler as sampler_lib
 
 # ========================================================================================
@@ -45,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.name = "U-DiT-B"          # a registry name or the family "DiT" / "U-DiT"
     c.model.dtype = "float32"         # compute dtype; params and optimizer state stay float32
     c.model.remat = False             # rematerialise each block in the backward pass
+    c.model.remat_keeps = "outputs"   # what remat keeps: outputs | attention | inputs (least memory)
     c.model.scan_blocks = False       # U-DiT: each stage's blocks as one scan (compiles faster)
     # Constructor overrides (official argument names). input_size, in_channels and
     # num_classes default to what the data implies.
@@ -311,6 +313,8 @@ def check_values(config) -> None:
          "sample.classes", "class ids, e.g. --config.sample.classes=0,1,2")
     for field in ("model.dtype", "eval.dtype"):
         need(_field(config, field) in _DTYPES, field, f"use one of {_DTYPES}")
+    need(config.model.remat_keeps in REMAT_KEEPS, "model.remat_keeps",
+         f"use one of {REMAT_KEEPS} (what a remat'd block keeps for the backward)")
     for field in ("sample.cfg_scale", "eval.cfg_scale"):
         non_negative(field, "guidance scales are finite and >= 0 (up to 1: no guidance; the "
                             "papers guide with 1.5 or 4)")
@@ -396,6 +400,7 @@ def model_kwargs(config) -> dict[str, Any]:
         kwargs.setdefault("cfg_channels", None)
     kwargs["dtype"] = jnp.dtype(config.model.dtype)
     kwargs["remat"] = bool(config.model.remat)
+    kwargs["remat_keeps"] = config.model.remat_keeps
     if config.model.scan_blocks:
         kwargs["scan_blocks"] = True
     return kwargs

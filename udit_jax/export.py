@@ -48,7 +48,7 @@ PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
 TORCH_WEIGHTS_FILE = "torch_state_dict.safetensors"
 # Model fields that are runtime choices, not part of the trained model.
-_RUNTIME_FIELDS = ("parent", "name", "dtype", "remat", "attention_impl", "fused_ffn")
+_RUNTIME_FIELDS = ("parent", "name", "dtype", "remat", "remat_keeps", "attention_impl", "fused_ffn")
 _FAMILIES = {"DiT": "DiT", "UDiT": "U-DiT"}
 # Config sections that do not change the trained weights (excluded from the config hash).
 _POST_TRAINING_SECTIONS = ("export", "sample", "eval")

@@ -275,9 +275,10 @@ class DiT(nn.Module):
 
     Port options: `block_type` (see the module docstring), `dtype` (compute dtype; params are
     float32, norms and softmax run in float32, the output is float32), `remat` (recompute
-    each block in the backward pass but what `layers.remat_policy` keeps), `attention_impl` (None: XLA with float32 softmax;
-    'cudnn': the fused GPU kernel), `cfg_channels` (output channels that forward_with_cfg
-    guides: 3 as officially, None for all).
+    each block in the backward pass but what `layers.remat_policy(remat_keeps)` keeps),
+    `attention_impl` (None: XLA with float32 softmax; 'cudnn': the fused GPU kernel),
+    `cfg_channels` (output channels that forward_with_cfg guides: 3 as officially, None for
+    all).
     """
 
     input_size: int = 32
@@ -293,6 +294,7 @@ class DiT(nn.Module):
     block_type: str = "adaln_zero"
     dtype: Dtype = jnp.float32
     remat: bool = False
+    remat_keeps: str = "outputs"
     attention_impl: str | None = None
     cfg_channels: int | None = 3
 
@@ -340,7 +342,7 @@ class DiT(nn.Module):
         if adaptive:
             kwargs["gated"] = self.block_type == "adaln_zero"
         if self.remat:
-            block_cls = nn.remat(block_cls, policy=layers.remat_policy())
+            block_cls = nn.remat(block_cls, policy=layers.remat_policy(self.remat_keeps))
 
         h = tokens
         if self.block_type == "in_context":

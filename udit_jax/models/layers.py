@@ -411,16 +411,27 @@ def _attention_recomputed_bwd(scale, residuals, g):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-def remat_policy():
-    """What a remat'd block keeps from its forward (its input aside): the outputs of matmuls
-    without batch dimensions (dense and 1x1 layers) and attention_recomputed's output and
-    log-sum-exp, so the backward recomputes norms, activations, convolutions and q, k, v,
-    not the projections or the attention. U-DiT-L's v5p-8 train step (batch 256) by XLA's
-    cost model: 406 ms with nothing kept, 391 ms keeping the attention's, 381 ms keeping
-    both (HBM per chip 25.2, 29.9, 50.3 GiB of 95)."""
-    return jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names("attention_out", "attention_lse"))
+# What a remat'd block keeps from its forward besides its input (model field `remat_keeps`).
+REMAT_KEEPS = ("outputs", "attention", "inputs")
+
+
+def remat_policy(keeps: str = "outputs"):
+    """jax.checkpoint policy of a remat'd block; `keeps`:
+      'outputs'    the outputs of matmuls without batch dimensions (dense and 1x1 layers) and
+                   attention_recomputed's output and log-sum-exp: the backward recomputes
+                   norms, activations, convolutions and q, k, v, no projection or attention;
+      'attention'  only the attention's output and log-sum-exp;
+      'inputs'     nothing: the whole block is recomputed (least memory).
+    U-DiT-L's v5p-8 train step (batch 256) by XLA's cost model: 381 / 391 / 406 ms with
+    50.3 / 29.9 / 25.2 GiB per chip of 95."""
+    names = jax.checkpoint_policies.save_only_these_names("attention_out", "attention_lse")
+    policies = {"outputs": jax.checkpoint_policies.save_from_both_policies(
+                    jax.checkpoint_policies.dots_with_no_batch_dims_saveable, names),
+                "attention": names,
+                "inputs": jax.checkpoint_policies.nothing_saveable}
+    if keeps not in policies:
+        raise ValueError(f"remat_keeps={keeps!r}: use one of {REMAT_KEEPS}")
+    return policies[keeps]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -376,7 +376,8 @@ class UDiT(nn.Module):
     fused_ffn: bool = False             # inference form of the 'rep' FFN (see fuse_ffn_params)
     cfg_channels: int | None = 3        # channels forward_with_cfg guides; None = all
     dtype: Any = jnp.float32
-    remat: bool = False                 # recompute blocks in the backward (layers.remat_policy)
+    remat: bool = False                 # recompute blocks in the backward but what
+    remat_keeps: str = "outputs"        # layers.remat_policy keeps ('outputs', 'attention', 'inputs')
     attention_impl: str | None = None
     # The blocks of a stage as one scanned block with stacked params (leading axis = depth):
     # XLA compiles each stage's block once instead of once per block. Param tree
@@ -488,7 +489,8 @@ class UDiT(nn.Module):
         stage_cond = (c1, c2, c3, c2, c2)
 
         x = conv(c, 3, ("embed", "embed"), name="x_embedder", dtype=dtype, kernel_init=_stem_init)(x)
-        block_cls = nn.remat(UDiTBlock, policy=layers.remat_policy()) if self.remat else UDiTBlock
+        block_cls = (nn.remat(UDiTBlock, policy=layers.remat_policy(self.remat_keeps))
+                     if self.remat else UDiTBlock)
         attn_kwargs = dict(attn_type=self.attn_type, posemb_type=self.posemb_type,
                            downsampler=self.downsampler, down_shortcut=self.down_shortcut,
                            attn_downsample=self.attn_downsample, attention_impl=self.attention_impl)
