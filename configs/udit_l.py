@@ -29,14 +29,16 @@ Pods, 64 images per chip (weak scaling), remat:
 
     chips     mesh                HBM per chip     compile  est. ms/step  img/s/chip  est. MFU
     v5p-8     data 4              50.3 GiB (47%)   413 s    381           168         22.4%
-    v5p-8     fsdp 4              38.8 GiB (59%)   355 s    no estimate (an op the cost model does not price)
+    v5p-8     fsdp 4              38.8 GiB (59%)   355 s    355*          180*        24.1%*
     v5p-256   data 128            50.3 GiB (47%)   369 s    381           168         22.4%
     v5p-256   data 16 x fsdp 8    35.2 GiB (63%)   381 s    346           185         24.7%
 
-(--config.mesh.rules=fsdp --config.mesh.fsdp=8 --config.mesh.data=-1 for the last row.) Per chip,
-v5p-256 estimates the same step as v5p-8 (100%) with data parallelism; FSDP is estimated 9% faster
-(each chip then updates an eighth of the params and optimizer state). The cost model's output does not show how it
-prices the collectives (FSDP: 280 all-gathers, 734 MiB per step), so prefer measuring FSDP on the pod.
+(--config.mesh.rules=fsdp --config.mesh.fsdp=<4 or 8> --config.mesh.data=-1 for the fsdp rows; * from
+that compile's program with its 3 unpriced ZeroCrop ops taken out, as --mode=compile now does.)
+Per chip, v5p-256 estimates the same step as v5p-8 (100%) with data parallelism; FSDP is estimated
+7-9% faster (each chip then updates a fraction of the params and optimizer state). The cost
+model's output does not show how it prices the collectives (FSDP on v5p-256: 280 all-gathers,
+734 MiB per step), so measure FSDP on the pod before relying on it.
 
 remat keeps the projection and attention outputs (model.remat_keeps="outputs", the default):
 381 ms against 391 ms keeping only the attention outputs ("attention", 29.9 GiB per chip) and

@@ -209,6 +209,9 @@ def test_loop_scale_and_unpriced_ops_from_hlo_text():
     assert hlo_cost.cost_model_seconds(-0.9994, _HLO_WITH_LOOPS) == pytest.approx(0.0006)
     assert hlo_cost.cost_model_seconds(-1.5, _HLO_WITH_LOOPS) is None
     assert hlo_cost.cost_model_seconds(0.002, "HloModule m") == 0.002
+    # ZeroCrop, too (U-DiT-L's FSDP step on v5p-8: three of them, -2.87 s).
+    zero_crop = '  %z = pred[512]{0} custom-call(%c), custom_call_target="ZeroCrop"\n'
+    assert hlo_cost.cost_model_seconds(-2.87, _HLO_WITH_LOOPS + 2 * zero_crop) == pytest.approx(0.13)
 
 
 def test_too_large_a_batch_does_not_fit(libtpu, tmp_path):

@@ -54,8 +54,10 @@ def cost_analysis(compiled) -> dict[str, float]:
 
 # XLA:TPU's cost model prices an op it has no model for at -1 s in `optimal_seconds`: the
 # ConcatBitcast custom call that joins asynchronously sliced copies of an array (a layout
-# no-op). Each one made whole U-DiT programs report a negative time.
-_UNPRICED = re.compile(r'custom_call_target="ConcatBitcast"')
+# no-op), and ZeroCrop (zeroes an array's padding in place; 3 of them in U-DiT-L's FSDP step
+# on v5p-8, whose optimal_seconds was -2.87). Each one made whole programs report a
+# negative time.
+_UNPRICED = re.compile(r'custom_call_target="(?:ConcatBitcast|ZeroCrop)"')
 
 
 def cost_model_seconds(optimal_seconds: float | None, hlo_text: str) -> float | None:
