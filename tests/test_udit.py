@@ -604,12 +604,12 @@ def test_remat_recomputes_no_matmul_or_attention_on_tpu():
         return grad(cls).trace(params).lower(lowering_platforms=("tpu",)).as_text().count(
             "stablehlo.dot_general")
 
-    kept = nn.remat(udit.UDiTBlock, policy=layers.remat_policy())
+    keeps = lambda what: nn.remat(udit.UDiTBlock, policy=layers.remat_policy(what))  # noqa: E731
+    kept = keeps("outputs")
     assert dots(kept) == dots(udit.UDiTBlock) < dots(nn.remat(udit.UDiTBlock))
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                            grad(kept)(params), grad(udit.UDiTBlock)(params))
     # The lighter settings: projections recomputed; everything recomputed (as plain remat).
-    keeps = lambda what: nn.remat(udit.UDiTBlock, policy=layers.remat_policy(what))  # noqa: E731
     assert dots(udit.UDiTBlock) < dots(keeps("attention")) < dots(keeps("inputs")) \
         == dots(nn.remat(udit.UDiTBlock))
     with pytest.raises(ValueError, match="remat_keeps='all'"):

@@ -415,7 +415,7 @@ def _attention_recomputed_bwd(scale, residuals, g):
 REMAT_KEEPS = ("outputs", "attention", "inputs")
 
 
-def remat_policy(keeps: str = "outputs"):
+def remat_policy(keeps: str):
     """jax.checkpoint policy of a remat'd block; `keeps`:
       'outputs'    the outputs of matmuls without batch dimensions (dense and 1x1 layers) and
                    attention_recomputed's output and log-sum-exp: the backward recomputes
