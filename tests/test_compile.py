@@ -97,6 +97,9 @@ def test_tiny_models_compile_with_a_full_report(libtpu, family, topology, chips,
         4 / report["estimated_step_seconds"])
     profile = report["cost_profile"]
     assert len(profile) > 3 and 0.3 < sum(p["share"] for p in profile) <= 1 + 1e-9
+    kinds = {k["kind"]: k["share"] for k in report["cost_by_kind"]}
+    assert sum(kinds.values()) == pytest.approx(1) and set(kinds) <= set(hlo_cost.KINDS)
+    assert 0.05 < kinds["matmuls and convolutions"] < 1
     # Data parallel: the float32 gradients are all-reduced (combined into few all-reduces;
     # XLA may reduce a smaller tensor instead where that is cheaper, so not all 4 bytes/param).
     reduced = {c["kind"]: c for c in report["collectives"]}["all-reduce"]["bytes"]
@@ -193,6 +196,54 @@ ENTRY %main (x: f32[8]) -> f32[8] {
 """
 
 
+_HLO_KINDS = """
+%dot.fused (p: bf16[8,8]) -> bf16[8,8] {
+  %n = bf16[8,8]{1,0} fusion(%p), kind=kLoop, calls=%inner.fused
+  ROOT %d = bf16[8,8]{1,0} dot(%n, %p), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%inner.fused (p: bf16[8,8]) -> bf16[8,8] {
+  ROOT %m = bf16[8,8]{1,0} multiply(%p, %p)
+}
+
+%nested.dot (p: bf16[8,8]) -> bf16[8,8] {
+  ROOT %f = bf16[8,8]{1,0} fusion(%p), kind=kOutput, calls=%dot.fused
+}
+
+%slice.fused (p: bf16[4,8,8], i: s32[]) -> bf16[1,8,8] {
+  ROOT %s = bf16[1,8,8]{2,1,0} dynamic-slice(%p, %i, %i, %i), dynamic_slice_sizes={1,8,8}
+}
+
+%copy.fused (p: bf16[8,8]) -> bf16[8,8] {
+  %c = bf16[8,8]{0,1} convert(%p)
+  ROOT %t = bf16[8,8]{1,0} copy(%c)
+}
+
+ENTRY %main (x: bf16[8,8]) -> bf16[8,8] {
+  %a = bf16[8,8]{1,0:T(8,128)(2,1)} fusion(%x), kind=kOutput, calls=%nested.dot, backend_config={"estimated_cycles":"50"}
+  %b = (bf16[8]{0}, bf16[8,8]{1,0}) fusion(%x), kind=kLoop, calls=%inner.fused, backend_config={"estimated_cycles":"20"}
+  %c = bf16[1,8,8]{2,1,0} fusion(%y, %i), kind=kLoop, calls=%slice.fused, backend_config={"estimated_cycles":"10"}
+  %d = bf16[8,8]{1,0} fusion(%x), kind=kLoop, calls=%copy.fused, backend_config={"estimated_cycles":"10"}
+  %e = bf16[8,8]{0,1:T(8,128)(2,1)} copy(%x), backend_config={"estimated_cycles":"5"}
+  %f = bf16[8,8]{1,0} convolution(%x, %x), window={size=1x1}, backend_config={"estimated_cycles":"5"}
+  %g = bf16[8,8]{1,0} all-reduce(%x), to_apply=%add, backend_config={"estimated_cycles":"0"}
+  ROOT %h = bf16[8,8]{1,0} all-gather(%x), dimensions={0}, backend_config={"estimated_cycles":"10"}
+}
+"""
+
+
+def test_cost_by_kind_reads_what_each_fusion_fuses():
+    """A fusion is a matmul when it fuses a dot, also inside a nested fusion (50 + the bare
+    convolution 5); multi-output (tuple-shaped) fusions are read by their opcode too."""
+    assert [(k["kind"], k["share"]) for k in hlo_cost.cost_by_kind(_HLO_KINDS)] == [
+        ("matmuls and convolutions", pytest.approx(55 / 110)),
+        ("elementwise, reductions and the rest", pytest.approx(20 / 110)),
+        ("copies and transposes", pytest.approx(15 / 110)),
+        ("dynamic slices (scan residuals, stacked params)", pytest.approx(10 / 110)),
+        ("collectives", pytest.approx(10 / 110))]   # the all-reduce's 0 cycles: not listed
+    assert hlo_cost.cost_by_kind("HloModule m") == []
+
+
 def test_loop_scale_and_unpriced_ops_from_hlo_text():
     # Once: 100 + 20 + 10 = 130 cycles (fused computations are priced at their fusion).
     # With trip counts: 100 + 5 x (20 + 3 x 10) = 350.
@@ -205,6 +256,9 @@ def test_loop_scale_and_unpriced_ops_from_hlo_text():
         ("backward blocks_*/attn", pytest.approx(150 / 350)),
         ("forward embed", pytest.approx(100 / 350)),
         ("(no source op)", pytest.approx(100 / 350))]
+    # By kind: the loop's exp fusion is elementwise work.
+    assert hlo_cost.cost_by_kind(_HLO_WITH_LOOPS) == [
+        {"kind": "elementwise, reductions and the rest", "share": 1.0}]
     # The cost model's -1 s for the unpriced ConcatBitcast is taken back out.
     assert hlo_cost.cost_model_seconds(-0.9994, _HLO_WITH_LOOPS) == pytest.approx(0.0006)
     assert hlo_cost.cost_model_seconds(-1.5, _HLO_WITH_LOOPS) is None

@@ -320,6 +320,7 @@ def compile_report(config, executable_path=None) -> dict[str, Any]:
     report["estimated_mfu"] = (model_flops / chips / (whole * peak_tflops * 1e12)
                                if whole and peak_tflops else None)
     report["cost_profile"] = hlo_cost.cost_profile(text)
+    report["cost_by_kind"] = hlo_cost.cost_by_kind(text)
     report["collectives"] = hlo_cost.collectives(text)
     return report
 
@@ -364,8 +365,14 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append("  cost model     no estimate for this program")
         for c in r["collectives"]:
             lines.append(f"  collective     {c['kind']}: {c['count']} x, {c['bytes'] / 2**20:.1f} MiB")
+        for i, k in enumerate(r.get("cost_by_kind", [])):
+            # MFU / the matmuls' share: the MFU if everything but the matmuls took no time.
+            ceiling = (f" (the model's FLOPs in that time: {100 * r['estimated_mfu'] / k['share']:.0f}%"
+                       " of peak)" if k["kind"] == hlo_cost.MATMUL and r.get("estimated_mfu") else "")
+            lines.append(("  by kind" if i == 0 else "").ljust(17)
+                         + f"{100 * k['share']:5.1f}%  {k['kind']}{ceiling}")
         for i, p in enumerate(r.get("cost_profile", [])[:8]):
-            lines.append(("  where it goes  " if i == 0 else " " * 16)
+            lines.append(("  where it goes" if i == 0 else "").ljust(17)
                          + f"{100 * p['share']:5.1f}%  {p['op']}")
     if r.get("executable"):
         lines.append(f"  executable     {r['executable']} (a training run with this --workdir "

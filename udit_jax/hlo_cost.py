@@ -132,8 +132,9 @@ def _op_group(line: str) -> str:
     return "outside the model: " + ("/".join(parts) or m.group(1))
 
 
-def _cycles_by_op(hlo_text: str, trips: bool) -> dict[str, int] | None:
-    """The TPU backend's per-op cycle estimates summed by source op, from the entry
+def _cycles_by_op(hlo_text: str, trips: bool, group=_op_group) -> dict[str, int] | None:
+    """The TPU backend's per-op cycle estimates summed by `group(line)` (default: source op,
+    `_op_group`), from the entry
     computation down through loops (each body times its trip count when `trips`, else once)
     and calls; fused computations are priced at their fusion. None when a needed trip count
     cannot be read or the program has no entry."""
@@ -154,7 +155,7 @@ def _cycles_by_op(hlo_text: str, trips: bool) -> dict[str, int] | None:
             ok = True
             for line in computations.get(name, ()):
                 if m := _CYCLES.search(line):
-                    op = _op_group(line)
+                    op = group(line)
                     totals[op] = totals.get(op, 0) + int(m.group(1))
                 if w := _WHILE.search(line):
                     n = _trip_count(computations.get(w.group(1), [])) if trips else 1
@@ -188,3 +189,59 @@ def cost_profile(hlo_text: str, top: int = 12) -> list[dict[str, Any]]:
     total = sum(cycles.values())
     ranked = sorted(cycles.items(), key=lambda item: -item[1])[:top]
     return [{"op": op, "share": c / total} for op, c in ranked] if total else []
+
+
+# What kind of work an instruction is, by its opcode or, for a fusion, by what it fuses.
+_OPCODE = re.compile(r"=\s.*?\s([a-z][a-z0-9\-]*)\(")
+_FUSED = re.compile(r"\bcalls=%([^\s,]+)")
+MATMUL = "matmuls and convolutions"
+KINDS = (MATMUL, "copies and transposes", "dynamic slices (scan residuals, stacked params)",
+         "collectives", "elementwise, reductions and the rest")
+
+
+def _opcode(line: str) -> str:
+    m = _OPCODE.search(line)
+    return m.group(1) if m else ""
+
+
+def _kind_of_ops(opcodes: set[str], root: str) -> str:
+    if opcodes & {"dot", "convolution"}:
+        return KINDS[0]
+    if opcodes & {"dynamic-slice", "dynamic-update-slice"}:
+        return KINDS[2]
+    if root in ("copy", "transpose", "copy-start", "copy-done"):
+        return KINDS[1]
+    if any(op.startswith(_COLLECTIVES) for op in opcodes):
+        return KINDS[3]
+    return KINDS[4]
+
+
+def cost_by_kind(hlo_text: str) -> list[dict[str, Any]]:
+    """Where the cost model's time goes by kind of work (`KINDS`), loops times their trip
+    counts: [{kind, share}], largest first; [] without cycle estimates. A fusion counts as a
+    matmul when it fuses a dot or convolution (the MXU's work, with what XLA fused into it),
+    as a dynamic slice when it fuses a dynamic-(update-)slice (a scan reading or writing its
+    stacked residuals or params), as a copy when its root is a copy or transpose."""
+    computations, _ = _computations(hlo_text)
+
+    @functools.cache
+    def fused_opcodes(name: str) -> frozenset[str]:   # through nested fusions
+        ops = set()
+        for x in computations.get(name, ()):
+            ops.add(_opcode(x))
+            if m := _FUSED.search(x):
+                ops |= fused_opcodes(m.group(1))
+        return frozenset(ops)
+
+    def kind(line: str) -> str:
+        op = _opcode(line)
+        if op == "fusion" and (m := _FUSED.search(line)):
+            body = computations.get(m.group(1), [])
+            root = next((_opcode(x) for x in body if x.lstrip().startswith("ROOT")), "")
+            return _kind_of_ops(set(fused_opcodes(m.group(1))), root)
+        return _kind_of_ops({op}, op)
+
+    cycles = _cycles_by_op(hlo_text, True, kind) or {}
+    total = sum(cycles.values())
+    return [{"kind": k, "share": c / total}
+            for k, c in sorted(cycles.items(), key=lambda item: -item[1]) if c] if total else []
