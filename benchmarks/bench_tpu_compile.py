@@ -21,6 +21,7 @@ import time
 
 from benchmarks.common import load_config, print_table
 from udit_jax import compile as compile_lib
+from udit_jax import hlo_cost
 
 CONFIGS = {"U-DiT-S": "configs/udit_s.py", "U-DiT-B": "configs/udit_b.py",
            "U-DiT-L": "configs/udit_l.py", "DiT-XL/2": "configs/dit_xl_2.py",
@@ -59,7 +60,10 @@ def run_case(model, topology, rules, remat, per_chip, scan) -> dict:
             "compile CPU-s": r["compile_cpu_seconds"], "case s": time.perf_counter() - start,
             "est ms/step": 1e3 * r["estimated_step_seconds"] if r.get("estimated_step_seconds") else None,
             "est img/s/chip": r.get("estimated_images_per_second_per_chip"),
-            "est MFU": r.get("estimated_mfu"), "XLA/model FLOPs": ratio}
+            "est MFU": r.get("estimated_mfu"), "XLA/model FLOPs": ratio,
+            # The estimate's share spent in matmuls / convolutions (the rest is memory-bound).
+            "matmul share": next((k["share"] for k in r.get("cost_by_kind", [])
+                                  if k["kind"] == hlo_cost.MATMUL), None)}
 
 
 def main():
