@@ -75,7 +75,9 @@ _CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
 _WHILE = re.compile(r"\swhile\(.*\bcondition=%([^\s,]+), body=%([^\s,]+)")
 _CALL = re.compile(r"\scall\(.*\bto_apply=%([^\s,]+)")
 _LOOP_TEST = re.compile(r"^\s*ROOT\s+%\S+\s*=\s*pred\[\]\S*\s+compare\(([^)]*)\).*direction=LT")
-_S32_CONSTANT = re.compile(r"^\s*%(\S+)\s*=\s*s32\[\]\S*\s+constant\((\d+)\)")
+# lax.scan / fori_loop counters are s32; the SPMD partitioner's windowed-einsum loops (FSDP's
+# all-gather / reduce-scatter matmuls) count in u32.
+_INT_CONSTANT = re.compile(r"^\s*%(\S+)\s*=\s*[su](?:32|64)\[\]\S*\s+constant\((\d+)\)")
 
 
 @functools.lru_cache(maxsize=2)   # loop_scale and cost_profile read the same program
@@ -97,9 +99,9 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
 
 
 def _trip_count(condition: list[str]) -> int | None:
-    """N of a loop whose condition is `counter < N` with N a constant (lax.scan / fori_loop
-    counters start at 0); None for any other condition."""
-    constants = dict(m.groups() for m in map(_S32_CONSTANT.match, condition) if m)
+    """N of a loop whose condition is `counter < N` with N an integer constant (lax.scan /
+    fori_loop and windowed-einsum counters start at 0); None for any other condition."""
+    constants = dict(m.groups() for m in map(_INT_CONSTANT.match, condition) if m)
     for line in condition:
         if m := _LOOP_TEST.match(line):
             bounds = [int(constants[name]) for name in re.findall(r"%([^\s,]+)", m.group(1))
@@ -127,15 +129,16 @@ def _op_group(line: str) -> str:
              if not _OP_SCAFFOLD.search(p)]
     if parts and parts[0].startswith(("jvp(", "transpose(jvp(")):
         direction = "backward" if parts[0].startswith("transpose(") else "forward"
+        # remat's recomputed forward inside the backward: transpose(jvp(M))/jvp(M)/...
+        parts = parts[:1] + [p for p in parts[1:] if not p.startswith("jvp(")]
         return " ".join([direction, "/".join(parts[1:-1]) or parts[-1]]) if len(parts) > 1 \
             else direction
     return "outside the model: " + ("/".join(parts) or m.group(1))
 
 
 def _cycles_by_op(hlo_text: str, trips: bool, group=_op_group) -> dict[str, int] | None:
-    """The TPU backend's per-op cycle estimates summed by `group(line)` (default: source op,
-    `_op_group`), from the entry
-    computation down through loops (each body times its trip count when `trips`, else once)
+    """The TPU backend's per-op cycle estimates summed by `group(line)` (default: the source
+    op, `_op_group`), from the entry computation down through loops (each body times its trip count when `trips`, else once)
     and calls; fused computations are priced at their fusion. None when a needed trip count
     cannot be read or the program has no entry."""
     computations, entry = _computations(hlo_text)
