@@ -19,10 +19,18 @@ paper's FID 2.27 (7M steps) is with --config.eval.cfg_scale=1.5 (three channels 
 
 The train step compiled for a pod on any host (--mode=compile, README "Before you rent a
 pod"; 2-core x86 host, jax 0.10.2, libtpu 0.0.42.1; XLA's cost model, not a TPU; global
-batch 256, data parallel, bf16, the defaults):
+batch 256, bf16):
 
-    chips   remat  HBM per chip      compile  est. ms/step  img/s/chip  est. MFU
-    v5p-8   no     29.5 GiB (69%)    185 s    190           337         52.3%
+    chips   mesh     remat  HBM per chip      compile  est. ms/step  img/s/chip  est. MFU
+    v5p-8   data 4   no     29.5 GiB (69%)    185 s    190           337         52.3%
+    v6e-8   data 8   no     20.1 GiB (37%)    229 s    103           311         24.1%
+    v5e-8   fsdp 8   yes    12.1 GiB (24%)    194 s    666           48          17.4%
+
+On v5e (16 GiB per chip) the float32 params, EMA and Adam moments alone take 10.8 GB, so shard
+them: --config.mesh.rules=fsdp --config.mesh.fsdp=8 --config.mesh.data=-1
+--config.model.remat=True. Its estimate counts the SPMD partitioner's windowed-einsum loops
+(the all-gathered matmuls, 1695 collective-permutes per step) at their trip counts; matmuls
+are 60% of it. The v6e-8 and v5e-8 rows were compiled with other compiles running on the host.
 """
 
 from udit_jax import config as config_lib

@@ -13,6 +13,22 @@ or --config.data.source=folder --config.data.dir=/path/to/train), then train:
         --config.data.cache_dir=gs://BUCKET/imagenet256_latents
 
 On a TPU pod: launch/tpu_pod.py; on a SLURM GPU cluster: launch/slurm.py.
+
+On TPUs add --config.model.scan_blocks=True (each stage's blocks as one scan: unrolled, every
+U-DiT block adds up to a minute and a half of TPU compile; configs/udit_l.py sets it). The
+train step, scanned, compiled for pods on any host (--mode=compile, README "Before you rent a
+pod"; 2-core x86 host with other compiles running, jax 0.10.2, libtpu 0.0.42.1; XLA's cost
+model, not a TPU; global batch 256, data parallel, bf16):
+
+    chips   per chip  remat  HBM per chip      compile  est. ms/step  img/s/chip  est. MFU
+    v5e-8   32        no     15.0 GiB (6%)     260 s    167           192         4.2%
+    v5p-8   64        no     28.8 GiB (70%)    399 s    95.5          670         6.3%
+    v6e-8   32        no     15.0 GiB (53%)    630 s    62.5          512         2.4%
+
+The estimate is bound by HBM bandwidth, not the MXU: at 96 channels and 24-wide heads the
+downsampled attention streams its float32 [256 x 256] logits per head and group through HBM
+(its QK^T, softmax and weighted sum are about 45% of the attention's estimated time; the
+matmuls themselves are small). v6e, with the most FLOPs per byte of HBM, gains least.
 """
 
 from udit_jax import config as config_lib

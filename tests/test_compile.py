@@ -249,7 +249,8 @@ def test_loop_scale_and_unpriced_ops_from_hlo_text():
     # With trip counts: 100 + 5 x (20 + 3 x 10) = 350.
     assert hlo_cost.loop_scale(_HLO_WITH_LOOPS) == pytest.approx(350 / 130)
     # FSDP's windowed-einsum loops (the SPMD partitioner's) count in u32.
-    assert hlo_cost.loop_scale(_HLO_WITH_LOOPS.replace("s32[]", "u32[]")) == pytest.approx(350 / 130)
+    u32_loops = _HLO_WITH_LOOPS.replace("s32[]", "u32[]")
+    assert hlo_cost.loop_scale(u32_loops) == pytest.approx(350 / 130)
     unknown = _HLO_WITH_LOOPS.replace("direction=LT, metadata", "direction=NE, metadata")
     assert hlo_cost.loop_scale(unknown) is None      # a trip count it cannot read
     assert hlo_cost.loop_scale("HloModule m") is None
@@ -262,7 +263,8 @@ def test_loop_scale_and_unpriced_ops_from_hlo_text():
     assert hlo_cost.cost_by_kind(_HLO_WITH_LOOPS) == [
         {"kind": "elementwise, reductions and the rest", "share": 1.0}]
     # remat's forward, recomputed inside the backward, is the backward of the same part.
-    remat = 'metadata={op_name="jit(step)/transpose(jvp(DiT))/jvp(DiT)/checkpoint/blocks_9/mlp/fc1/dot_general"}'
+    remat = ('metadata={op_name="jit(step)/transpose(jvp(DiT))/jvp(DiT)/checkpoint/blocks_9/'
+             'mlp/fc1/dot_general"}')
     assert hlo_cost._op_group(remat) == "backward blocks_*/mlp/fc1"
     # The cost model's -1 s for the unpriced ConcatBitcast is taken back out.
     assert hlo_cost.cost_model_seconds(-0.9994, _HLO_WITH_LOOPS) == pytest.approx(0.0006)

@@ -367,8 +367,10 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(f"  collective     {c['kind']}: {c['count']} x, {c['bytes'] / 2**20:.1f} MiB")
         for i, k in enumerate(r.get("cost_by_kind", [])):
             # MFU / the matmuls' share: the MFU if everything but the matmuls took no time.
-            ceiling = (f" (the model's FLOPs in that time: {100 * r['estimated_mfu'] / k['share']:.0f}%"
-                       " of peak)" if k["kind"] == hlo_cost.MATMUL and r.get("estimated_mfu") else "")
+            ceiling = ""
+            if k["kind"] == hlo_cost.MATMUL and r.get("estimated_mfu"):
+                ceiling = (f" (the model's FLOPs in that time: "
+                           f"{100 * r['estimated_mfu'] / k['share']:.0f}% of peak)")
             lines.append(("  by kind" if i == 0 else "").ljust(17)
                          + f"{100 * k['share']:5.1f}%  {k['kind']}{ceiling}")
         for i, p in enumerate(r.get("cost_profile", [])[:8]):

@@ -138,9 +138,9 @@ def _op_group(line: str) -> str:
 
 def _cycles_by_op(hlo_text: str, trips: bool, group=_op_group) -> dict[str, int] | None:
     """The TPU backend's per-op cycle estimates summed by `group(line)` (default: the source
-    op, `_op_group`), from the entry computation down through loops (each body times its trip count when `trips`, else once)
-    and calls; fused computations are priced at their fusion. None when a needed trip count
-    cannot be read or the program has no entry."""
+    op, `_op_group`), from the entry computation down through loops (each body times its trip
+    count when `trips`, else once) and calls; fused computations are priced at their fusion.
+    None when a needed trip count cannot be read or the program has no entry."""
     computations, entry = _computations(hlo_text)
     memo: dict[str, dict[str, int] | None] = {}
 
