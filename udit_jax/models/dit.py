@@ -109,12 +109,15 @@ class Attention(nn.Module):
 
 
 class QKVProjection(nn.Module):
-    """timm's fused qkv Linear (params 'kernel' [D, 3D], 'bias' [3D], as `dense(3 * D)` names
-    and initialises them), computed as three matmuls: x [B, N, D] -> (q, k, v), each [B, N, D].
+    """timm's fused qkv Linear (params 'kernel' [D_in, 3D], 'bias' [3D], named and initialised
+    as `dense(3 * D, ("embed", "mlp"))`):
+    x [..., D_in] -> (q, k, v), each [..., D].
 
-    One matmul's [B, N, 3D] output feeds q, k and v, which attention wants in other layouts:
-    XLA:TPU then copied all of it (4% of DiT-XL/2's estimated step on v5p); each of three
-    outputs gets its own layout from its matmul.
+    On TPUs and GPUs as three matmuls: one matmul's [..., 3D] output feeds q, k and v, which
+    attention wants in other layouts, and XLA:TPU copied all of it (4% of DiT-XL/2's
+    estimated step on v5p); three outputs each get their own layout. On CPUs one matmul, split
+    (the form before, bit for bit). U-DiT keeps one matmul everywhere: its downsampled
+    attention measured 1-6% slower the three-matmul way (bench_compile_parts, v5e).
     """
 
     dim: int
@@ -127,8 +130,20 @@ class QKVProjection(nn.Module):
                             (x.shape[-1], 3 * d), jnp.float32)
         bias = self.param("bias", layers.with_axes(layers.zeros, ("mlp",)), (3 * d,), jnp.float32)
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        return tuple(layers.matmul(x, kernel[:, i * d:(i + 1) * d]) + bias[i * d:(i + 1) * d]
-                     for i in range(3))
+        return jax.lax.platform_dependent(x, kernel, bias, cpu=qkv_one_matmul,
+                                          default=qkv_three_matmuls)
+
+
+def qkv_one_matmul(x: jax.Array, kernel: jax.Array, bias: jax.Array):
+    """x [..., D_in] @ kernel [D_in, 3D] + bias, split into (q, k, v) [..., D]."""
+    return tuple(jnp.split(layers.matmul(x, kernel) + bias, 3, axis=-1))
+
+
+def qkv_three_matmuls(x: jax.Array, kernel: jax.Array, bias: jax.Array):
+    """`qkv_one_matmul` as one matmul per output (column blocks of kernel and bias)."""
+    d = kernel.shape[1] // 3
+    cols = [slice(i * d, (i + 1) * d) for i in range(3)]
+    return tuple(layers.matmul(x, kernel[:, c]) + bias[c] for c in cols)
 
 
 class CrossAttention(nn.Module):
