@@ -342,8 +342,8 @@ def test_remat_and_bfloat16(reduced, io):
 
 
 def test_qkv_three_matmuls_equal_the_fused_one():
-    """TPUs and GPUs project q, k, v with three matmuls (XLA:TPU copied the fused output whole
-    into attention's layouts), CPUs with one: the same values and gradients (float32)."""
+    """TPUs project q, k, v with three matmuls (XLA:TPU copied the fused output whole into
+    attention's layouts), other platforms with one: the same values and gradients (float32)."""
     kx, kw, kb, kg = jax.random.split(jax.random.key(3), 4)
     x = jax.random.normal(kx, (2, 16, 24))
     kernel, bias = jax.random.normal(kw, (24, 3 * 32)), jax.random.normal(kb, (3 * 32,))

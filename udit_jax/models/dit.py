@@ -113,10 +113,10 @@ class QKVProjection(nn.Module):
     as `dense(3 * D, ("embed", "mlp"))`):
     x [..., D_in] -> (q, k, v), each [..., D].
 
-    On TPUs and GPUs as three matmuls: one matmul's [..., 3D] output feeds q, k and v, which
-    attention wants in other layouts, and XLA:TPU copied all of it (4% of DiT-XL/2's
-    estimated step on v5p); three outputs each get their own layout. On CPUs one matmul, split
-    (the form before, bit for bit). U-DiT keeps one matmul everywhere: its downsampled
+    On TPUs as three matmuls: one matmul's [..., 3D] output feeds q, k and v, which attention
+    wants in other layouts, and XLA:TPU copied all of it (4% of DiT-XL/2's estimated step on
+    v5p); three outputs each get their own layout. Elsewhere one matmul, split (the form
+    before, bit for bit; GPUs unmeasured). U-DiT keeps one matmul everywhere: its downsampled
     attention measured 1-6% slower the three-matmul way (bench_compile_parts, v5e).
     """
 
@@ -130,8 +130,8 @@ class QKVProjection(nn.Module):
                             (x.shape[-1], 3 * d), jnp.float32)
         bias = self.param("bias", layers.with_axes(layers.zeros, ("mlp",)), (3 * d,), jnp.float32)
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        return jax.lax.platform_dependent(x, kernel, bias, cpu=qkv_one_matmul,
-                                          default=qkv_three_matmuls)
+        return jax.lax.platform_dependent(x, kernel, bias, tpu=qkv_three_matmuls,
+                                          default=qkv_one_matmul)
 
 
 def qkv_one_matmul(x: jax.Array, kernel: jax.Array, bias: jax.Array):
