@@ -14,11 +14,8 @@ or --config.data.source=folder --config.data.dir=/path/to/train), then train:
 
 On a TPU pod: launch/tpu_pod.py; on a SLURM GPU cluster: launch/slurm.py.
 
-On TPUs add --config.model.scan_blocks=True (each stage's blocks as one scan: unrolled, every
-U-DiT block adds up to a minute and a half of TPU compile; configs/udit_l.py sets it). The
-train step, scanned, compiled for pods on any host (--mode=compile, README "Before you rent a
-pod"; 2-core x86 host with other compiles running, jax 0.10.2, libtpu 0.0.42.1; XLA's cost
-model, not a TPU; global batch 256, data parallel, bf16):
+On TPUs add --config.model.scan_blocks=True (why: configs/udit_s.py). --mode=compile's table
+for pods, measured as udit_s.py's (scanned, global batch 256, data parallel, bf16):
 
     chips   per chip  remat  HBM per chip       compile  est. ms/step  img/s/chip  est. MFU
     v5e-8   32        no     17.2 GiB: no fit   -        -             -           -
