@@ -40,6 +40,12 @@ Per chip, v5p-256 estimates the same step as v5p-8 (100%) with data parallelism;
 model's output does not show how it prices the collectives (FSDP on v5p-256: 280 all-gathers,
 734 MiB per step), so measure FSDP on the pod before relying on it.
 
+On v6e-8 (32 GiB per chip, 32 images per chip, data parallel, remat) the step needs 33.5 GiB
+per chip and does not fit: the replicated params, EMA and Adam moments alone take 13.7 GiB, so
+shard them (--config.mesh.rules=fsdp). The cost model prices that program at 261 ms, 122 img/s
+per chip and 8.2% MFU: v6e's FLOPs outrun its HBM bandwidth on this memory-bound step (matmuls
+29% of the time). Its compile took 892 s on this host.
+
 Where the estimate goes (--mode=compile's "by kind", the FSDP v5p-8 program): matmuls and
 convolutions 40% of the step, at 60% of the chip's peak; elementwise work and reductions 41%,
 copies and transposes 12%, the scan's dynamic slices 7%. The matmuls alone, at that rate, would
