@@ -113,10 +113,10 @@ class QKVProjection(nn.Module):
     as `dense(3 * D, ("embed", "mlp"))`):
     x [..., D_in] -> (q, k, v), each [..., D].
 
-    On TPUs as three matmuls: one matmul's [..., 3D] output feeds q, k and v, which attention
-    wants in other layouts, and XLA:TPU copied all of it (4% of DiT-XL/2's estimated step on
-    v5p); three outputs each get their own layout. Elsewhere one matmul, split (the form
-    before, bit for bit; GPUs unmeasured). U-DiT keeps one matmul everywhere: its downsampled
+    On TPUs as three matmuls: XLA:TPU copied one matmul's [..., 3D] output whole into
+    attention's layout, and its split and the backward's stack were copies too (9% of
+    DiT-XL/2's estimated step on v5p; with three matmuls 4.5% of copies are left, MFU 52.3 ->
+    53.1%). Elsewhere one matmul, split (the form before, bit for bit; GPUs unmeasured). U-DiT keeps one matmul everywhere: its downsampled
     attention measured 1-6% slower the three-matmul way (bench_compile_parts, v5e).
     """
 
