@@ -116,8 +116,10 @@ class QKVProjection(nn.Module):
     On TPUs as three matmuls: XLA:TPU copied one matmul's [..., 3D] output whole into
     attention's layout, and its split and the backward's stack were copies too (9% of
     DiT-XL/2's estimated step on v5p; with three matmuls 4.5% of copies are left, MFU 52.3 ->
-    53.1%). Elsewhere one matmul, split (the form before, bit for bit; GPUs unmeasured). U-DiT keeps one matmul everywhere: its downsampled
-    attention measured 1-6% slower the three-matmul way (bench_compile_parts, v5e).
+    53.1%). Elsewhere one matmul, split (the form before, bit for bit; GPUs unmeasured).
+    U-DiT keeps one matmul everywhere: its downsampled attention measured 1-6% slower the
+    three-matmul way (bench_compile_parts, v5e). The params are created here, not by `dense`,
+    because nn.Dense computes its one output itself.
     """
 
     dim: int
