@@ -106,6 +106,22 @@ def test_tiny_models_compile_with_a_full_report(libtpu, family, topology, chips,
     assert 2 * n_params <= reduced <= 8 * n_params
 
 
+def test_split_update_keeps_a_quarter_of_the_optimizer_state_per_chip(libtpu, tmp_path):
+    """mesh.shard_update on 4 chips: params whole on each chip, EMA and Adam moments split in
+    4 (float32: 4 + 12 / 4 bytes per param instead of 16), new params all-gathered."""
+    config = tiny_config("DiT", "v5e:2x2")
+    # Widths of whole TPU tiles, so that padding does not hide the split.
+    config.model.kwargs = dict(hidden_size=256, depth=1, num_heads=2, patch_size=2)
+    config.mesh.shard_update = True
+    report = compile_lib.compile_from_config(config, str(tmp_path))
+    assert report["shard_update"] is True and report["fits"]
+    from udit_jax.models import info
+    n_params = info.count_params(config_lib.build_model(config))
+    assert 6 * n_params <= report["hbm_bytes_per_chip"]["arguments"] <= 9 * n_params
+    assert "all-gather" in {c["kind"] for c in report["collectives"]}
+    assert "update split over the data axes" in compile_lib.format_report(report)
+
+
 @pytest.mark.slow   # a minute of TPU compile on 2 cores; loop_scale itself: test_loop_scale_*
 def test_scanned_stages_are_estimated_with_their_trip_counts(libtpu, tmp_path):
     """XLA counts a scanned stage's body once; the report scales the cost model's time by the
@@ -278,7 +294,8 @@ def test_loop_scale_and_unpriced_ops_from_hlo_text():
 def test_too_large_a_batch_does_not_fit(libtpu, tmp_path):
     config = tiny_config("DiT", "v5e-4", batch_size=2 ** 20)
     with pytest.raises(compile_lib.DoesNotFitError, match=r"needs (at least )?[\d.]+ GiB of HBM per chip but "
-                       r"a TPU v5 lite has [\d.]+ GiB .*mesh.rules=fsdp.*remat.*per-chip batch"):
+                       r"a TPU v5 lite has [\d.]+ GiB .*mesh.rules=fsdp.*shard_update=True.*remat"
+                       r".*per-chip batch"):
         compile_lib.compile_from_config(config, str(tmp_path))
     report = json.loads((tmp_path / "compile" / "v5e-4.json").read_text())
     assert report["fits"] is False and report["headroom"] < 0

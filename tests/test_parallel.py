@@ -44,3 +44,18 @@ def test_bad_meshes_fail_with_the_field_to_fix(overrides, message):
     config.update_from_flattened_dict(overrides)
     with pytest.raises(ValueError, match=message):
         config_lib.validate(config)
+
+
+@pytest.mark.parametrize("spec, shape, want", [
+    (P(), (64, 128), P(("data", "fsdp"), None)),           # replicated: split on its first dim
+    (P(None, "fsdp"), (64, 128), P("data", "fsdp")),        # FSDP-sharded: 'data' is added
+    (P(), (5, 64, 128), P(None, ("data", "fsdp"), None)),   # a scan's stacked depth is skipped
+    (P(), (6, 4), P()),                                     # nothing divisible: left whole
+    (P(), (3,), P()),
+])
+def test_split_update_adds_the_data_axes_a_parameter_leaves_free(spec, shape, want):
+    """mesh.shard_update: each optimizer-state / EMA leaf is split over the data-parallel axes
+    its parameter does not use (ZeRO-1), on the first dimension they divide."""
+    from jax.sharding import AbstractMesh, NamedSharding
+    mesh = AbstractMesh((4, 2), ("data", "fsdp"))
+    assert parallel.update_sharding(NamedSharding(mesh, spec), shape).spec == want

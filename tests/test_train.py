@@ -114,9 +114,13 @@ def _worker(job: dict) -> None:
             if jax.process_index() == 0:
                 np.savez(run["out"], **flat_state(state))
             if run.get("report_sharding"):
-                out["sharded_params"] = sum(
-                    any(a is not None for a in leaf.sharding.spec)
-                    for leaf in jax.tree.leaves(state.params))
+                def sharded(tree):
+                    return sum(any(a is not None for a in leaf.sharding.spec)
+                               for leaf in jax.tree.leaves(tree) if leaf.ndim)
+                prefix = run.get("report_sharding") if isinstance(run["report_sharding"], str) else ""
+                out[prefix + "sharded_params"] = sharded(state.params)
+                out[prefix + "sharded_ema"] = sharded(state.ema_params)
+                out[prefix + "sharded_opt_state"] = sharded(state.opt_state)
                 out["num_params"] = len(jax.tree.leaves(state.params))
         elif run["kind"] == "restore":
             model = config_lib.build_model(config)
@@ -126,11 +130,13 @@ def _worker(job: dict) -> None:
             ckpt = checkpoints.Checkpointer(epath.Path(run["workdir"]), keep=5, keep_every=None)
             step, state = ckpt.restore(target, train.SyntheticBatches(config, 0, 1))
             ckpt.close()
-            out["restored_step"] = step
-            out["restored_devices"] = len(jax.tree.leaves(state.params)[0].sharding.device_set)
+            prefix = run.get("prefix", "")
+            out[prefix + "restored_step"] = step
+            out[prefix + "restored_devices"] = len(
+                jax.tree.leaves(state.params)[0].sharding.device_set)
             np.savez(run["out"], **flat_state(state))
             _, ema, ema_step = train.restore_ema_params(config, run["workdir"])
-            out["ema_matches"] = ema_step == step and all(
+            out[prefix + "ema_matches"] = ema_step == step and all(
                 np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(ema)),
                                                      jax.tree.leaves(jax.device_get(state.ema_params))))
         elif run["kind"] == "invalid":
@@ -361,6 +367,11 @@ def eight_device_runs(tmp_path_factory, cache_dir):
          "report_sharding": True,
          "overrides": {"mesh.data": 2, "mesh.fsdp": 4, "mesh.rules": "fsdp"}},
         {"kind": "invalid", "workdir": str(root / "bad"), "overrides": {"batch_size": 12}},
+        {"kind": "train", "workdir": str(root / "split"), "out": str(root / "split.npz"),
+         "report_sharding": "split_", "overrides": {
+             "mesh.shard_update": True, "sample_every_steps": 6, "sample.classes": [2, 0],
+             "sample.per_class": 4, "sample.sampler": "ddim", "sample.steps": "3",
+             "sample.cfg_scale": 1.0}},
     ]}
     report = run_worker(job, 8, cache_dir)
     return root, report
@@ -379,6 +390,20 @@ def test_eight_devices_fsdp_shards_params_and_matches(eight_device_runs, single_
     assert_close(fsdp, single_device_runs["straight"], "8-device FSDP vs 1 device")
 
 
+def test_eight_devices_split_update_shards_optimizer_state_and_matches(eight_device_runs,
+                                                                       single_device_runs):
+    """mesh.shard_update: params stay whole on every device, the optimizer state and the EMA
+    are split over the data axis, and the run is the one-device run."""
+    root, report = eight_device_runs
+    assert report["split_sharded_params"] == 0, report
+    assert report["split_sharded_opt_state"] > report["num_params"], report   # mu and nu
+    assert report["split_sharded_ema"] > report["num_params"] // 2, report
+    split = dict(np.load(root / "split.npz"))
+    assert_close(split, single_device_runs["straight"], "8-device split update vs 1 device")
+    # The preview sampled from the split EMA, gathered whole first.
+    assert (root / "split" / "samples" / "step_00000006.png").exists()
+
+
 def test_batch_not_divisible_by_devices_fails_clearly(eight_device_runs):
     _, report = eight_device_runs
     assert "not divisible by the 8 devices" in report["error_2"], report
@@ -388,13 +413,19 @@ def test_checkpoint_from_eight_devices_restores_on_four(eight_device_runs, cache
     root, _ = eight_device_runs
     job = {"report": str(root / "report4.json"), "runs": [
         {"kind": "restore", "workdir": str(root / "fsdp"), "out": str(root / "restored4.npz"),
-         "overrides": {"mesh.data": 1, "mesh.fsdp": 4, "mesh.rules": "fsdp"}}]}
+         "overrides": {"mesh.data": 1, "mesh.fsdp": 4, "mesh.rules": "fsdp"}},
+        # Saved with the update split over 8 devices, restored whole on 4.
+        {"kind": "restore", "workdir": str(root / "split"), "out": str(root / "split4.npz"),
+         "prefix": "split_"}]}
     report = run_worker(job, 4, cache_dir)
-    assert report["restored_step"] == TINY["total_steps"]
-    assert report["restored_devices"] == 4
-    assert report["ema_matches"]
+    for prefix in ("", "split_"):
+        assert report[prefix + "restored_step"] == TINY["total_steps"]
+        assert report[prefix + "restored_devices"] == 4
+        assert report[prefix + "ema_matches"]
     assert_identical(dict(np.load(root / "restored4.npz")), dict(np.load(root / "fsdp.npz")),
                      "restored on 4 devices vs saved on 8")
+    assert_identical(dict(np.load(root / "split4.npz")), dict(np.load(root / "split.npz")),
+                     "restored whole on 4 devices vs saved split over 8")
 
 
 # ----------------------------------------------------------------------------------------

@@ -181,7 +181,8 @@ def _train_program(config, model, mesh):
     call = 1)."""
     from udit_jax import train
     tx, schedule = config_lib.make_optimizer(config.optimizer)
-    abstract, shardings = train.state_shardings(model, tx, config.seed, mesh, config.mesh.rules)
+    abstract, shardings = train.state_shardings(model, tx, config.seed, mesh, config.mesh.rules,
+                                                config.mesh.shard_update)
     # The real batch's fields and dtypes (a one-row draw), at the global batch size.
     one = next(train.SyntheticBatches(_with(config, batch_size=1), 0, 1))
     example = {k: np.broadcast_to(v, (config.batch_size,) + v.shape[1:]) for k, v in one.items()}
@@ -214,7 +215,8 @@ def _sample_program(config, model, mesh):
     abstract, shardings = train.state_shardings(model, tx, config.seed, mesh, config.mesh.rules)
     n = s.per_device_batch * mesh.size
     rows = parallel.batch_sharding(mesh, 1)
-    args = (_abstract(abstract.ema_params, shardings.ema_params), None,
+    # A sampling job restores the EMA laid out as the params (train.restore_ema_params).
+    args = (_abstract(abstract.ema_params, shardings.params), None,
             jax.ShapeDtypeStruct((2,), np.uint32, sharding=parallel.replicated(mesh)),
             jax.ShapeDtypeStruct((n,), np.int32, sharding=rows),
             jax.ShapeDtypeStruct((n,), np.int32, sharding=rows))
@@ -262,6 +264,7 @@ def compile_report(config, executable_path=None) -> dict[str, Any]:
         "remat_keeps": config.model.remat_keeps if config.model.remat else None,
         "mesh": dict(mesh.shape), "mesh_rules": config.mesh.rules
         if isinstance(config.mesh.rules, str) else [list(r) for r in config.mesh.rules],
+        "shard_update": bool(config.mesh.shard_update),
     }
     build = _train_program if c.what == "train" else _sample_program
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -337,7 +340,9 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [
         f"{r['what']} step of {r['model']} ({r['dtype']}{', remat' if r['remat'] else ''}) "
         f"on {r['topology']} ({r['libtpu_topology']}, {r['chips']} x {r['device_kind']})",
-        f"  mesh {r['mesh']} rules {r['mesh_rules']}; global batch {r['global_batch']} "
+        f"  mesh {r['mesh']} rules {r['mesh_rules']}"
+        f"{', update split over the data axes' if r.get('shard_update') else ''}; "
+        f"global batch {r['global_batch']} "
         f"({r['global_batch'] / r['chips']:g} per chip)",
         "  HBM per chip   " + ", ".join(f"{k} {_gib(v)}" for k, v in hbm.items())
         + f" of {_gib(r['hbm_capacity_bytes'])}: "
@@ -387,6 +392,9 @@ def does_not_fit_message(r: dict[str, Any]) -> str:
     at_least = "at least " if "compile_error" in r else ""  # the compiler stopped early
     knobs = ["--config.mesh.rules=fsdp with --config.mesh.fsdp=<chips> (shards params and "
              "optimizer state)"]
+    if not r.get("shard_update") and r["what"] == "train":
+        knobs.append("--config.mesh.shard_update=True (optimizer state and EMA split over the "
+                     "data-parallel chips)")
     if not r["remat"]:
         knobs.append("--config.model.remat=True (fewer activations)")
     elif r.get("remat_keeps") != "inputs":

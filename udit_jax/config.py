@@ -107,6 +107,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1                  # -1: all devices not used by the other axes
     c.mesh.fsdp = 1
     c.mesh.rules = "data_parallel"    # or "fsdp", or [(logical axis, mesh axis), ...]
+    c.mesh.shard_update = False       # True: optimizer state and EMA split over the data axes
+                                      # (ZeRO-1): each device updates 1/N of every parameter
     c.mesh.cpu_devices = 0            # CPU hosts: N XLA devices sharing the batch (-1: one per
                                       # core); 0: one device using intra-op threads
 
@@ -351,6 +353,8 @@ def validate(config):
         if config[name] <= 0:
             raise ValueError(f"{name}={config[name]} must be positive")
     parallel.resolve_rules(config.mesh.rules, tuple(config.mesh.axes))
+    if not isinstance(config.mesh.shard_update, bool):
+        raise ValueError(f"mesh.shard_update={config.mesh.shard_update!r}: use True or False")
     make_mesh(config)
     model = build_model(config)
     validate_objective(config)   # objective switches; the samplers fit the objective

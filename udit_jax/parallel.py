@@ -183,6 +183,26 @@ def spec_for(logical: P | None, shape: Sequence[int], mesh: Mesh, rules) -> P:
     return P(*out)
 
 
+def update_sharding(sharding: NamedSharding, shape: Sequence[int]) -> NamedSharding:
+    """The sharding of an optimizer-state or EMA leaf whose parameter has `sharding`, when the
+    update is split (config.mesh.shard_update; ZeRO-1 style): the data-parallel mesh axes the
+    parameter does not use are added on its first whole dimension they divide, so each
+    data-parallel device updates only its part (the parameter itself stays as it is).
+    Unchanged when no dimension is divisible."""
+    mesh, spec = sharding.mesh, sharding.spec
+    dims = list(spec) + [None] * (len(shape) - len(spec))
+    used = {a for d in dims if d is not None for a in (d if isinstance(d, tuple) else (d,))}
+    free = tuple(a for a in batch_axes(mesh) if a not in used and mesh.shape[a] > 1)
+    ways = int(np.prod([mesh.shape[a] for a in free]))
+    if ways == 1:
+        return sharding
+    for i, (d, size) in enumerate(zip(dims, shape)):
+        if d is None and size % ways == 0:
+            dims[i] = free if len(free) > 1 else free[0]
+            return NamedSharding(mesh, P(*dims))
+    return sharding
+
+
 def activation_rules(mesh: Mesh) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """flax logical-axis rules for the models' activation names (models/layers.py
     ACTIVATION_AXES): the batch over the data-parallel axes; the other axes whole."""

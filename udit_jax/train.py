@@ -133,12 +133,21 @@ def _init_state_boxed(model, tx, seed: int) -> TrainState:
                       rng=step_rng)
 
 
-def state_shardings(model, tx, seed: int, mesh, rules) -> tuple[TrainState, TrainState]:
-    """(abstract unboxed TrainState, its NamedShardings) from the params' logical axes."""
+def state_shardings(model, tx, seed: int, mesh, rules,
+                    shard_update: bool = False) -> tuple[TrainState, TrainState]:
+    """(abstract unboxed TrainState, its NamedShardings) from the params' logical axes;
+    with `shard_update` the optimizer state and the EMA are also split over the data-parallel
+    axes (parallel.update_sharding), so each device updates its part of every parameter."""
     boxed = jax.eval_shape(functools.partial(_init_state_boxed, model, tx, seed))
     logical = nn.get_partition_spec(boxed)
     abstract = nn.unbox(boxed)
-    return abstract, parallel.logical_to_shardings(logical, abstract, mesh, rules)
+    shardings = parallel.logical_to_shardings(logical, abstract, mesh, rules)
+    if shard_update:
+        split = lambda tree, like: jax.tree.map(  # noqa: E731
+            lambda s, a: parallel.update_sharding(s, a.shape), tree, like)
+        shardings = shardings.replace(opt_state=split(shardings.opt_state, abstract.opt_state),
+                                      ema_params=split(shardings.ema_params, abstract.ema_params))
+    return abstract, shardings
 
 
 def init_state(model, tx, seed: int, shardings: TrainState) -> TrainState:
@@ -151,7 +160,8 @@ def init_state(model, tx, seed: int, shardings: TrainState) -> TrainState:
 
 def abstract_state_on_mesh(config, model, tx, mesh) -> TrainState:
     """ShapeDtypeStructs of the train state carrying their shardings on `mesh` (restore target)."""
-    return _with_shardings(*state_shardings(model, tx, config.seed, mesh, config.mesh.rules))
+    return _with_shardings(*state_shardings(model, tx, config.seed, mesh, config.mesh.rules,
+                                            config.mesh.shard_update))
 
 
 def _with_shardings(abstract: TrainState, shardings: TrainState) -> TrainState:
@@ -165,8 +175,10 @@ def restore_ema_params(config, workdir: str) -> tuple[Any, PyTree, int]:
     model = config_lib.build_model(config)
     tx, _ = config_lib.make_optimizer(config.optimizer)
     mesh = config_lib.make_mesh(config)
+    # Laid out as the params (whole on every data-parallel device), also when training split
+    # the EMA's update over them (mesh.shard_update): sampling reads every weight each step.
     target = abstract_state_on_mesh(config, model, tx, mesh)
-    step, state = checkpoints.restore_params(workdir, {"ema_params": target.ema_params},
+    step, state = checkpoints.restore_params(workdir, {"ema_params": target.params},
                                              config=config)
     return model, state["ema_params"], step
 
@@ -329,7 +341,8 @@ def make_trainer(config) -> Trainer:
     model = config_lib.validate(config)
     mesh = config_lib.make_mesh(config)
     tx, schedule = config_lib.make_optimizer(config.optimizer)
-    abstract, shardings = state_shardings(model, tx, config.seed, mesh, config.mesh.rules)
+    abstract, shardings = state_shardings(model, tx, config.seed, mesh, config.mesh.rules,
+                                          config.mesh.shard_update)
     return Trainer(config, model, mesh, config_lib.make_objective(config), tx, schedule,
                    abstract, shardings)
 
@@ -520,6 +533,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if preview is not None and config.eval.quality:
         from udit_jax.evaluation.fashion_mnist_quality import scorer_from_config
         quality = scorer_from_config(config)
+    # Sampling reads every weight at every step: the EMA laid out as the params where
+    # mesh.shard_update split it over the data axes.
+    ema_for_sampling = (jax.jit(lambda p: p, out_shardings=trainer.shardings.params)
+                        if config.mesh.shard_update else lambda p: p)
     sigterm = checkpoints.SigtermFlag() if jax.process_count() == 1 else None
     drain = _MetricsDrain(log, ckpt, config.optimizer.skip_nonfinite)
     every = lambda n: step % n == 0 or step == config.total_steps  # noqa: E731
@@ -550,7 +567,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 logging.warning("preempted: checkpoint saved at step %d; exiting", step)
                 break
             if preview is not None and every(config.sample_every_steps):
-                img = preview(state.ema_params)
+                img = preview(ema_for_sampling(state.ema_params))
                 if jax.process_index() == 0:
                     sampler_lib.write_png(workdir / "samples" / f"step_{step:08d}.png", img)
                 log.image("samples/ema", img, step)
@@ -559,7 +576,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     logging.info("samples at step %d: %s", step, score.summary())
                     log.scalars("quality", score.scalars(), step)
             if evaluate is not None and step % config.eval_every_steps == 0:
-                log.scalars("eval", evaluate(state.ema_params, step), step)
+                log.scalars("eval", evaluate(ema_for_sampling(state.ema_params), step), step)
         drain()
         if score is not None:
             logging.info("done at step %d; final samples %s", step, score.summary())
