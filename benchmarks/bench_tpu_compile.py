@@ -7,8 +7,11 @@ the default is a representative subset; --all runs the whole grid of the issue.
 
     python -m benchmarks.bench_tpu_compile                        # the subset
     python -m benchmarks.bench_tpu_compile --models U-DiT-L --topologies v5p-8 \\
-        --per_chip_batches 16 32 64 --rules data_parallel fsdp --remat 0 1
+        --per_chip_batches 16 32 64 --rules data_parallel shard_update fsdp --remat 0 1
     python -m benchmarks.bench_tpu_compile --all --json /tmp/tpu_compile.json
+
+Rules: data_parallel (params, EMA and optimizer state whole on every chip), shard_update (the
+same with mesh.shard_update: EMA and optimizer state split over the chips) or fsdp.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from udit_jax import hlo_cost
 CONFIGS = {"U-DiT-S": "configs/udit_s.py", "U-DiT-B": "configs/udit_b.py",
            "U-DiT-L": "configs/udit_l.py", "DiT-XL/2": "configs/dit_xl_2.py",
            "U-DiT-B/512": "configs/udit_b_512.py"}
+RULES = ("data_parallel", "shard_update", "fsdp")
 SUBSET = [  # (model, topology, rules, remat, per-chip batch)
     ("U-DiT-S", "v5e-8", "data_parallel", 0, 32),
     ("U-DiT-B", "v5p-8", "data_parallel", 0, 32),
@@ -41,7 +45,8 @@ def case_config(model: str, topology: str, rules: str, remat: int, per_chip: int
     config.compile.topology = topology
     config.batch_size = per_chip * chips      # weak scaling: the global batch grows with chips
     config.model.remat = bool(remat)
-    config.mesh.rules = rules
+    config.mesh.rules = "data_parallel" if rules == "shard_update" else rules
+    config.mesh.shard_update = rules == "shard_update"
     if rules == "fsdp":                       # params and optimizer state over up to 8 chips
         config.mesh.fsdp, config.mesh.data = min(chips, 8), -1
     config.model.scan_blocks = scan and model.startswith("U-DiT")
@@ -70,7 +75,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", nargs="+", choices=sorted(CONFIGS))
     p.add_argument("--topologies", nargs="+")
-    p.add_argument("--rules", nargs="+", default=["data_parallel"], choices=["data_parallel", "fsdp"])
+    p.add_argument("--rules", nargs="+", default=["data_parallel"], choices=RULES)
     p.add_argument("--remat", nargs="+", type=int, default=[0], choices=[0, 1])
     p.add_argument("--per_chip_batches", nargs="+", type=int, default=[32])
     p.add_argument("--scan", nargs="+", type=int, default=[1], choices=[0, 1],
@@ -80,8 +85,8 @@ def main():
     args = p.parse_args()
     if args.all:
         cases = [(m, t, r, rm, b, 1) for m in CONFIGS for t in ("v5e-8", "v5p-8", "v6e-8")
-                 for r in ("data_parallel", "fsdp") for rm in (0, 1) for b in (16, 32, 64)]
-        cases += [("U-DiT-L", "v5p-256", r, rm, b, 1) for r in ("data_parallel", "fsdp")
+                 for r in RULES for rm in (0, 1) for b in (16, 32, 64)]
+        cases += [("U-DiT-L", "v5p-256", r, rm, b, 1) for r in RULES
                   for rm in (0, 1) for b in (16, 32, 64)]
     elif args.models or args.topologies:
         cases = list(itertools.product(args.models or ["U-DiT-S"], args.topologies or ["v5p-8"],

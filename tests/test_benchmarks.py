@@ -30,3 +30,14 @@ def test_bench_demo_reports_compile_step_and_preview():
     for phase in ("init (compile + run)", "train step compile", "train step (mean of 1)",
                   "preview grid"):
         assert phase in proc.stdout, proc.stdout
+
+
+def test_tpu_compile_cases_set_the_mesh_they_name():
+    """bench_tpu_compile's rules: shard_update is data parallel with the update split."""
+    from benchmarks.bench_tpu_compile import case_config
+    for rules, want in [("data_parallel", ("data_parallel", False, 1)),
+                        ("shard_update", ("data_parallel", True, 1)),
+                        ("fsdp", ("fsdp", False, 8))]:
+        config = case_config("U-DiT-S", "v5e-8", rules, 0, 32, True)
+        assert (config.mesh.rules, config.mesh.shard_update, config.mesh.fsdp) == want, rules
+        assert config.batch_size == 256 and config.model.scan_blocks
