@@ -110,7 +110,24 @@ def _worker(job: dict) -> None:
     for i, run in enumerate(job["runs"]):
         config = make_config(run.get("overrides"))
         if run["kind"] == "train":
+            make_preview, seen = train.make_preview, []
+
+            def recording_preview(*args, **kwargs):
+                # Records whether the EMA each preview is given has any leaf split over devices.
+                preview = make_preview(*args, **kwargs)
+                if preview is None:
+                    return None
+
+                def record(ema):
+                    seen.append(any(any(a is not None for a in leaf.sharding.spec)
+                                    for leaf in jax.tree.leaves(ema) if leaf.ndim))
+                    return preview(ema)
+                return record
+
+            train.make_preview = recording_preview
             state = train.train_and_evaluate(config, run["workdir"])
+            train.make_preview = make_preview
+            out[f"preview_ema_split_{i}"] = seen
             if jax.process_index() == 0:
                 np.savez(run["out"], **flat_state(state))
             if run.get("report_sharding"):
@@ -401,6 +418,7 @@ def test_eight_devices_split_update_shards_optimizer_state_and_matches(eight_dev
     split = dict(np.load(root / "split.npz"))
     assert_close(split, single_device_runs["straight"], "8-device split update vs 1 device")
     # The preview sampled from the split EMA, gathered whole first.
+    assert report["preview_ema_split_3"] == [False], report
     assert (root / "split" / "samples" / "step_00000006.png").exists()
 
 

@@ -566,17 +566,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if preempted:
                 logging.warning("preempted: checkpoint saved at step %d; exiting", step)
                 break
-            if preview is not None and every(config.sample_every_steps):
-                img = preview(ema_for_sampling(state.ema_params))
-                if jax.process_index() == 0:
-                    sampler_lib.write_png(workdir / "samples" / f"step_{step:08d}.png", img)
-                log.image("samples/ema", img, step)
-                if quality is not None:
-                    score = quality(img, config.sample.classes)
-                    logging.info("samples at step %d: %s", step, score.summary())
-                    log.scalars("quality", score.scalars(), step)
-            if evaluate is not None and step % config.eval_every_steps == 0:
-                log.scalars("eval", evaluate(ema_for_sampling(state.ema_params), step), step)
+            wants_preview = preview is not None and every(config.sample_every_steps)
+            wants_eval = evaluate is not None and step % config.eval_every_steps == 0
+            if wants_preview or wants_eval:
+                ema = ema_for_sampling(state.ema_params)   # gathered once for both
+                if wants_preview:
+                    img = preview(ema)
+                    if jax.process_index() == 0:
+                        sampler_lib.write_png(workdir / "samples" / f"step_{step:08d}.png", img)
+                    log.image("samples/ema", img, step)
+                    if quality is not None:
+                        score = quality(img, config.sample.classes)
+                        logging.info("samples at step %d: %s", step, score.summary())
+                        log.scalars("quality", score.scalars(), step)
+                if wants_eval:
+                    log.scalars("eval", evaluate(ema, step), step)
+                del ema   # a split run's gathered copy is not held through the next steps
         drain()
         if score is not None:
             logging.info("done at step %d; final samples %s", step, score.summary())
