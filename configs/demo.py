@@ -18,20 +18,24 @@ CPU-s (22-25 s), one train step 0.32-0.35 CPU-s (0.18-0.21 s) on two XLA devices
 the later sessions one step took 0.15 s (fast spells) to 0.31 s (slow spells).
 
 Measured end to end (the README command verbatim, fresh clone and virtualenv, empty caches,
-so the quality classifier is trained too), this release on a 2-core AVX2 VM in a fast spell:
-**4 min 37 s**, exit 0 (pip 37 s, start-up 10 s, classifier 12 s, train-step compile 22 s,
-1200 steps at 6.5-6.7 steps/s with two previews). Last line: "done at step 1200; final
-samples recognised 93.8% (worst: Shirt 62%), FD 18.93 (n=80; ...)". The same kind of VM in
-its slow spells ran the 1800-step release in 12 min 15 s and 13 min 4 s (2.9-3.7 steps/s,
-compile 35-54 s, pip 50-86 s); 600 fewer steps take 2.7-3.4 min off that, and the
-classifier now trains in 36 s there, not 93 s: about 8.5-10 min.
+so the quality classifier is trained too) on a 2-core AVX2 VM: the previous release in a fast
+spell, **4 min 37 s**, exit 0 (pip 37 s, start-up 10 s, classifier 12 s, train-step compile
+22 s, 1200 steps at 6.5-6.7 steps/s with two previews); this release in a slow spell,
+**8 min 34 s**, exit 0 (pip about 70 s, start-up 19 s, classifier 24 s, train-step compile
+37 s, 1200 steps at 3.4-3.9 steps/s). Its last line: "done at step 1200; final samples
+recognised 91.2% (worst: Coat 62%), FD 19.08 (n=80; ...)". The same kind of VM in its slow
+spells ran the 1800-step release in 12 min 15 s and 13 min 4 s (2.9-3.7 steps/s, compile
+35-54 s, pip 50-86 s).
 
 Quality (eval.quality: recognised by the project's Fashion-MNIST classifier, test accuracy
-89.4%; FD in its 64-d features; CFG 5, DPM-Solver++ 25 steps). The export of the run above:
-`--mode=sample --config.sample.per_class=100` (the issue's protocol, 100 per class) 96.2%
-recognised, every class >= 78% (Shirt; Coat 93%), FD 16.1; `--mode=evaluate` (1000 samples of
-random classes) 95.1% (Shirt 71.3%), FD 18.1. How quality moves with total_steps (this recipe,
---mode=evaluate, fast-spell AVX2 VM; minutes = the training command's wall time, warm caches):
+89.4%; FD in its 64-d features; CFG 5, DPM-Solver++ 25 steps). The export of this release's
+run above: `--mode=sample --config.sample.per_class=100` (the issue's protocol, 100 per class)
+96.7% recognised, every class >= 77% (Shirt; Coat 96%), FD 14.9; `--mode=evaluate` (1000
+samples of random classes) 94.6% (Shirt 70.2%), FD 17.1 (the previous release: 96.2% / 16.1
+and 95.1% / 18.1; the depthwise kernel gradient now sums its taps in another order, so the
+run's floating-point path differs). How quality moves with total_steps (this recipe, the
+previous release, --mode=evaluate, fast-spell AVX2 VM; minutes = the training command's wall
+time, warm caches):
 
     total_steps  minutes  recognised  FD    worst class
             600      2.0       69.6%  36.0  coat 46.3%
