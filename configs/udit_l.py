@@ -29,6 +29,19 @@ parallel, bf16; the rows below the first without shard_update):
     v5p-8   no     1           106.9 GiB: no fit  367 s    -             -           -
     v5p-8   no     2           83.6 GiB (12%)     374 s    467*          137*        18.3%*
 
+The recipe's global batch 256 on larger slices (fewer images per chip; shard_update; compiled
+with one or two other compiles on the host, so the compile times are upper bounds):
+
+    chips    per chip  remat  HBM per chip      compile  est. ms/step  img/s/chip  est. MFU
+    v5p-16   32        no     51.9 GiB (45%)    799 s    227           141         18.8%
+    v5p-16   32        yes    23.3 GiB (75%)    1208 s   244           131         17.5%
+    v5p-32   16        yes    14.3 GiB (85%)    849 s    171           94          12.5%
+
+Per chip the step gets less efficient as its batch shrinks (169 img/s at 64, 141 at 32, 94 at
+16), so keep 64 per chip where the recipe allows (v5p-8, or a larger global batch). At 32 per
+chip the step fits without remat and is then estimated 8% faster
+(--config.model.remat=False); at 64 it does not fit without it.
+
 Pods, 64 images per chip (weak scaling), remat, without shard_update
 (--config.mesh.shard_update=False):
 
