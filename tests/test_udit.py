@@ -537,6 +537,45 @@ def test_attention_lowers_per_platform():
     assert (grads("cpu"), grads("tpu")) == (6, 8)
 
 
+def test_gelu_exact_is_torchs_erf_gelu():
+    """x/2 (1 + erf(x/sqrt 2)) and its derivative, against float64 (scipy), over the range
+    activations take, the far negative tail included (where 1 + erf cancels in float32, as in
+    torch's kernel: within 1e-6 absolute)."""
+    from scipy.special import erf
+    x = np.linspace(-12.0, 12.0, 20001)
+    want = 0.5 * x * (1 + erf(x / math.sqrt(2)))
+    want_grad = 0.5 * (1 + erf(x / math.sqrt(2))) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    x32 = jnp.asarray(x, jnp.float32)
+    np.testing.assert_allclose(layers.gelu_exact(x32), want, rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.vmap(jax.grad(layers.gelu_exact))(x32), want_grad,
+                               rtol=2e-6, atol=1e-6)
+    assert layers.gelu_exact(x32.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
+def test_attention_heads_major_equals_autodiff(dtype, tol):
+    """The CPU form's values and hand-written gradients equal autodiff of the float32 softmax
+    (N != M, as U-DiT's pooled keys), in the input dtype."""
+    b, n, m, h, d = 2, 12, 5, 3, 4
+    q, k, v, g = (jax.random.normal(jax.random.key(i), (b, h, s, d)).astype(dtype)
+                  for i, s in enumerate((n, m, m, n)))
+
+    def reference(q, k, v):
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits * 0.6, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+
+    got, got_vjp = jax.vjp(lambda q, k, v: layers.attention_heads_major(q, k, v, 0.6), q, k, v)
+    want, want_vjp = jax.vjp(reference, q, k, v)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=tol, atol=tol)
+    for a, e in zip(got_vjp(g), want_vjp(g)):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32),
+                                   rtol=tol, atol=tol * float(np.abs(np.asarray(e, np.float32)).max()))
+
+
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
 def test_attention_recomputed_equals_autodiff_and_keeps_no_weights(dtype, tol):
     """Values and gradients of the recomputing backward equal autodiff of the float32 softmax
