@@ -552,20 +552,23 @@ def test_gelu_exact_is_torchs_erf_gelu():
     assert layers.gelu_exact(x32.astype(jnp.bfloat16)).dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
-def test_attention_heads_major_equals_autodiff(dtype, tol):
-    """The CPU form's values and hand-written gradients equal autodiff of the float32 softmax
-    (N != M, as U-DiT's pooled keys), in the input dtype."""
+def _vjps_against_softmax(attention, layout: str, dtype, tol: float):
+    """attention(q, k, v, 0.6) and its VJP against autodiff of the float32 softmax, q/k/v laid
+    out as `layout` ("bhsd" heads-major, "bshd" in place), with N != M as U-DiT's pooled keys.
+    Asserts values and gradients agree in the input dtype; returns both VJP closures."""
     b, n, m, h, d = 2, 12, 5, 3, 4
-    q, k, v, g = (jax.random.normal(jax.random.key(i), (b, h, s, d)).astype(dtype)
+    shape = {"bhsd": lambda s: (b, h, s, d), "bshd": lambda s: (b, s, h, d)}[layout]
+    q, k, v, g = (jax.random.normal(jax.random.key(i), shape(s)).astype(dtype)
                   for i, s in enumerate((n, m, m, n)))
+    spec = layout.replace("s", "{}")
 
     def reference(q, k, v):
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+        logits = jnp.einsum(f"{spec.format('q')},{spec.format('k')}->bhqk", q, k,
+                            preferred_element_type=jnp.float32)
         weights = jax.nn.softmax(logits * 0.6, axis=-1).astype(v.dtype)
-        return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+        return jnp.einsum(f"bhqk,{spec.format('k')}->{spec.format('q')}", weights, v)
 
-    got, got_vjp = jax.vjp(lambda q, k, v: layers.attention_heads_major(q, k, v, 0.6), q, k, v)
+    got, got_vjp = jax.vjp(lambda q, k, v: attention(q, k, v, 0.6), q, k, v)
     want, want_vjp = jax.vjp(reference, q, k, v)
     assert got.dtype == dtype
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
@@ -574,32 +577,23 @@ def test_attention_heads_major_equals_autodiff(dtype, tol):
         assert a.dtype == dtype
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32),
                                    rtol=tol, atol=tol * float(np.abs(np.asarray(e, np.float32)).max()))
+    return got_vjp, want_vjp
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
+def test_attention_heads_major_equals_autodiff(dtype, tol):
+    """The CPU form's values and hand-written gradients equal autodiff of the float32 softmax."""
+    _vjps_against_softmax(layers.attention_heads_major, "bhsd", dtype, tol)
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
 def test_attention_recomputed_equals_autodiff_and_keeps_no_weights(dtype, tol):
-    """Values and gradients of the recomputing backward equal autodiff of the float32 softmax
-    (N != M, as U-DiT's pooled keys); the backward keeps no [B, heads, N, M] array."""
-    b, n, m, h, d = 2, 12, 5, 3, 4
-    q, k, v, g = (jax.random.normal(jax.random.key(i), (b, s, h, d)).astype(dtype)
-                  for i, s in enumerate((n, m, m, n)))
-
-    def reference(q, k, v):
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(logits * 0.6, axis=-1).astype(v.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-
-    got, got_vjp = jax.vjp(lambda q, k, v: layers.attention_recomputed(q, k, v, 0.6), q, k, v)
-    want, want_vjp = jax.vjp(reference, q, k, v)
-    assert got.dtype == dtype
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                               rtol=tol, atol=tol)
-    for a, e in zip(got_vjp(g), want_vjp(g)):
-        assert a.dtype == dtype
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32),
-                                   rtol=tol, atol=tol * float(np.abs(np.asarray(e, np.float32)).max()))
-    saved = [a.shape for a in jax.tree.leaves(got_vjp)]
-    assert (b, h, n, m) not in saved and (b, h, n, m) in [a.shape for a in jax.tree.leaves(want_vjp)]
+    """Values and gradients of the recomputing backward equal autodiff of the float32 softmax;
+    the backward keeps no [B, heads, N, M] array."""
+    got_vjp, want_vjp = _vjps_against_softmax(layers.attention_recomputed, "bshd", dtype, tol)
+    weights_shape = (2, 3, 12, 5)
+    assert weights_shape not in [a.shape for a in jax.tree.leaves(got_vjp)]
+    assert weights_shape in [a.shape for a in jax.tree.leaves(want_vjp)]
 
 
 def test_fused_equals_unfused_on_random_weights():
