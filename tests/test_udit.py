@@ -552,11 +552,14 @@ def test_gelu_exact_is_torchs_erf_gelu():
     assert layers.gelu_exact(x32.astype(jnp.bfloat16)).dtype == jnp.bfloat16
 
 
+_ATTN_B, _ATTN_N, _ATTN_M, _ATTN_H, _ATTN_D = 2, 12, 5, 3, 4   # N != M, as U-DiT's pooled keys
+
+
 def _vjps_against_softmax(attention, layout: str, dtype, tol: float):
     """attention(q, k, v, 0.6) and its VJP against autodiff of the float32 softmax, q/k/v laid
-    out as `layout` ("bhsd" heads-major, "bshd" in place), with N != M as U-DiT's pooled keys.
+    out as `layout` ("bhsd" heads-major, "bshd" in place), sizes _ATTN_*.
     Asserts values and gradients agree in the input dtype; returns both VJP closures."""
-    b, n, m, h, d = 2, 12, 5, 3, 4
+    b, n, m, h, d = _ATTN_B, _ATTN_N, _ATTN_M, _ATTN_H, _ATTN_D
     shape = {"bhsd": lambda s: (b, h, s, d), "bshd": lambda s: (b, s, h, d)}[layout]
     q, k, v, g = (jax.random.normal(jax.random.key(i), shape(s)).astype(dtype)
                   for i, s in enumerate((n, m, m, n)))
@@ -591,7 +594,7 @@ def test_attention_recomputed_equals_autodiff_and_keeps_no_weights(dtype, tol):
     """Values and gradients of the recomputing backward equal autodiff of the float32 softmax;
     the backward keeps no [B, heads, N, M] array."""
     got_vjp, want_vjp = _vjps_against_softmax(layers.attention_recomputed, "bshd", dtype, tol)
-    weights_shape = (2, 3, 12, 5)
+    weights_shape = (_ATTN_B, _ATTN_H, _ATTN_N, _ATTN_M)
     assert weights_shape not in [a.shape for a in jax.tree.leaves(got_vjp)]
     assert weights_shape in [a.shape for a in jax.tree.leaves(want_vjp)]
 
