@@ -21,13 +21,18 @@ per chip on v5p-8 and no slower; on v6e-8 the difference between fitting and not
 Before renting, compile the step for the pod on any host: --mode=compile with
 --config.compile.topology=v5p-8 (README, "Before you rent a pod"). Measured that way (2-core
 x86 host, jax 0.10.2, libtpu 0.0.42.1; XLA's cost model, not a TPU; global batch 256, data
-parallel, bf16; the rows below the first without shard_update):
+parallel, bf16; the rows below the first two without shard_update):
 
     chips   remat  grad_accum  HBM per chip       compile  est. ms/step  img/s/chip  est. MFU
-    v5p-8   yes    1           40.2 GiB (58%)     578 s    378           169         22.6%
+    v5p-8   yes    1           37.0 GiB (61%)     373 s    366           175         23.4%
+    v5p-8   yes    1           40.2 GiB (58%)     578 s    378           169         22.6% (b)
     v5p-8   yes    1           50.3 GiB (47%)     413 s    381           168         22.4%
     v5p-8   no     1           106.9 GiB: no fit  367 s    -             -           -
     v5p-8   no     2           83.6 GiB (12%)     374 s    467*          137*        18.3%*
+
+(b: the previous release, whose rep FFNs ran their four 1x1 convs one by one; this release
+composes each pair where it pays (models/udit.py pointwise_pair). The other rows of this
+docstring are that release's too.)
 
 The recipe's global batch 256 on larger slices (fewer images per chip; shard_update; compiled
 with one or two other compiles on the host, so the compile times are upper bounds):

@@ -749,3 +749,98 @@ def test_pointwise_conv_is_nn_conv_1x1():
     for got, expected in zip(jax.tree_util.tree_leaves(jax.grad(loss(ours))(params)),
                              jax.tree_util.tree_leaves(jax.grad(loss(reference))(params))):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def _rep_ffn_reference(p, x):
+    """The official training-form FFN written out: four 1x1 convs, exact GELU and the
+    identity + dw5 + dw3 + dw1 branches, each a lax convolution. x: [B, H, W, d]."""
+    p = nn.meta.unbox(p)
+    pointwise = lambda a, q: jnp.einsum("bhwi,io->bhwo", a, q["kernel"][0, 0]) + q["bias"]  # noqa: E731
+    a = pointwise(pointwise(x, p["project_in_0"]), p["project_in_1"])
+    a = 0.5 * a * (1 + jax.lax.erf(a / np.sqrt(2.0)))
+    out = a
+    for i in range(3):
+        q = p[f"dwconv_{i}"]
+        out = out + jax.lax.conv_general_dilated(
+            a, q["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=a.shape[-1]) + q["bias"]
+    return pointwise(pointwise(out, p["project_out_0"]), p["project_out_1"])
+
+
+def _rep_ffn_params(d, h, seed=5):
+    variables = udit.RepFeedForward(d, h).init(jax.random.key(0), jnp.zeros((1, 4, 4, d)))
+    rng = np.random.default_rng(seed)   # init zeroes the biases: random ones instead
+    return variables, jax.tree_util.tree_map(
+        lambda a: jnp.asarray(rng.normal(0, 0.3, a.shape), jnp.float32), nn.meta.unbox(variables)["params"])
+
+
+def test_rep_ffn_equals_the_official_chain_with_the_same_params():
+    """RepFeedForward's params (names, logical axes, initial values) do not depend on the
+    tokens it is called with, and it gives the official chain's outputs and gradients."""
+    d, h = 8, 16
+    x = jax.random.normal(jax.random.key(3), (8, 4, 4, d))
+    ffn = udit.RepFeedForward(d, h)
+    variables, params = _rep_ffn_params(d, h)
+    assert udit.composing_pays(x.size // d, d, h) and not udit.composing_pays(16, d, h)
+    big = ffn.init(jax.random.key(0), x)
+    leaves = lambda v: jax.tree_util.tree_leaves(v, is_leaf=lambda a: isinstance(a, nn.Partitioned))  # noqa: E731
+    assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(big)
+    for a, b in zip(leaves(variables), leaves(big)):
+        assert a.names == b.names
+        np.testing.assert_array_equal(a.value, b.value)
+    np.testing.assert_allclose(ffn.apply({"params": params}, x), _rep_ffn_reference(params, x),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("composed", [False, True])
+def test_pointwise_pair_composed_or_not_equals_two_convs(composed):
+    """Both forms of a 1x1 pair, values and gradients, against the two convs written out."""
+    d, h = 8, 16
+    _, params = _rep_ffn_params(d, h)
+    first, second = ((params[f"project_in_{i}"]["kernel"], params[f"project_in_{i}"]["bias"])
+                     for i in range(2))
+    x = jax.random.normal(jax.random.key(3), (2, 4, 4, d))
+    conv = lambda a, k, b: jnp.einsum("bhwi,io->bhwo", a, k[0, 0]) + b   # noqa: E731
+    reference = lambda x, f, s: jnp.sum(jnp.sin(conv(conv(x, *f), *s)))  # noqa: E731
+    ours = lambda x, f, s: jnp.sum(jnp.sin(udit.pointwise_pair(x, f, s, jnp.float32, composed)))  # noqa: E731
+    np.testing.assert_allclose(ours(x, first, second), reference(x, first, second), rtol=1e-5)
+    got = jax.grad(ours, argnums=(0, 1, 2))(x, first, second)
+    want = jax.grad(reference, argnums=(0, 1, 2))(x, first, second)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert_close_rel(a, b, 1e-5)
+
+
+def test_rep_ffn_composes_off_cpus_only():
+    """Lowered for a TPU (as --mode=compile lowers it) the pairs compose where the tokens pay:
+    a kernel product and a bias product per pair, 6 dots instead of 4; on CPUs never."""
+    ffn = udit.RepFeedForward(8, 16)
+    params = nn.meta.unbox(jax.eval_shape(ffn.init, jax.random.key(0), jnp.zeros((1, 4, 4, 8))))
+
+    def dots(batch, platform):
+        x = jax.ShapeDtypeStruct((batch, 4, 4, 8), jnp.float32)
+        text = jax.jit(ffn.apply).trace(params, x).lower(lowering_platforms=(platform,)).as_text()
+        return text.count("stablehlo.dot_general")
+
+    assert dots(8, "tpu") == 6 and dots(1, "tpu") == 4
+    assert dots(8, "cpu") == 4
+
+
+def test_rep_ffn_composes_by_tokens_per_device(monkeypatch):
+    """The batch split over the mesh's data axes counts: 8 images over 8 devices are one
+    image's 16 tokens per device."""
+    from jax.sharding import AbstractMesh, AxisType
+    asked = []
+    decide = udit.composing_pays
+    monkeypatch.setattr(udit, "composing_pays", lambda t, d, h: asked.append(t) or decide(t, d, h))
+    ffn, x = udit.RepFeedForward(8, 16), jnp.zeros((8, 4, 4, 8))
+    params = nn.meta.unbox(jax.eval_shape(ffn.init, jax.random.key(0), x))
+    apply = lambda: jax.eval_shape(ffn.apply, params, x)  # noqa: E731
+    assert layers.batch_shards() == 1
+    apply()
+    mesh = AbstractMesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+    with jax.sharding.use_abstract_mesh(mesh):
+        for axes, shards in (("data", 4), (("data", "fsdp"), 8)):
+            with nn.logical_axis_rules((("activation_batch", axes),)):
+                assert layers.batch_shards() == shards
+                apply()
+    assert asked == [128, 128, 32, 16]   # init, then the three applies

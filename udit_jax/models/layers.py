@@ -143,6 +143,17 @@ ACTIVATION_AXES = {3: ("activation_batch", "activation_length", "activation_embe
                    4: ("activation_batch", "activation_height", "activation_width", "activation_embed")}
 
 
+def batch_shards() -> int:
+    """How many ways the activations' batch axis is split: the size of the mesh axes that the
+    current flax logical-axis rules map "activation_batch" to, in the current mesh (the train
+    step traces under both); 1 outside them."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = dict(nn.get_logical_axis_rules()).get("activation_batch")
+    if mesh.empty or not axes:
+        return 1
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
 def constrain_activations(x: jax.Array) -> jax.Array:
     """x with its logical activation axes declared (a block's input or output)."""
     return nn.with_logical_constraint(x, ACTIVATION_AXES[x.ndim])
