@@ -53,14 +53,28 @@ def conv(features: int, kernel: int, axes: tuple[str | None, str | None], *, nam
 
     A 1x1 stride-1 conv is a `PointwiseConv`: the same params, computed as a matmul.
     """
-    kernel_init = with_axes(kernel_init, ("conv_h", "conv_w") + tuple(axes))
-    bias_init = with_axes(bias_init, (axes[1],))
+    kernel_init, bias_init = conv_inits(axes, kernel_init, bias_init)
     if kernel == 1 and stride == 1:
         return PointwiseConv(features, use_bias=use_bias, dtype=dtype, kernel_init=kernel_init,
                              bias_init=bias_init, name=name)
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
                    use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
                    kernel_init=kernel_init, bias_init=bias_init, name=name)
+
+
+def conv_inits(axes: tuple[str | None, str | None], kernel_init: Callable = xavier_uniform,
+               bias_init: Callable = zeros) -> tuple[Callable, Callable]:
+    """`conv`'s initialisers with their logical axes: HWIO kernel ('conv_h', 'conv_w', *axes),
+    bias (axes[1],)."""
+    return (with_axes(kernel_init, ("conv_h", "conv_w") + tuple(axes)),
+            with_axes(bias_init, (axes[1],)))
+
+
+def pointwise(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, dtype: Dtype) -> jax.Array:
+    """A 1x1 conv as a matmul in `dtype`: x [..., in], kernel [1, 1, in, out], bias [out] or
+    None -> [..., out]."""
+    y = matmul(x.astype(dtype), kernel[0, 0].astype(dtype))
+    return y if bias is None else y + bias.astype(dtype)
 
 
 def _contract_last(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -130,10 +144,8 @@ class PointwiseConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
-        y = matmul(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
-        if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
-        return y
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
+        return pointwise(x, kernel, bias, self.dtype)
 
 
 # Logical names of the main activations' axes, by rank (tokens [B, T, D]; NHWC maps). Under
