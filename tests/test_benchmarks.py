@@ -6,6 +6,8 @@ import pkgutil
 import subprocess
 import sys
 
+import pytest
+
 import benchmarks
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -41,3 +43,23 @@ def test_tpu_compile_cases_set_the_mesh_they_name():
         config = case_config("U-DiT-S", "v5e-8", rules, 0, 32, True)
         assert (config.mesh.rules, config.mesh.shard_update, config.mesh.fsdp) == want, rules
         assert config.batch_size == 256 and config.model.scan_blocks
+
+
+def test_gpu_table_cases_and_roofline():
+    """bench_gpu: a bad case is refused before any compute; the roofline takes the model's
+    FLOPs at the measured matmul rate or XLA's bytes at the measured copy rate."""
+    from benchmarks import bench_gpu
+    with pytest.raises(ValueError, match="MODEL:BATCH:REMAT:ATTENTION"):
+        bench_gpu.main(["--cases", "U-DiT-L:64:1:flash"])
+    assert bench_gpu.parse_case("DiT-XL/2:64:0:cudnn") == {
+        "model": "DiT-XL/2", "per_gpu": 64, "remat": 0, "attention": "cudnn"}
+    result = {"model": "DiT-XL/2", "per_gpu": 64, "remat": 0, "attention": "xla", "step_ms": 200.0,
+              "global_batch": 64, "img/s": 320.0, "TFLOP/s": 300.0, "MFU": 0.3, "peak_GiB": 50.0,
+              "lower_s": 6.0, "compile_s": 35.0, "model_TFLOP/step": 80.0,
+              "xla_TFLOP/step": 16.0, "xla_GB/step": 200.0}
+    row = bench_gpu.table_row(result, {"matmul_TFLOP/s": 800.0, "copy_TB/s": 4.0})
+    # max(80 TFLOP / 800 TFLOP/s = 100 ms, 200 GB / 4 TB/s = 50 ms) over the 200 ms measured.
+    assert row["roofline/measured"] == pytest.approx(0.5)
+    assert row["XLA/model FLOPs"] == pytest.approx(0.2)
+    config = bench_gpu.case_config(bench_gpu.parse_case("U-DiT-L:32:0:cudnn"), devices=2)
+    assert (config.batch_size, config.model.remat, config.model.kwargs.attention_impl) == (64, False, "cudnn")

@@ -347,6 +347,14 @@ def test_saving_an_executable_is_for_the_train_step(libtpu, tmp_path):
         compile_lib.compile_from_config(config, str(tmp_path))
 
 
+def test_cudnn_attention_is_refused_for_tpus(libtpu, tmp_path):
+    config = tiny_config("DiT", "v5e:2x2")
+    config.model.kwargs.attention_impl = "cudnn"
+    config.model.dtype = config.eval.dtype = "bfloat16"
+    with pytest.raises(ValueError, match="'cudnn' is the fused attention of NVIDIA GPUs, not TPUs"):
+        compile_lib.compile_from_config(config, str(tmp_path))
+
+
 def test_plain_runs_do_not_start_libtpu_without_a_tpu(tmp_path):
     """With libtpu installed (for this file's compile mode) on a machine without TPU chips,
     the other modes start JAX without loading libtpu, whose start-up prints a page of TPU

@@ -231,6 +231,20 @@ def test_bad_values_fail_before_compiling(field, value, message, tmp_path):
         train.validate(demo_config(**{field: value}), tmp_path / "work")
 
 
+def test_cudnn_attention_off_gpus_or_in_float32_fails_before_compiling(tmp_path):
+    """The fused cuDNN attention has bfloat16/float16 kernels for NVIDIA GPUs only."""
+    from udit_jax import train
+    cudnn = {"model.kwargs.attention_impl": "cudnn"}
+    with pytest.raises(ValueError, match=r"^model.dtype='float32': .*'cudnn'.*bfloat16 or float16"):
+        train.validate(demo_config(**cudnn, **{"model.dtype": "float32"}), tmp_path / "work")
+    with pytest.raises(ValueError, match=r"^eval.dtype='float32': .*'cudnn'"):
+        train.validate(demo_config(**cudnn, **{"model.dtype": "bfloat16", "eval.dtype": "float32"}),
+                       tmp_path / "work")
+    with pytest.raises(ValueError, match=r"fused attention of NVIDIA GPUs, and these devices are cpu"):
+        train.validate(demo_config(**cudnn, **{"model.dtype": "bfloat16", "eval.dtype": "bfloat16"}),
+                       tmp_path / "work")
+
+
 def test_cfg_scale_below_one_is_no_guidance_and_logged(tmp_path, caplog):
     """The sampler (previews, in-loop evaluation, jobs) says so when it is built."""
     from udit_jax import train

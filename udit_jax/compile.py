@@ -235,6 +235,9 @@ def _check(config, chips: int) -> None:
     if c.save_executable and c.what != "train":
         raise ValueError("compile.save_executable=True saves the train step; use "
                          "compile.what=train")
+    if config.model.kwargs.get("attention_impl") == "cudnn":
+        raise ValueError("model.kwargs.attention_impl='cudnn' is the fused attention of NVIDIA "
+                         "GPUs, not TPUs: leave it unset (XLA's attention) for --mode=compile")
     accum = config.optimizer.grad_accum_steps
     if c.what == "train" and (config.batch_size % accum or (config.batch_size // accum) % chips):
         raise ValueError(f"batch_size={config.batch_size} (grad_accum_steps={accum}) does not "

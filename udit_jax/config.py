@@ -320,6 +320,13 @@ def check_values(config) -> None:
     for field in ("sample.cfg_scale", "eval.cfg_scale"):
         non_negative(field, "guidance scales are finite and >= 0 (up to 1: no guidance; the "
                             "papers guide with 1.5 or 4)")
+    if config.model.kwargs.get("attention_impl") == "cudnn":
+        # cuDNN's fused attention has no float32 kernel.
+        for field in ("model.dtype", "eval.dtype"):
+            need(_field(config, field) in ("bfloat16", "float16"), field,
+                 "model.kwargs.attention_impl='cudnn' (the fused GPU kernel) computes in "
+                 "bfloat16 or float16 only: set this to bfloat16, or leave attention_impl unset "
+                 "(XLA's attention, any dtype)")
     for name, value in config.model.kwargs.items():
         if name in ("input_size", "in_channels", "num_classes", "hidden_size", "patch_size",
                     "num_heads"):
@@ -355,6 +362,10 @@ def validate(config):
     parallel.resolve_rules(config.mesh.rules, tuple(config.mesh.axes))
     if not isinstance(config.mesh.shard_update, bool):
         raise ValueError(f"mesh.shard_update={config.mesh.shard_update!r}: use True or False")
+    if config.model.kwargs.get("attention_impl") == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"model.kwargs.attention_impl='cudnn' is the fused attention of NVIDIA "
+                         f"GPUs, and these devices are {jax.default_backend()}: leave it unset "
+                         "(XLA's attention)")
     make_mesh(config)
     model = build_model(config)
     validate_objective(config)   # objective switches; the samplers fit the objective
