@@ -12,6 +12,8 @@ product, a few 1e-3 after softmax and sums; float32 on the GPU near 1e-6.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,7 +95,8 @@ def _inputs(batch: int = 8):
 
 def _output_and_grads(model, params, x, t, y):
     """(model output, gradients of a fixed projection of it with respect to the params)."""
-    w = jax.random.normal(jax.random.key(4), model.apply({"params": params}, x, t, y).shape)
+    shape = jax.eval_shape(lambda: model.apply({"params": params}, x, t, y)).shape
+    w = jax.random.normal(jax.random.key(4), shape)
 
     def loss(p):
         out = model.apply({"params": p}, x, t, y).astype(jnp.float32)
@@ -102,15 +105,23 @@ def _output_and_grads(model, params, x, t, y):
     return out, grads
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_float32_model_on_the_gpu_matches_the_cpu(family):
-    """The GPU lowering (U-DiT's rep FFN composes its 1x1 pairs off CPUs) computes what the
-    CPU's does, outputs and every parameter gradient, at float32."""
+@functools.cache
+def _cpu_reference(family: str):
+    """(params, (x, t, y), float32 output and param gradients on the CPU) of a small model."""
     model = models.build_model(family, **FAMILIES[family])
     params = random_params(model)   # the official init zeroes the output layer
-    x, t, y = _inputs()
-    out, grads = _output_and_grads(model, on(GPU, params), *on(GPU, (x, t, y)))
-    ref, ref_grads = _output_and_grads(model, on(CPU, params), *on(CPU, (x, t, y)))
+    inputs = _inputs()
+    return params, inputs, _output_and_grads(model, on(CPU, params), *on(CPU, inputs))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_float32_model_on_the_gpu_matches_the_cpu(family):
+    """The GPU lowering (U-DiT's rep FFN composes its 1x1 pairs off CPUs, its depthwise convs
+    are cuDNN's grouped convolutions) computes what the CPU's does, outputs and every parameter
+    gradient, at float32."""
+    params, inputs, (ref, ref_grads) = _cpu_reference(family)
+    model = models.build_model(family, **FAMILIES[family])
+    out, grads = _output_and_grads(model, on(GPU, params), *on(GPU, inputs))
     assert rel_err(out, ref) < 1e-5
     for path, a in jax.tree_util.tree_leaves_with_path(grads):
         b = ref_grads
@@ -123,14 +134,11 @@ def test_float32_model_on_the_gpu_matches_the_cpu(family):
 def test_bfloat16_model_with_cudnn_attention_matches_float32(family):
     """bfloat16 compute with the cuDNN attention, against the float32 model on the CPU, no
     further off than bfloat16 with XLA's attention."""
-    x, t, y = _inputs()
-    ref_model = models.build_model(family, **FAMILIES[family])
-    params = random_params(ref_model)
-    ref, _ = _output_and_grads(ref_model, on(CPU, params), *on(CPU, (x, t, y)))
+    params, inputs, (ref, _) = _cpu_reference(family)
     errors = {}
     for impl in ("cudnn", None):
         model = models.build_model(family, **FAMILIES[family], dtype=jnp.bfloat16, attention_impl=impl)
-        out, _ = _output_and_grads(model, on(GPU, params), *on(GPU, (x, t, y)))
+        out, _ = _output_and_grads(model, on(GPU, params), *on(GPU, inputs))
         errors[impl] = rel_err(out, ref)
     assert errors["cudnn"] < 2e-2, errors
     assert errors["cudnn"] < 2 * errors[None] + 1e-3, errors
