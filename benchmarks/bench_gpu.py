@@ -58,6 +58,7 @@ def case_config(case: dict, devices: int):
     config.eval_every_steps = 0
     if case["attention"] == "cudnn":
         config.model.kwargs.attention_impl = "cudnn"
+        config.eval.dtype = "bfloat16"   # cuDNN's attention has no float32 kernel (no eval here)
     return config
 
 

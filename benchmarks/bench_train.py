@@ -28,7 +28,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file")
 _PER_DEVICE_BATCH = flags.DEFINE_integer("per_device_batch", None,
                                          "batch per device (default: the config's global batch)")
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps after the compiling one")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps before the timed ones")
 flags.mark_flags_as_required(["config"])
 
 
@@ -89,6 +89,7 @@ def _rounds(steps: int) -> list[int]:
     """`steps` split into up to 5 rounds of at least 2 steps."""
     k = max(1, min(5, steps // 2))
     return [steps // k + (i < steps % k) for i in range(k)]
+
 
 def main(argv):
     if len(argv) > 1:

@@ -63,3 +63,5 @@ def test_gpu_table_cases_and_roofline():
     assert row["XLA/model FLOPs"] == pytest.approx(0.2)
     config = bench_gpu.case_config(bench_gpu.parse_case("U-DiT-L:32:0:cudnn"), devices=2)
     assert (config.batch_size, config.model.remat, config.model.kwargs.attention_impl) == (64, False, "cudnn")
+    from udit_jax import config as config_lib
+    config_lib.check_values(config)   # what validate would refuse on a GPU too
