@@ -28,11 +28,8 @@ import sys
 import tempfile
 import time
 
-from benchmarks.common import print_table
+from benchmarks.common import MODEL_CONFIGS as CONFIGS, print_table
 
-CONFIGS = {"U-DiT-S": "configs/udit_s.py", "U-DiT-B": "configs/udit_b.py",
-           "U-DiT-L": "configs/udit_l.py", "DiT-XL/2": "configs/dit_xl_2.py",
-           "U-DiT-B/512": "configs/udit_b_512.py"}
 DEFAULT_CASES = (
     "U-DiT-L:64:1:xla", "DiT-XL/2:64:0:xla", "U-DiT-L:64:1:cudnn", "DiT-XL/2:64:0:cudnn",
     "U-DiT-B:64:0:xla", "U-DiT-S:64:0:xla", "U-DiT-B/512:16:0:xla", "U-DiT-L:64:0:cudnn",

@@ -22,13 +22,10 @@ import json
 import resource
 import time
 
-from benchmarks.common import load_config, print_table
+from benchmarks.common import MODEL_CONFIGS as CONFIGS, load_config, print_table
 from udit_jax import compile as compile_lib
 from udit_jax import hlo_cost
 
-CONFIGS = {"U-DiT-S": "configs/udit_s.py", "U-DiT-B": "configs/udit_b.py",
-           "U-DiT-L": "configs/udit_l.py", "DiT-XL/2": "configs/dit_xl_2.py",
-           "U-DiT-B/512": "configs/udit_b_512.py"}
 RULES = ("data_parallel", "shard_update", "fsdp")
 SUBSET = [  # (model, topology, rules, remat, per-chip batch)
     ("U-DiT-S", "v5e-8", "data_parallel", 0, 32),

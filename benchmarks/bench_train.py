@@ -56,7 +56,7 @@ def bench(config, steps: int, warmup: int) -> dict:
     compile_s = time.perf_counter() - t0
     progress("train step compiled")
     # XLA counts each loop body once (scanned stages, gradient accumulation): no counts then.
-    cost = {} if " while(" in step.as_text() else hlo_cost.cost_analysis(step)
+    cost = {} if hlo_cost.has_loops(step.as_text()) else hlo_cost.cost_analysis(step)
     for _ in range(max(warmup, 1)):
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)

@@ -11,6 +11,11 @@ import jax
 
 from udit_jax.parallel import device_kind as device_name, peak_tflops_per_device as peak_tflops  # noqa: F401
 
+# The issue's model table: name -> config file (bench_tpu_compile, bench_gpu).
+MODEL_CONFIGS = {"U-DiT-S": "configs/udit_s.py", "U-DiT-B": "configs/udit_b.py",
+                 "U-DiT-L": "configs/udit_l.py", "DiT-XL/2": "configs/dit_xl_2.py",
+                 "U-DiT-B/512": "configs/udit_b_512.py"}
+
 
 def time_fn(fn: Callable[[], object], warmup: int = 2, iters: int = 10) -> float:
     """Median wall seconds of fn() (its result blocked on); the first call compiles."""

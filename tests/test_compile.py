@@ -2,6 +2,8 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from udit_jax import compile as compile_lib
@@ -377,3 +379,13 @@ def test_plain_runs_do_not_start_libtpu_without_a_tpu(tmp_path):
     assert proc.returncode == 1 and "devices (cpu)" in proc.stderr, proc.stderr[-2000:]
     for noise in ("TPU_WORKER_HOSTNAMES", "libtpu", "Unable to initialize backend"):
         assert noise not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_has_loops_on_compiled_programs():
+    """bench_train reports XLA's counts only for programs without loops (bodies counted once)."""
+    looped = jax.jit(lambda x: jax.lax.fori_loop(0, 3, lambda i, a: a * a + 1.0, x))
+    plain = jax.jit(lambda x: x * x + 1.0)
+    x = jnp.ones((4,))
+    assert hlo_cost.has_loops(looped.lower(x).compile().as_text())
+    assert not hlo_cost.has_loops(plain.lower(x).compile().as_text())
+    assert hlo_cost.has_loops(_HLO_WITH_LOOPS)

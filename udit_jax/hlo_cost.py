@@ -98,6 +98,11 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
     return computations, entry
 
 
+def has_loops(hlo_text: str) -> bool:
+    """Whether optimised HLO text has a while loop (whose body XLA's cost analysis counts once)."""
+    return _WHILE.search(hlo_text) is not None
+
+
 def _trip_count(condition: list[str]) -> int | None:
     """N of a loop whose condition is `counter < N` with N an integer constant (lax.scan /
     fori_loop and windowed-einsum counters start at 0); None for any other condition."""
