@@ -14,8 +14,9 @@ or --config.data.source=folder --config.data.dir=/path/to/train), then train:
 
 On a TPU pod: launch/tpu_pod.py; on a SLURM GPU cluster: launch/slurm.py.
 
-On TPUs add --config.model.scan_blocks=True (why: configs/udit_s.py). --mode=compile's table
-for pods, measured as udit_s.py's (scanned, global batch 256, data parallel, bf16):
+Each stage's blocks run as one scan (model.scan_blocks, the default; why: configs/udit_s.py).
+--mode=compile's table for pods, measured as udit_s.py's (scanned, global batch 256, data
+parallel, bf16):
 
     chips   per chip  remat  HBM per chip       compile  est. ms/step  img/s/chip  est. MFU
     v5e-8   32        no     17.2 GiB: no fit   -        -             -           -

@@ -103,7 +103,6 @@ from udit_jax import config as config_lib
 
 def get_config():
     config = config_lib.imagenet_config("U-DiT-L")
-    config.model.scan_blocks = True
     config.model.remat = True
     config.mesh.shard_update = True
     return config

@@ -14,8 +14,9 @@ or --config.data.source=folder --config.data.dir=/path/to/train), then train:
 
 On a TPU pod: launch/tpu_pod.py; on a SLURM GPU cluster: launch/slurm.py.
 
-On TPUs add --config.model.scan_blocks=True (each stage's blocks as one scan: unrolled, every
-U-DiT block adds up to a minute and a half of TPU compile; configs/udit_l.py sets it). The
+Each stage's blocks run as one scan (model.scan_blocks, the default of every ImageNet U-DiT
+config: unrolled, each U-DiT block adds up to a minute and a half of TPU compile;
+--config.model.scan_blocks=False for the unrolled form, same params stacked). The
 train step, scanned, compiled for pods on any host (--mode=compile, README "Before you rent a
 pod"; 2-core x86 host with other compiles running, jax 0.10.2, libtpu 0.0.42.1; XLA's cost
 model, not a TPU; global batch 256, data parallel, bf16):

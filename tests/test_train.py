@@ -334,6 +334,7 @@ def test_gradient_accumulation_matches_the_whole_batch(tmp_path, single_device_r
 
 @pytest.mark.parametrize("overrides, message", [
     ({"model.name": "DiT-Q/3"}, "unknown model name"),
+    ({"model.name": "DiT", "model.scan_blocks": True}, r"add --config.model.scan_blocks=False"),
     ({"data.image_size": 9}, "input_size"),                       # 9 is not divisible by patch 2
     ({"optimizer.grad_accum_steps": 3}, "divisible by optimizer.grad_accum_steps"),
     ({"data.space": "latents"}, "data.space"),
@@ -361,6 +362,8 @@ def test_every_config_builds_and_documents_its_command(path):
     model = config_lib.build_model(config)
     latent = config.data.space == "latent"
     assert model.input_size == config.data.image_size // (8 if latent else 1)
+    if config.model.name.startswith("U-DiT-"):   # full size: unrolled takes hours on a TPU
+        assert model.scan_blocks
 
 
 def test_unwritable_workdir_fails_clearly(tmp_path):
