@@ -22,13 +22,14 @@ pod"; 2-core x86 host with other compiles running, jax 0.10.2, libtpu 0.0.42.1; 
 model, not a TPU; global batch 256, data parallel, bf16):
 
     chips   per chip  remat  HBM per chip      compile  est. ms/step  img/s/chip  est. MFU
-    v5e-8   32        no     15.0 GiB (6%)     260 s    167           192         4.2%
+    v5e-8   32        no     14.3 GiB (11%)    505 s*   156           205         4.5%
     v5p-8   64        no     27.2 GiB (71%)    265 s    92.6          692         6.5%
-    v6e-8   32        no     15.0 GiB (53%)    630 s    62.5          512         2.4%
+    v6e-8   32        no     14.2 GiB (56%)    1020 s*  57.0          561         2.6%
 
-(The v5p-8 row is this release's, on an idle host, with the rep FFN's pairs of 1x1 convs
-composed (README, Models); before that it was 28.8 GiB, 95.5 ms, 670 img/s,
-6.3%. The v5e-8 and v6e-8 rows are from before that change.)
+(All rows are this release's, with the rep FFN's pairs of 1x1 convs composed (README, Models);
+the v5p-8 row on an idle host, the others (*) with the test suite running beside them, so
+their compile times are upper bounds. Before that change: v5e-8 15.0 GiB, 167 ms, 192 img/s,
+4.2%; v5p-8 28.8 GiB, 95.5 ms, 670 img/s, 6.3%; v6e-8 15.0 GiB, 62.5 ms, 512 img/s, 2.4%.)
 
 The estimate is bound by HBM bandwidth, not the MXU: at 96 channels and 24-wide heads the
 downsampled attention streams its float32 [256 x 256] logits per head and group through HBM
