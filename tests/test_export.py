@@ -24,7 +24,7 @@ from udit_jax import convert, export
 from udit_jax import config as config_lib
 
 TINY = {"model.name": "U-DiT",
-        "model.kwargs": dict(hidden_size=16, depth=(1, 1, 1, 1, 1), num_heads=2, mlp_ratio=2,
+        "model.kwargs": dict(hidden_size=16, depth=(1, 2, 1, 2, 1), num_heads=2, mlp_ratio=2,
                              down_factor=2, ffn_type="rep", rep=1, attn_type="v2",
                              posemb_type="rope2d", downsampler="dwconv5", down_shortcut=1),
         "data.source": "synthetic", "data.space": "pixel", "data.image_size": 8,
@@ -51,16 +51,17 @@ def assert_trees_identical(actual, expected, what: str) -> None:
         np.testing.assert_array_equal(a[k], e[k], err_msg=f"{what}: {k}")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(config, workdir, {step: EMA params}) of a run with checkpoints at STEPS.
+@pytest.fixture(scope="module", params=[False, True], ids=["unrolled", "scanned"])
+def trained(tmp_path_factory, request):
+    """(config, workdir, {step: EMA params}) of a run with checkpoints at STEPS, with the
+    blocks unrolled or each stage's blocks scanned (model.scan_blocks, the ImageNet configs').
 
     The train state is filled with random values (no compilation); the EMA params differ
     from the trained params and between steps.
     """
     from udit_jax import checkpoints, parallel, train
     workdir = tmp_path_factory.mktemp("run")
-    config = make_config()
+    config = make_config({"model.scan_blocks": request.param})
     model = config_lib.build_model(config)
     tx, _ = config_lib.make_optimizer(config.optimizer)
     abstract, _ = train.state_shardings(model, tx, config.seed, parallel.make_mesh(),
@@ -97,7 +98,8 @@ def test_export_writes_ema_params_of_latest_or_given_step(trained, tmp_path):
                             "latent_scale": config.data.latent_scale}
     assert info["diffusion"] == {"noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma": True}
     assert info["vae"] is None
-    assert (model.hidden_size, tuple(model.depth), model.in_channels) == (16, (1,) * 5, 1)
+    assert (model.hidden_size, tuple(model.depth), model.in_channels) == (16, (1, 2, 1, 2, 1), 1)
+    assert model.scan_blocks == config.model.scan_blocks   # sampling jobs build what trained
     # Nothing but the model's params is stored (no optimizer moments, no step counter).
     stored = set((workdir / "export" / "params").glob("**/*"))
     assert not [p for p in stored if "opt" in p.name or "mu" == p.name]
@@ -141,6 +143,7 @@ def test_torch_weights_convert_back_bit_identical(trained, tmp_path):
     kernel = np.asarray(params["x_embedder"]["kernel"])          # HWIO (3, 3, 1, 16)
     np.testing.assert_array_equal(state_dict["x_embedder.proj.weight"], kernel.transpose(3, 2, 0, 1))
     assert state_dict["encoder_level_1.0.mlp1.dwconv.0.weight"].shape == (32, 1, 5, 5)
+    assert state_dict["encoder_level_2.1.mlp1.dwconv.0.weight"].shape == (64, 1, 5, 5)
     assert state_dict["latent.0.attn2.to_qkv.weight"].shape == (3 * 64, 64)
     assert state_dict["y_embedder_3.embedding_table.weight"].shape == (4, 64)
     assert_trees_identical(convert.params_from_torch(model, state_dict), emas[STEPS[-1]],
