@@ -140,7 +140,8 @@ def table_row(r: dict, ceil: dict) -> dict:
                        r["xla_GB/step"] / 1e3 / ceil["copy_TB/s"]) / r["global_batch"] * 1e3
     per_image = r["step_ms"] / r["global_batch"]
     return {"model": r["model"], "batch/GPU": r["per_gpu"], "remat": r["remat"],
-            "blocks": "unrolled" if r.get("unrolled") else "", "attention": r["attention"], "step ms": r["step_ms"], "img/s/GPU": r["img/s"],
+            "blocks": "unrolled" if r.get("unrolled") else "", "attention": r["attention"],
+            "step ms": r["step_ms"], "img/s/GPU": r["img/s"],
             "TFLOP/s": r["TFLOP/s"], "MFU": r["MFU"], "peak GiB": r["peak_GiB"],
             "lower s": r["lower_s"], "compile s": r["compile_s"],
             "XLA/model FLOPs": (r["xla_TFLOP/step"] / r["model_TFLOP/step"]
