@@ -19,14 +19,16 @@ Each stage's blocks run as one scan (model.scan_blocks, the default; why: config
 parallel, bf16):
 
     chips   per chip  remat  HBM per chip       compile  est. ms/step  img/s/chip  est. MFU
-    v5e-8   32        no     17.2 GiB: no fit   -        -             -           -
-    v5e-8   32        yes    13.3 GiB (17%)     449 s    331           97          7.8%
+    v5e-8   32        no     16.6 GiB: no fit   -        -             -           -
+    v5e-8   32        yes    11.5 GiB (28%)     663 s*   308           104         8.4%
     v5p-8   64        no     48.3 GiB (49%)     360 s    163           392         13.6%
-    v6e-8   32        no     27.4 GiB (14%)     706 s    113           284         4.9%
+    v6e-8   32        no     26.5 GiB (17%)     1295 s*  108           295         5.1%
 
-(The v5p-8 row is this release's, idle host, the rep FFN's 1x1 pairs composed; before that
-50.6 GiB, 170 ms, 377 img/s, 13.1%. The v5e-8 and v6e-8 rows, and the 128-per-chip figures
-below, are from before that change.)
+(All rows are this release's, the rep FFN's 1x1 pairs composed; the v5p-8 row on an idle host,
+the others (*) with the test suite running beside them, so their compile times are upper
+bounds. Before that change: v5e-8 17.2 GiB without remat, 13.3 GiB, 331 ms, 97 img/s, 7.8%
+with it; v5p-8 50.6 GiB, 170 ms, 377 img/s, 13.1%; v6e-8 27.4 GiB, 113 ms, 284 img/s, 4.9%.
+The 128-per-chip figures below are from before it.)
 
 At 128 per chip (global batch 512 on v5p-8, remat, --config.mesh.shard_update=True; idle host):
 34.8 GiB per chip (63% headroom), compile 243 s, 295 ms per step, 434 img/s per chip, 15.1%
