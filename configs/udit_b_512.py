@@ -17,11 +17,12 @@ On a TPU pod: launch/tpu_pod.py; on a SLURM GPU cluster: launch/slurm.py.
 On TPUs add --config.model.remat=True (each stage's blocks already run as one scan, the
 default: configs/udit_s.py). The train step so, compiled for v5p-8 on a 2-core x86 host
 (--mode=compile, README "Before you rent a pod"; jax 0.10.2, libtpu 0.0.42.1; XLA's cost
-model, not a TPU; global batch 256, 64 per chip, data parallel, bf16; compiled with other
-compiles running): 81.0 GiB per chip of 95 (15% headroom),
-compile 578 s, 720 ms per step, 89 img/s per chip, 14.4% MFU. Matmuls take 49% of the
-estimated time, at 29% of the chip's peak; the largest parts are the first level's downsampled
-attentions (1024 tokens per group), forward and backward about a third of the estimate.
+model, not a TPU; global batch 256, 64 per chip, data parallel, bf16; idle host): 73.8 GiB per
+chip of 95 (22% headroom), compile 318 s, 697 ms per step, 92 img/s per chip, 14.9% MFU
+(before the rep FFN's 1x1 pairs were composed: 81.0 GiB, 720 ms, 89 img/s, 14.4%). Matmuls
+take 49% of the estimated time, at about 31% of the chip's peak; the largest parts are the first
+level's downsampled attentions (1024 tokens per group), forward and backward about a third of
+the estimate.
 """
 
 from udit_jax import config as config_lib
