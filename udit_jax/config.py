@@ -255,7 +255,7 @@ def imagenet_config(model_name: str, image_size: int = 256) -> ml_collections.Co
     config.seed = 0
     # Each stage's blocks as one scan: unrolled, every U-DiT block adds up to a minute and a
     # half of TPU compile (U-DiT-S/B/L have 22 blocks); the params convert both ways.
-    config.model.scan_blocks = model_name.startswith("U-DiT")
+    config.model.scan_blocks = models.model_family(model_name) == "U-DiT"
     return config
 
 
@@ -420,7 +420,7 @@ def model_kwargs(config) -> dict[str, Any]:
     kwargs["remat"] = bool(config.model.remat)
     kwargs["remat_keeps"] = config.model.remat_keeps
     if config.model.scan_blocks:
-        if not config.model.name.startswith("U-DiT"):
+        if models.model_family(config.model.name) != "U-DiT":
             raise ValueError(f"model.scan_blocks=True is a U-DiT option and model.name="
                              f"{config.model.name!r} is not a U-DiT (the ImageNet U-DiT configs "
                              "set it): add --config.model.scan_blocks=False")

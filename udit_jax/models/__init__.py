@@ -6,11 +6,12 @@
     vae = models.build_vae()
 """
 
-from udit_jax.models.registry import DIT_CONFIGS, UDIT_CONFIGS, build_model, model_names
+from udit_jax.models.registry import (DIT_CONFIGS, UDIT_CONFIGS, build_model, model_family,
+                                      model_names)
 from udit_jax.models.info import model_info, init_params, logical_axes
 
-__all__ = ["DIT_CONFIGS", "UDIT_CONFIGS", "build_model", "model_names", "model_info",
-           "init_params", "logical_axes", "build_vae"]
+__all__ = ["DIT_CONFIGS", "UDIT_CONFIGS", "build_model", "model_family", "model_names",
+           "model_info", "init_params", "logical_axes", "build_vae"]
 
 
 def build_vae(**overrides):

@@ -42,6 +42,11 @@ def resolve(name: str, **overrides) -> tuple[str, dict[str, Any]]:
     raise ValueError(f"unknown model name {name!r}; known names: {', '.join(model_names())}")
 
 
+def model_family(name: str) -> str:
+    """"DiT" or "U-DiT" for a model name; ValueError for an unknown one."""
+    return resolve(name)[0]
+
+
 def build_model(name: str, **overrides):
     """A Flax module for `name` ("DiT-XL/2", "U-DiT-B", or the family "DiT" / "U-DiT").
 
