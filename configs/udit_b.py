@@ -27,13 +27,13 @@ parallel, bf16):
 (All rows are this release's, the rep FFN's 1x1 pairs composed; the v5p-8 row on an idle host,
 the others (*) with the test suite running beside them, so their compile times are upper
 bounds. Before that change: v5e-8 17.2 GiB without remat, 13.3 GiB, 331 ms, 97 img/s, 7.8%
-with it; v5p-8 50.6 GiB, 170 ms, 377 img/s, 13.1%; v6e-8 27.4 GiB, 113 ms, 284 img/s, 4.9%.
-The 128-per-chip figures below are from before it.)
+with it; v5p-8 50.6 GiB, 170 ms, 377 img/s, 13.1%; v6e-8 27.4 GiB, 113 ms, 284 img/s, 4.9%.)
 
-At 128 per chip (global batch 512 on v5p-8, remat, --config.mesh.shard_update=True; idle host):
-34.8 GiB per chip (63% headroom), compile 243 s, 295 ms per step, 434 img/s per chip, 15.1%
-estimated MFU, 15% more images per chip-second than at 64 without remat; a larger global batch
-changes the recipe, so scale its learning rate yourself.
+At 128 per chip (global batch 512 on v5p-8, remat, --config.mesh.shard_update=True; this
+release, idle host): 30.9 GiB per chip (67% headroom), compile 325 s, 283 ms per step, 452 img/s
+per chip, 15.7% estimated MFU, 15% more images per chip-second than at 64 without remat (before
+the composed pairs: 34.8 GiB, 295 ms, 434 img/s, 15.1%); a larger global batch changes the
+recipe, so scale its learning rate yourself.
 
 Where the v5e-8 estimate goes (--mode=compile's "by kind"): matmuls and convolutions 26% (at
 30% of the chip's peak), elementwise work and reductions 57%, the scan's dynamic slices 10%,

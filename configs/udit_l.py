@@ -67,22 +67,26 @@ Per chip, v5p-256 estimates the same step as v5p-8 (100%) with data parallelism;
 model's output does not show how it prices the collectives (FSDP on v5p-256: 280 all-gathers,
 734 MiB per step), so measure FSDP on the pod before relying on it.
 
-v5e and v6e (16 and 32 GiB per chip), remat, scanned, global batch 256 unless stated:
+v5e and v6e (16 and 32 GiB per chip), remat, scanned, global batch 256 unless stated; this
+release, each compiled alone on the host (a short CPU profile ran beside the first at its start):
 
     chips   per chip  mesh                 HBM per chip       compile  est. ms  img/s/chip  MFU
-    v6e-8   32        data 8, split (a)    23.9 GiB (25%)     2051 s   302      106         7.1%
-    v6e-8   32        data 8               33.5 GiB: no fit   892 s    (261)    (122)       (8.2%)
-    v6e-8   32        fsdp 8               20.4 GiB (36%)     1232 s   400      80          5.3%
-    v5e-8   16        fsdp 8 (global 128)  11.1 GiB (30%)     975 s    623      26          8.0%
+    v6e-8   32        data 8, split (a)    21.3 GiB (34%)     577 s    283      113         7.6%
+    v6e-8   32        data 8               30.3 GiB (5%)      571 s    253      126         8.4%
+    v6e-8   32        fsdp 8               17.7 GiB (45%)     508 s    356      90          6.0%
+    v5e-8   16        fsdp 8 (global 128)  9.9 GiB (38%)      399 s    560      29          8.9%
 
-(a: mesh.shard_update, the default; False for the others.) On v6e-8 the replicated params, EMA and Adam moments
-alone take 13.7 GiB of the 33.5; with shard_update each chip keeps the float32 params whole
-and an eighth of the EMA and moments (4.7 GiB of arguments), which fits with 25% headroom and
-is estimated 1.3x faster than FSDP. v6e's FLOPs outrun its HBM bandwidth on this memory-bound
-step (matmuls 28% of the estimated time), hence the low MFU. The v5e-8 row is FSDP at 16 images
-per chip (--config.batch_size=128 --config.mesh.rules=fsdp --config.mesh.fsdp=8
---config.mesh.data=-1). These compile times were measured with two or three other compiles on
-the host's 2 cores.
+(a: mesh.shard_update, the default; False for the others.) On v6e-8 the replicated params, EMA
+and Adam moments alone take 13.7 GiB of the 30.3; with shard_update each chip keeps the float32
+params whole and an eighth of the EMA and moments (4.7 GiB of arguments): 34% headroom,
+estimated 1.26x FSDP's throughput. Without shard_update the step now fits too, estimated 12%
+faster, but with 5% headroom, too little to rely on before a run has shown it on the chip (try
+--config.mesh.shard_update=False there). v6e's FLOPs outrun its HBM bandwidth on this
+memory-bound step (matmuls 27% of the estimated time), hence the low MFU. The v5e-8 row is FSDP
+at 16 images per chip (--config.batch_size=128 --config.mesh.rules=fsdp --config.mesh.fsdp=8
+--config.mesh.data=-1). The previous release (four 1x1 convs per rep FFN, compiled beside
+other compiles): v6e-8 split 23.9 GiB / 302 ms / 7.1%, data 8 33.5 GiB (no fit), fsdp 20.4 GiB /
+400 ms / 5.3%; v5e-8 11.1 GiB / 623 ms / 8.0%.
 
 Where the estimate goes (--mode=compile's "by kind", the FSDP v5p-8 program): matmuls and
 convolutions 40% of the step, at 60% of the chip's peak; elementwise work and reductions 41%,
