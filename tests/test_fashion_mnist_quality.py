@@ -1,7 +1,8 @@
 """The Fashion-MNIST sample-quality metric: the project's classifier and its score.
 
-The classifier is trained once per machine (cached under the user cache dir by fingerprint),
-so only the first session pays its training (about a minute of CPU).
+The classifier is trained once per machine (cached by fingerprint under the tests' own cache,
+$UDIT_JAX_CACHE from conftest.py), so only the first session pays its training (about a minute
+of CPU).
 """
 
 import pathlib
