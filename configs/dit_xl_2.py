@@ -22,7 +22,7 @@ pod"; 2-core x86 host, jax 0.10.2, libtpu 0.0.42.1; XLA's cost model, not a TPU;
 batch 256, bf16):
 
     chips   mesh               remat  HBM per chip     compile  est. ms  img/s/chip  est. MFU
-    v5p-8   data 4             no     29.9 GiB (69%)   190 s    187      343         53.1%
+    v5p-8   data 4             no     29.9 GiB (69%)   119 s    187      343         53.1%
     v5p-8   data 4, split (a)  no     24.3 GiB (74%)   210 s    190      337         52.3%
     v6e-8   data 8             no     20.1 GiB (37%)   229 s    103      311         24.1%*
     v5e-8   data 8, split (a)  no     13.6 GiB (15%)   226 s    422      76          27.4%
