@@ -48,11 +48,11 @@ The recipe's global batch 256 on larger slices (fewer images per chip; shard_upd
 Per chip the step gets less efficient as its batch shrinks (175 img/s at 64, 150 at 32, 102 at
 16), so keep 64 per chip where the recipe allows (v5p-8, or a larger global batch). At 32 per
 chip the step fits without remat and is then estimated 6% faster
-(--config.model.remat=False); at 64 it does not fit without it.
-At 128 per chip (global batch 512 on v5p-8, remat, shard_update; idle host; the previous
-release) it is a little more efficient again: 71.8 GiB per chip (24% headroom), compile 274 s,
-667 ms per step, 192 img/s per chip, 25.6% estimated MFU; a larger global batch changes the
-recipe, so scale its learning rate yourself.
+(--config.model.remat=False); at 64 it fits without it only by 1% (above).
+At 128 per chip (global batch 512 on v5p-8, remat, shard_update) it is a little more
+efficient again: 65.2 GiB per chip (31% headroom), compile 219 s, 636 ms per step, 201 img/s
+per chip, 26.9% estimated MFU; a larger global batch changes the recipe, so scale its
+learning rate yourself.
 
 Pods, 64 images per chip (weak scaling), remat, without shard_update
 (--config.mesh.shard_update=False):
