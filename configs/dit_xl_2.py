@@ -22,16 +22,17 @@ pod"; 2-core x86 host, jax 0.10.2, libtpu 0.0.42.1; XLA's cost model, not a TPU;
 batch 256, bf16):
 
     chips   mesh               remat  HBM per chip     compile  est. ms  img/s/chip  est. MFU
-    v5p-8   data 4             no     29.9 GiB (69%)   119 s    187      343         53.1%
-    v5p-8   data 4, split (a)  no     24.3 GiB (74%)   210 s    190      337         52.3%
-    v6e-8   data 8             no     20.1 GiB (37%)   229 s    103      311         24.1%*
-    v5e-8   data 8, split (a)  no     13.6 GiB (15%)   226 s    422      76          27.4%
-    v5e-8   fsdp 8             yes    12.1 GiB (24%)   194 s    666      48          17.4%*
+    v5p-8   data 4             no     29.4 GiB (69%)   112 s    176      363         56.4%
+    v5p-8   data 4, split (a)  no     23.5 GiB (75%)   83 s     183      350         54.3%
+    v6e-8   data 8             no     20.1 GiB (37%)   148 s    96.2     333         25.8%
+    v5e-8   data 8, split (a)  no     13.4 GiB (16%)   106 s    416      77          27.8%
+    v5e-8   fsdp 8             yes    10.2 GiB (36%)   132 s    681      47          17.0%
 
-(a: --config.mesh.shard_update=True. * with the qkv projection as one matmul, before this
-release's three: on v5p-8 that was 190 ms, 337 img/s, 52.3%, its output copied whole into
-attention's layouts.) On v5p-8 the matmuls take 79% of the estimated step, at 68% of the
-chip's peak.
+(a: --config.mesh.shard_update=True. This release, each compiled alone on the host, with the
+attention that keeps its weights in bfloat16 (models/layers.py attention_recomputed); before
+it: v5p-8 29.9 GiB / 187 ms / 53.1% and split 24.3 GiB / 190 ms / 52.3%, v6e-8 103 ms /
+24.1%, v5e-8 split 13.6 GiB / 422 ms / 27.4%, fsdp 12.1 GiB / 666 ms / 17.4%.) On v5p-8 the
+matmuls take 82% of the estimated step, at 69% of the chip's peak.
 
 On v5e (16 GiB per chip) the float32 params, EMA and Adam moments alone take 10.8 GB. With
 --config.mesh.shard_update=True each chip keeps the params whole and an eighth of the EMA and
@@ -40,27 +41,28 @@ moments: the step fits without remat, estimated 1.6x faster than FSDP with remat
 but with 15% headroom; keep FSDP where the runtime needs more. Both estimates count the SPMD
 partitioner's windowed-einsum loops at their trip counts. On v5p-8, shard_update saves 5.6 GiB
 per chip and no time (the gradients are still all-reduced, the new float32 params all-gathered).
-The v6e-8 and v5e-8 rows were compiled with other compiles running on the host.
-
 Per chip the step gets more efficient as its batch grows (v5p-8, split (a), no remat; idle
 host; the larger batches change the recipe's global batch, so scale its learning rate yourself):
 
     per chip  global  HBM per chip     compile  est. ms  img/s/chip  est. MFU  matmul share
-    32        128     14.7 GiB (85%)   117 s    117      273         42.4%     73%
-    64        256     24.3 GiB (74%)   210 s    190      337         52.3%     -
-    128       512     43.4 GiB (54%)   112 s    327      392         60.8%     80%
-    192       768     62.4 GiB (34%)   116 s    475      404         62.7%     81%
+    32        128     13.9 GiB (85%)   84 s     110      291         45.1%     77%
+    64        256     23.5 GiB (75%)   83 s     183      350         54.3%     83%
+    128       512     43.3 GiB (54%)   84 s     314      407         63.1%     83%
+    192       768     62.3 GiB (34%)   83 s     457      420         65.1%     84%
 
 (--config.batch_size=<global> --config.mesh.shard_update=True.) The matmuls themselves run at
-58% of the chip's peak at 32 per chip and 76% at 128: bigger per-chip batches make longer
-matmul rows, which the cost model prices closer to peak.
-On v6e-8 the larger batches do not pay: 64 per chip (split, no remat) 27.4 GiB (14% headroom),
-242 ms, 264 img/s per chip, 20.5%; 128 per chip (split, remat) 27.6 GiB (14%), 432 ms, 297 img/s
-per chip, 23.0%; keep the 32 per chip of the table above there.
+59% of the chip's peak at 32 per chip and 76% at 128: bigger per-chip batches make longer
+matmul rows, which the cost model prices closer to peak. (Before the bfloat16 attention
+weights: 42.4%, 52.3%, 60.8%, 62.7%.)
+On v6e-8 the larger batches do not pay (compiled before the bfloat16 attention weights):
+64 per chip (split, no remat) 27.4 GiB (14% headroom), 242 ms, 264 img/s per chip, 20.5%; 128
+per chip (split, remat) 27.6 GiB (14%), 432 ms, 297 img/s per chip, 23.0%; keep the 32 per chip
+of the table above there.
 
 Measured on one H200 GPU (python -m benchmarks.bench_gpu; jax 0.11.2, cuDNN 9.19): 64 images
 per GPU, no remat, XLA's attention: 130.6 ms per step, 490 img/s, 35.3% MFU of the datasheet's
-989 TFLOP/s (52% of the 676 TFLOP/s its bf16 matmul measured), 45.9 GiB peak, compile 35 s.
+989 TFLOP/s (52% of the 676 TFLOP/s its bf16 matmul measured), 45.9 GiB peak, compile 35 s
+(before the bfloat16 attention weights of this release; not yet measured with them).
 """
 
 from udit_jax import config as config_lib

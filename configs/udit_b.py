@@ -21,25 +21,29 @@ parallel, bf16):
     chips   per chip  remat  HBM per chip       compile  est. ms/step  img/s/chip  est. MFU
     v5e-8   32        no     16.6 GiB: no fit   -        -             -           -
     v5e-8   32        yes    11.5 GiB (28%)     663 s*   308           104         8.4%
-    v5p-8   64        no     48.3 GiB (49%)     360 s    163           392         13.6%
+    v5p-8   64        no     47.8 GiB (50%)     189 s    161           397         13.8%
     v6e-8   32        no     26.5 GiB (17%)     1295 s*  108           295         5.1%
 
-(All rows are this release's, the rep FFN's 1x1 pairs composed; the v5p-8 row on an idle host,
-the others (*) with the test suite running beside them, so their compile times are upper
-bounds. Before that change: v5e-8 17.2 GiB without remat, 13.3 GiB, 331 ms, 97 img/s, 7.8%
-with it; v5p-8 50.6 GiB, 170 ms, 377 img/s, 13.1%; v6e-8 27.4 GiB, 113 ms, 284 img/s, 4.9%.)
+(The rep FFN's 1x1 pairs composed. The v5p-8 row is this release's, compiled alone on the
+host, with the attention that keeps its weights in bfloat16 (models/layers.py
+attention_recomputed; before it: 48.3 GiB, 163 ms, 392 img/s, 13.6%). The v5e-8 and v6e-8
+rows predate that change and were compiled with the test suite running beside them (*), so
+their compile times are upper bounds. Before the composed pairs: v5e-8 17.2 GiB without
+remat, 13.3 GiB, 331 ms, 97 img/s, 7.8% with it; v5p-8 50.6 GiB, 170 ms, 377 img/s, 13.1%;
+v6e-8 27.4 GiB, 113 ms, 284 img/s, 4.9%.)
 
 At 128 per chip (global batch 512 on v5p-8, remat, --config.mesh.shard_update=True; this
-release, idle host): 30.9 GiB per chip (67% headroom), compile 325 s, 283 ms per step, 452 img/s
-per chip, 15.7% estimated MFU, 15% more images per chip-second than at 64 without remat (before
-the composed pairs: 34.8 GiB, 295 ms, 434 img/s, 15.1%); a larger global batch changes the
-recipe, so scale its learning rate yourself.
+release, idle host): 28.3 GiB per chip (70% headroom), compile 199 s, 276 ms per step, 465 img/s
+per chip, 16.1% estimated MFU, 17% more images per chip-second than at 64 without remat (before
+the bfloat16 attention weights: 30.9 GiB, 283 ms, 452 img/s, 15.7%; before the composed pairs:
+34.8 GiB, 295 ms, 434 img/s, 15.1%); a larger global batch changes the recipe, so scale its
+learning rate yourself.
 
 Where the v5e-8 estimate goes (--mode=compile's "by kind"): matmuls and convolutions 26% (at
 30% of the chip's peak), elementwise work and reductions 57%, the scan's dynamic slices 10%,
 copies 8%: the step is bound by HBM bandwidth. The largest model parts are the downsampled
-attention (a softmax over float32 [256 x 256] logits per head and group) and the scan's
-stacking of residuals (squeeze, dynamic_update_slice).
+attention (a softmax over [256 x 256] logits per head and group) and the scan's stacking of
+residuals (squeeze, dynamic_update_slice; on v5p-8 without remat 34% of the estimate).
 """
 
 from udit_jax import config as config_lib

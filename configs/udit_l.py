@@ -16,7 +16,7 @@ On a TPU pod: launch/tpu_pod.py; on a SLURM GPU cluster: launch/slurm.py.
 
 Defaults for the pods: each stage's blocks as one scan (model.scan_blocks; the unrolled step
 takes over half an hour to compile), remat (the only way the recipe's batch fits a v5p-8) and
-the Adam moments and EMA split over the data-parallel chips (mesh.shard_update: 8 GiB less
+the Adam moments and EMA split over the data-parallel chips (mesh.shard_update: 10 GiB less
 per chip on v5p-8 and no slower; on v6e-8 the difference between fitting and not, below).
 Before renting, compile the step for the pod on any host: --mode=compile with
 --config.compile.topology=v5p-8 (README, "Before you rent a pod"). Measured that way (2-core
@@ -25,43 +25,44 @@ parallel, bf16; each compiled alone on the host; the rows below the first withou
 shard_update):
 
     chips   remat  grad_accum  HBM per chip       compile  est. ms/step  img/s/chip  est. MFU
-    v5p-8   yes    1           36.9 GiB (61%)     231 s    366           175         23.3%
-    v5p-8   yes    1           44.9 GiB (53%)     255 s    368           174         23.2%
-    v5p-8   no     1           103.0 GiB: no fit  258 s    (346)         (185)       (24.7%)
-    v5p-8   no     2           69.0 GiB (27%)     269 s    410           156         20.8%
+    v5p-8   yes    1           34.3 GiB (64%)     251 s    358           178         23.8%
+    v5p-8   yes    1           44.4 GiB (53%)     241 s    363           177         23.6%
+    v5p-8   no     1           102.3 GiB: no fit  242 s    (338)         (189)       (25.3%)
+    v5p-8   no     2           68.6 GiB (28%)     225 s    407           157         21.0%
 
-Without remat the step is estimated 6% faster but needs 103 GiB per chip of v5p's 95; with
-shard_update it just fits (94.0 GiB, 1% headroom, 346 ms), too close to rely on before the
+Without remat the step is estimated 6-7% faster but needs 102 GiB per chip of v5p's 95; with
+shard_update it just fits (93.0 GiB, 2% headroom, 339 ms), too close to rely on before the
 chip has shown it (--config.model.remat=False on this config). Gradient accumulation in its
 place fits but is slower: the scans then store every block's activations, and writing and
-reading them is 30% of its estimate. The previous release (four 1x1 convs per rep FFN,
-before models/udit.py pointwise_pair) estimated 378 ms (split) and 381 ms (whole) at 40.2 and
-50.3 GiB.
+reading them is 30% of its estimate. Before this release's attention, which keeps its weights
+in bfloat16 (models/layers.py attention_recomputed), the estimates were 366 ms (split) and
+368 ms (whole) at 36.9 and 44.9 GiB; the release before that (four 1x1 convs per rep FFN,
+before models/udit.py pointwise_pair) 378 ms and 381 ms at 40.2 and 50.3 GiB.
 
 The recipe's global batch 256 on larger slices (fewer images per chip; shard_update):
 
     chips    per chip  remat  HBM per chip      compile  est. ms/step  img/s/chip  est. MFU
-    v5p-16   32        no     49.9 GiB (47%)    246 s    214           150         20.0%
-    v5p-16   32        yes    20.8 GiB (78%)    307 s    228           140         18.7%
-    v5p-32   16        yes    13.0 GiB (86%)    220 s    157           102         13.6%
+    v5p-16   32        no     49.3 GiB (48%)    214 s    212           151         20.2%
+    v5p-16   32        yes    20.6 GiB (78%)    244 s    227           141         18.8%
+    v5p-32   16        yes    13.0 GiB (86%)    213 s    154           104         13.9%
 
-Per chip the step gets less efficient as its batch shrinks (175 img/s at 64, 150 at 32, 102 at
+Per chip the step gets less efficient as its batch shrinks (178 img/s at 64, 151 at 32, 104 at
 16), so keep 64 per chip where the recipe allows (v5p-8, or a larger global batch). At 32 per
-chip the step fits without remat and is then estimated 6% faster
-(--config.model.remat=False); at 64 it fits without it only by 1% (above).
+chip the step fits without remat and is then estimated 7% faster
+(--config.model.remat=False); at 64 it fits without it only by 2% (above).
 At 128 per chip (global batch 512 on v5p-8, remat, shard_update) it is a little more
-efficient again: 65.2 GiB per chip (31% headroom), compile 219 s, 636 ms per step, 201 img/s
-per chip, 26.9% estimated MFU; a larger global batch changes the recipe, so scale its
+efficient again: 59.4 GiB per chip (37% headroom), compile 212 s, 623 ms per step, 206 img/s
+per chip, 27.4% estimated MFU; a larger global batch changes the recipe, so scale its
 learning rate yourself.
 
 Pods, 64 images per chip (weak scaling), remat, without shard_update
 (--config.mesh.shard_update=False):
 
     chips     mesh                HBM per chip     compile  est. ms/step  img/s/chip  est. MFU
-    v5p-8     data 4              44.9 GiB (53%)   255 s    368           174         23.2%
-    v5p-8     fsdp 4              33.6 GiB (65%)   282 s    340           188         25.1%
-    v5p-256   data 128            44.9 GiB (53%)   277 s    368           174         23.2%
-    v5p-256   data 16 x fsdp 8    28.8 GiB (70%)   248 s    333           192         25.7%
+    v5p-8     data 4              44.4 GiB (53%)   241 s    363           177         23.6%
+    v5p-8     fsdp 4              30.4 GiB (68%)   229 s    331           193         25.8%
+    v5p-256   data 128            44.4 GiB (53%)   254 s    363           177         23.6%
+    v5p-256   data 16 x fsdp 8    27.4 GiB (71%)   227 s    327           196         26.1%
 
 (--config.mesh.rules=fsdp --config.mesh.fsdp=<4 or 8> --config.mesh.data=-1 for the fsdp rows.)
 Per chip, v5p-256 estimates the same step as v5p-8 (100%) with data parallelism; FSDP is estimated
@@ -70,8 +71,10 @@ model's output does not show how it prices the collectives (FSDP on v5p-256: 264
 727 MiB per step; on v5p-8: 733, 613 MiB), so measure FSDP on the pod before relying on it;
 hence the default stays data parallel with shard_update.
 
-v5e and v6e (16 and 32 GiB per chip), remat, scanned, global batch 256 unless stated; this
-release, each compiled alone on the host (a short CPU profile ran beside the first at its start):
+v5e and v6e (16 and 32 GiB per chip), remat, scanned, global batch 256 unless stated; compiled
+before this release's attention (bfloat16 weights, models/layers.py attention_recomputed; on
+v5p it took 1-3% off the step and 0.5-3 GiB per chip), each alone on the host (a short CPU
+profile ran beside the first at its start):
 
     chips   per chip  mesh                 HBM per chip       compile  est. ms  img/s/chip  MFU
     v6e-8   32        data 8, split (a)    21.3 GiB (34%)     577 s    283      113         7.6%
@@ -92,16 +95,19 @@ other compiles): v6e-8 split 23.9 GiB / 302 ms / 7.1%, data 8 33.5 GiB (no fit),
 400 ms / 5.3%; v5e-8 11.1 GiB / 623 ms / 8.0%.
 
 Where the estimate goes (--mode=compile's "by kind", the FSDP v5p-8 program): matmuls and
-convolutions 40% of the step, at 63% of the chip's peak; elementwise work and reductions 41%,
-copies and transposes 13%, the scan's dynamic slices 6%. The matmuls alone, at that rate, would
-give 63% MFU; 55% needs the other 60% of the time cut to about 3% (a fused attention kernel for
-the 24- and 48-wide heads, far fewer passes over the activations): not something XLA's fusion
-of this graph does.
+convolutions 37% of the step, at 70% of the chip's peak; elementwise work and reductions 42%,
+copies and transposes 14%, the scan's dynamic slices 6%. The matmuls alone, at that rate, would
+give 70% MFU; 55% needs the other 63% of the time cut to about 10% of today's step. No part
+stands out: the largest single fusion is 1.3% of the default step's estimate, the attention's
+core (q.k, softmax, weighted sum) writes its [N, M] weights only in bfloat16
+(models/layers.py attention_recomputed), and the rest is hundreds of passes over the
+activations (norms, RoPE, layouts, the depthwise convolutions) that XLA's fusion of this
+graph does not merge.
 
 remat keeps the projection and attention outputs (model.remat_keeps="outputs", the default):
-368 ms against 373 ms keeping only the attention outputs ("attention", 28.3 GiB per chip) and
-388 ms keeping only the block inputs ("inputs", 24.8 GiB; v5p-8, data 4, without shard_update,
-44.9 GiB with "outputs").
+363 ms against 368 ms keeping only the attention outputs ("attention", 27.3 GiB per chip) and
+375 ms keeping only the block inputs ("inputs", 23.1 GiB; v5p-8, data 4, without shard_update,
+44.4 GiB with "outputs").
 """
 
 from udit_jax import config as config_lib

@@ -23,18 +23,22 @@ model, not a TPU; global batch 256, data parallel, bf16):
 
     chips   per chip  remat  HBM per chip      compile  est. ms/step  img/s/chip  est. MFU
     v5e-8   32        no     14.3 GiB (11%)    505 s*   156           205         4.5%
-    v5p-8   64        no     27.2 GiB (71%)    265 s    92.6          692         6.5%
+    v5p-8   64        no     27.0 GiB (72%)    156 s    89.2          718         6.7%
     v6e-8   32        no     14.2 GiB (56%)    1020 s*  57.0          561         2.6%
 
-(All rows are this release's, with the rep FFN's pairs of 1x1 convs composed (README, Models);
-the v5p-8 row on an idle host, the others (*) with the test suite running beside them, so
-their compile times are upper bounds. Before that change: v5e-8 15.0 GiB, 167 ms, 192 img/s,
-4.2%; v5p-8 28.8 GiB, 95.5 ms, 670 img/s, 6.3%; v6e-8 15.0 GiB, 62.5 ms, 512 img/s, 2.4%.)
+(With the rep FFN's pairs of 1x1 convs composed (README, Models). The v5p-8 row is this
+release's, compiled alone on the host, with the attention that keeps its weights in bfloat16
+(models/layers.py attention_recomputed; before it: 27.2 GiB, 92.6 ms, 692 img/s, 6.5%). The
+v5e-8 and v6e-8 rows predate that change and were compiled with the test suite running beside
+them, so their compile times are upper bounds. Before the composed pairs: v5e-8 15.0 GiB,
+167 ms, 192 img/s, 4.2%; v5p-8 28.8 GiB, 95.5 ms, 670 img/s, 6.3%; v6e-8 15.0 GiB, 62.5 ms,
+512 img/s, 2.4%.)
 
 The estimate is bound by HBM bandwidth, not the MXU: at 96 channels and 24-wide heads the
-downsampled attention streams its float32 [256 x 256] logits per head and group through HBM
-(its QK^T, softmax and weighted sum are about 45% of the attention's estimated time; the
-matmuls themselves are small). v6e, with the most FLOPs per byte of HBM, gains least.
+downsampled attention streams its [256 x 256] weights per head and group through HBM (now in
+bfloat16; the matmuls themselves are small), and without remat the scans' stacking and
+reading of every block's residuals is 35% of the v5p-8 estimate (--mode=compile's "by
+kind": dynamic slices). v6e, with the most FLOPs per byte of HBM, gains least.
 """
 
 from udit_jax import config as config_lib
