@@ -90,10 +90,12 @@ def test_tiny_models_compile_with_a_full_report(libtpu, family, topology, chips,
     from udit_jax.models import info
     n_params = info.count_params(config_lib.build_model(tiny_config(family, topology)))
     assert hbm["arguments"] >= 4 * 4 * n_params
-    # XLA counts every FLOP (norms, softmax, Adam, the loss); the model's count only the
-    # matmuls/convs (3 x forward). For these models they agree within 15%.
+    # XLA counts every FLOP (norms, softmax, Adam, the loss, and the q.k matmul that
+    # attention_recomputed's backward does again: 4% of the tiny DiT's, whose 64 tokens are
+    # many for its width of 32); the model's count only the matmuls/convs (3 x forward). For
+    # these models they agree within 20% (DiT 1.18, U-DiT 1.04).
     ratio = report["xla_flops_per_chip"] / report["model_flops_per_chip"]
-    assert 1.0 <= ratio < 1.15, ratio
+    assert 1.0 <= ratio < 1.2, ratio
     assert report["estimated_step_seconds"] > 0 and report["estimate_covers_step"]
     assert report["estimated_images_per_second_per_chip"] == pytest.approx(
         4 / report["estimated_step_seconds"])
