@@ -143,15 +143,18 @@ def test_scanned_stages_are_estimated_with_their_trip_counts(libtpu, tmp_path):
     assert "loop bodies times their trip counts" in compile_lib.format_report(report)
 
 
+def _one_v5e_chip():
+    """A replicated sharding over one TPU v5e chip of libtpu's topology devices (no TPU)."""
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    device = compile_lib.topology_devices(compile_lib.parse_topology("v5e-1"))[0]
+    return NamedSharding(Mesh(np.array([device]), ("d",)), PartitionSpec())
+
+
 def _matmul_loop(n: int, scanned: bool):
     """n (1024 x 1024 bf16 matmul + tanh) layers, as one lax.scan or unrolled, compiled for
     one TPU v5e chip: (cost-model seconds with loop bodies once, loop_scale)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    device = compile_lib.topology_devices(compile_lib.parse_topology("v5e-1"))[0]
-    sharding = NamedSharding(Mesh(np.array([device]), ("d",)), P())
+    sharding = _one_v5e_chip()
     layer = lambda h, w: (jnp.tanh(h @ w), None)  # noqa: E731
 
     def run(x, ws):
@@ -402,14 +405,10 @@ def test_attention_writes_its_weights_only_in_bfloat16_on_tpus(libtpu):
     float32 logits went to HBM and were read three times (U-DiT-L's first-level attention on
     v5p: 3.8 ms against 2.2 ms by the cost model)."""
     import re
-    import numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
     from udit_jax.models import layers
 
     b, n, heads, hd = 64, 256, 8, 24      # logits too large for VMEM: 128 MiB in float32
-    device = compile_lib.topology_devices(compile_lib.parse_topology("v5e:2x2"))[0]
-    sharding = NamedSharding(Mesh(np.array([device]), ("d",)), PartitionSpec())
-    spec = jax.ShapeDtypeStruct((b, n, heads, hd), jnp.bfloat16, sharding=sharding)
+    spec = jax.ShapeDtypeStruct((b, n, heads, hd), jnp.bfloat16, sharding=_one_v5e_chip())
     loss = lambda q, k, v: jnp.sum(layers.attention_recomputed(q, k, v, 0.3).astype(jnp.float32) ** 2)  # noqa: E731
     with jax.default_matmul_precision("default"):   # a run's, not the tests' "highest"
         text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).compile().as_text()
