@@ -19,28 +19,51 @@ paper's FID 2.27 (7M steps) is with --config.eval.cfg_scale=1.5 (three channels 
 
 The train step compiled for a pod on any host (--mode=compile, README "Before you rent a
 pod"; 2-core x86 host, jax 0.10.2, libtpu 0.0.42.1; XLA's cost model, not a TPU; global
-batch 256, bf16):
+batch 256 on 8 (v5p: 4 chips), 8192 on v5p-256, i.e. 64 per v5p chip, 32 per v5e/v6e chip;
+bf16):
 
-    chips   mesh               remat  HBM per chip     compile  est. ms  img/s/chip  est. MFU
-    v5p-8   data 4             no     29.4 GiB (69%)   112 s    176      363         56.4%
-    v5p-8   data 4, split (a)  no     23.5 GiB (75%)   83 s     183      350         54.3%
-    v6e-8   data 8             no     20.1 GiB (37%)   148 s    96.2     333         25.8%
-    v5e-8   data 8, split (a)  no     13.4 GiB (16%)   106 s    416      77          27.8%
-    v5e-8   fsdp 8             yes    10.2 GiB (36%)   132 s    681      47          17.0%
+    chips     mesh               remat  HBM per chip     compile  est. ms  img/s/chip  est. MFU
+    v5p-8     fsdp 4 (b)         no     21.7 GiB (77%)   97 s     166      387         60.0%
+    v5p-8     data 4             no     29.4 GiB (69%)   112 s    176      363         56.4%
+    v5p-8     data 2 x fsdp 2    no     26.5 GiB (72%)   105 s*   176      364         56.4%
+    v5p-8     data 4, split (a)  no     23.5 GiB (75%)   83 s     183      350         54.3%
+    v5p-256   data 32 x fsdp 4   no     21.4 GiB (77%)   89 s     164      391         60.6%
+    v5p-256   data 128           no     29.3 GiB (69%)   116 s    176      363         56.4%
+    v6e-8     data 8             no     20.1 GiB (37%)   148 s    96.2     333         25.8%
+    v6e-8     fsdp 8             no     12.5 GiB (61%)   155 s*   125      256         19.8%
+    v5e-8     fsdp 8 (b)         no     13.2 GiB (17%)   139 s    344      93          33.6%
+    v5e-8     data 8, split (a)  no     13.4 GiB (16%)   106 s    416      77          27.8%
+    v5e-8     fsdp 8             yes    10.2 GiB (36%)   132 s    681      47          17.0%
 
-(a: --config.mesh.shard_update=True. This release, each compiled alone on the host, with the
-attention that keeps its weights in bfloat16 (models/layers.py attention_recomputed); before
-it: v5p-8 29.9 GiB / 187 ms / 53.1% and split 24.3 GiB / 190 ms / 52.3%, v6e-8 103 ms /
-24.1%, v5e-8 split 13.6 GiB / 422 ms / 27.4%, fsdp 12.1 GiB / 666 ms / 17.4%.) On v5p-8 the
-matmuls take 82% of the estimated step, at 69% of the chip's peak.
+(a: --config.mesh.shard_update=True. b: --config.mesh.rules=fsdp --config.mesh.fsdp=<4 or 8>
+--config.mesh.data=-1; "data 32 x fsdp 4" is the same flags on 128 chips. This release, each
+compiled alone on the host (*: another compile or test ran beside it part of the time), with
+the attention that keeps its weights in bfloat16 (models/layers.py attention_recomputed);
+before it: v5p-8 data 29.9 GiB / 187 ms / 53.1% and split 24.3 GiB / 190 ms / 52.3%, v6e-8
+103 ms / 24.1%, v5e-8 split 13.6 GiB / 422 ms / 27.4%, fsdp with remat 12.1 GiB / 666 ms /
+17.4%.) The v5p-8 FSDP row is 59.97% unrounded.
 
-On v5e (16 GiB per chip) the float32 params, EMA and Adam moments alone take 10.8 GB. With
---config.mesh.shard_update=True each chip keeps the params whole and an eighth of the EMA and
-moments: the step fits without remat, estimated 1.6x faster than FSDP with remat
-(--config.mesh.rules=fsdp --config.mesh.fsdp=8 --config.mesh.data=-1 --config.model.remat=True),
-but with 15% headroom; keep FSDP where the runtime needs more. Both estimates count the SPMD
-partitioner's windowed-einsum loops at their trip counts. On v5p-8, shard_update saves 5.6 GiB
-per chip and no time (the gradients are still all-reduced, the new float32 params all-gathered).
+The best mesh per chip family, by this estimate: on v5p FSDP over each 4 chips (b; data
+parallel across the groups on larger slices); on v5e FSDP over 8 chips without remat; on v6e
+data parallel (the default). Each chip then updates a quarter (an eighth) of the float32
+params, Adam moments and EMA instead of all of them: in the data-parallel step that update
+reads and writes 23 GB per chip per step, about 8 ms on v5p; FSDP adds per-layer all-gathers
+of the weights (1.8 GiB per step on v5p-8) and reduces the weight gradients. XLA prices a
+collective about as a copy of its bytes through HBM (an all-gather of 512 MiB onto 4 v5p
+chips: 0.74 ms, the local copy of the same bytes 0.46 ms), not over the chips' links, so
+check FSDP's step time on the pod before relying on it; the default stays data parallel,
+which needs no per-family choice. On v5p-8 the matmuls take 84% of the FSDP step's estimate,
+at 71% of the chip's peak (82% and 69% data parallel).
+
+On v5e (16 GiB per chip) the float32 params, EMA and Adam moments alone take 10.8 GB, so the
+data-parallel step does not fit; FSDP without remat fits with 17% headroom and is the fastest
+there. shard_update (a) splits only the moments and EMA (each chip keeps the params whole):
+it fits with 16% headroom at 1.2x FSDP's estimate. FSDP with remat needs the least memory,
+at twice the time. The estimates count the SPMD partitioner's windowed-einsum loops at their
+trip counts. On v5p-8, shard_update saves 5.9 GiB per chip but costs 4% of the step: XLA
+copies the float32 params as they come in and again as the all-gather that rebuilds them
+goes out (about 11 GB of traffic per chip per step).
+
 Per chip the step gets more efficient as its batch grows (v5p-8, split (a), no remat; idle
 host; the larger batches change the recipe's global batch, so scale its learning rate yourself):
 
