@@ -14,10 +14,11 @@ or --config.data.source=folder --config.data.dir=/path/to/train), then train:
 
 On a TPU pod: launch/tpu_pod.py; on a SLURM GPU cluster: launch/slurm.py.
 
-Defaults for the pods: each stage's blocks as one scan (model.scan_blocks; the unrolled step
-takes over half an hour to compile), remat (the only way the recipe's batch fits a v5p-8) and
-the Adam moments and EMA split over the data-parallel chips (mesh.shard_update: 10 GiB less
-per chip on v5p-8 and no slower; on v6e-8 the difference between fitting and not, below).
+Defaults for the pods: each stage's blocks as one scan (model.scan_blocks; it compiles in
+about half the time of the unrolled step, below), remat (the only way the scanned step fits
+the recipe's batch on a v5p-8) and the Adam moments and EMA split over the data-parallel chips
+(mesh.shard_update: 10 GiB less per chip on v5p-8 and no slower; on v6e-8 the difference
+between fitting and not, below).
 Before renting, compile the step for the pod on any host: --mode=compile with
 --config.compile.topology=v5p-8 (README, "Before you rent a pod"). Measured that way (2-core
 x86 host, jax 0.10.2, libtpu 0.0.42.1; XLA's cost model, not a TPU; global batch 256, data
@@ -30,7 +31,29 @@ shard_update):
     v5p-8   no     1           102.3 GiB: no fit  242 s    (338)         (189)       (25.3%)
     v5p-8   no     2           68.6 GiB (28%)     225 s    407           157         21.0%
 
-Without remat the step is estimated 6-7% faster but needs 102 GiB per chip of v5p's 95; with
+The fastest step on v5p is unrolled and without remat. Unrolled (--config.model.scan_blocks=False;
+the same params, unstacked, convert both ways) the step needs far less memory: a scan keeps
+each block's residuals, as jax's autodiff chose them, in stacked buffers that it zero-fills
+before the loop and writes and reads by dynamic slices, while the unrolled program leaves
+them to XLA. Without remat it then fits a v5p-8 with room to spare (same host and release
+as above; compiled alone):
+
+    blocks    remat  mesh                     HBM per chip     compile  est. ms/step  img/s/chip  est. MFU
+    unrolled  no     fsdp 4 (b)               35.7 GiB (62%)   386 s    288           222         29.7%
+    unrolled  no     data 4, split            38.0 GiB (60%)   416 s    305           210         28.0%
+    unrolled  yes    data 4, split            20.5 GiB (78%)   448 s    353           181         24.2%
+    scanned   yes    data 4, split (default)  34.3 GiB (64%)   251 s    358           178         23.8%
+
+(--config.model.scan_blocks=False --config.model.remat=False; b: also --config.mesh.rules=fsdp
+--config.mesh.fsdp=4 --config.mesh.data=-1 --config.mesh.shard_update=False.) The unrolled
+step without remat is estimated 1.18x (data parallel) to 1.25x (FSDP) the default's speed, for
+2-3 more minutes of compile (--mode=compile with --config.compile.save_executable=True writes
+the executable, which training on that topology then loads instead of compiling). The
+default stays scanned: a run's checkpoints keep its params' structure, so runs started
+scanned resume scanned. The unrolled rows on v5e and v6e (less HBM per chip) are not
+compiled yet.
+
+Scanned without remat, the step is estimated 6-7% faster but needs 102 GiB per chip of v5p's 95; with
 shard_update it just fits (93.0 GiB, 2% headroom, 339 ms), too close to rely on before the
 chip has shown it (--config.model.remat=False on this config). Gradient accumulation in its
 place fits but is slower: the scans then store every block's activations, and writing and

@@ -15,11 +15,15 @@ or --config.data.source=folder --config.data.dir=/path/to/train), then train:
 On a TPU pod: launch/tpu_pod.py; on a SLURM GPU cluster: launch/slurm.py.
 
 Each stage's blocks run as one scan (model.scan_blocks, the default of every ImageNet U-DiT
-config: unrolled, each U-DiT block adds up to a minute and a half of TPU compile;
---config.model.scan_blocks=False for the unrolled form, same params stacked). The
-train step, scanned, compiled for pods on any host (--mode=compile, README "Before you rent a
-pod"; 2-core x86 host with other compiles running, jax 0.10.2, libtpu 0.0.42.1; XLA's cost
-model, not a TPU; global batch 256, data parallel, bf16):
+config, for the shorter compile; --config.model.scan_blocks=False for the unrolled form, same
+params unstacked). Unrolled, the v5p-8 step below needs 10.2 GiB per chip (89% headroom)
+instead of 27.0, and is estimated at 84.7 ms (756 img/s per chip, 7.1%) instead of 89.2, but
+compiles in 313 s instead of 156 s (this release, alone on the host; configs/udit_l.py says
+why a scan needs more memory).
+
+The train step, scanned, compiled for pods on any host (--mode=compile, README "Before you
+rent a pod"; 2-core x86 host with other compiles running, jax 0.10.2, libtpu 0.0.42.1; XLA's
+cost model, not a TPU; global batch 256, data parallel, bf16):
 
     chips   per chip  remat  HBM per chip      compile  est. ms/step  img/s/chip  est. MFU
     v5e-8   32        no     14.3 GiB (11%)    505 s*   156           205         4.5%
