@@ -253,9 +253,9 @@ def imagenet_config(model_name: str, image_size: int = 256) -> ml_collections.Co
     config.batch_size = 256
     config.total_steps = 400_000
     config.seed = 0
-    # Each stage's blocks as one scan: U-DiT-L's v5p-8 step compiles in 251 s, unrolled in
-    # 386-448 s (U-DiT-S/B/L have 22 blocks), whose step is faster and needs less memory
-    # (configs/udit_l.py); the params convert both ways.
+    # Each stage's blocks as one scan: it compiles in about half the time of the unrolled
+    # step, which runs faster and needs less memory (figures: configs/udit_l.py); the params
+    # convert both ways.
     config.model.scan_blocks = models.model_family(model_name) == "U-DiT"
     return config
 

@@ -515,8 +515,8 @@ def remat_policy(keeps: str):
                    norms, activations, convolutions and q, k, v, no projection or attention;
       'attention'  only the attention's output and softmax sums;
       'inputs'     nothing: the whole block is recomputed (least memory).
-    U-DiT-L's v5p-8 train step (batch 256, data parallel) by XLA's cost model: 363 / 368 /
-    375 ms with 44.4 / 27.3 / 23.1 GiB per chip of 95."""
+    Less kept means less memory and a slower step; configs/udit_l.py and the README ("Before
+    you rent a pod") give U-DiT-L's v5p-8 figures for each."""
     names = jax.checkpoint_policies.save_only_these_names("attention_out", "attention_sums")
     policies = {"outputs": jax.checkpoint_policies.save_from_both_policies(
                     jax.checkpoint_policies.dots_with_no_batch_dims_saveable, names),
