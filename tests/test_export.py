@@ -84,6 +84,19 @@ def trained(tmp_path_factory, request):
     return config, workdir, emas
 
 
+def test_export_reads_a_run_written_with_the_other_block_layout(trained, tmp_path):
+    """A run trained scanned exports with an unrolled config, and the other way round: the
+    EMA params re-laid, the export built as the config says."""
+    from udit_jax.models.udit import relayout_blocks
+    config, workdir, emas = trained
+    other = make_config({"model.scan_blocks": not config.model.scan_blocks,
+                         "export.dir": str(tmp_path / "other")})
+    model, params, _ = export.load_export(export.export_from_config(other, str(workdir)))
+    assert model.scan_blocks == other.model.scan_blocks
+    expected = relayout_blocks(emas[STEPS[-1]], model.depth, scanned=other.model.scan_blocks)
+    assert_trees_identical(params, expected, "EMA in the other layout")
+
+
 def test_export_writes_ema_params_of_latest_or_given_step(trained, tmp_path):
     config, workdir, emas = trained
     out = export.export_from_config(config, str(workdir))

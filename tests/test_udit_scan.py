@@ -1,16 +1,20 @@
 """U-DiT with scan_blocks=True (each stage's blocks scanned over stacked params) is the same
-model as the unrolled one: outputs, gradients, official state_dict, counts."""
+model as the unrolled one: outputs, gradients, official state_dict, counts; and a training
+run may switch between the two layouts on resume."""
+
+import shutil
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from conftest import random_params
 from udit_jax import convert
 from udit_jax.models import build_model, info
-from udit_jax.models.udit import fuse_ffn_params, stack_blocks, unstack_blocks
+from udit_jax.models.udit import fuse_ffn_params, relayout_blocks, stack_blocks, unstack_blocks
 
 DEPTH = (0, 2, 1, 0, 1)
 KWARGS = dict(input_size=8, in_channels=4, hidden_size=8, depth=DEPTH, num_heads=2,
@@ -109,3 +113,80 @@ def test_fused_ffn_of_stacked_params(models_and_params):
     with jax.default_matmul_precision("highest"):
         np.testing.assert_allclose(apply(scanned.inference_form(), fused_s, x, t, y),
                                    apply(unrolled, params, x, t, y), rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# Switching layouts on resume: the same state, re-laid (checkpoints.Relayout).
+
+def test_relayout_converts_every_params_tree_of_a_train_state(models_and_params):
+    _, _, params = models_and_params
+    tx = optax.adamw(1e-3)
+    opt = jax.tree.map(lambda x: x + 1.0, tx.init(params))   # moments unlike the params
+    state = {"params": params, "ema": jax.tree.map(lambda x: 2 * x, params), "opt": opt,
+             "step": jnp.int32(3)}
+    stacked = relayout_blocks(state, DEPTH, scanned=True)
+    assert jax.tree.structure(stacked["opt"]) == jax.tree.structure(tx.init(stack_blocks(params, DEPTH)))
+    for got, want in ((stacked["params"], stack_blocks(params, DEPTH)),
+                      (stacked["ema"], stack_blocks(state["ema"], DEPTH)),
+                      (stacked["opt"][0].mu, stack_blocks(opt[0].mu, DEPTH)),
+                      (stacked["opt"][0].nu, stack_blocks(opt[0].nu, DEPTH))):
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(a, b)
+    assert int(stacked["step"]) == 3 and int(stacked["opt"][0].count) == int(opt[0].count)
+    # Back to unrolled: exactly the state; a tree already in the wanted layout is kept.
+    back = relayout_blocks(stacked, DEPTH, scanned=False)
+    assert jax.tree.structure(back) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
+    again = relayout_blocks(stacked, DEPTH, scanned=True)
+    assert jax.tree.structure(again) == jax.tree.structure(stacked)
+
+
+# A tiny pixel-space U-DiT trained on synthetic data; checkpoints at steps 2 and 4.
+RUN = {"model.name": "U-DiT",
+       "model.kwargs": dict(hidden_size=16, depth=(1, 2, 1, 2, 1), num_heads=2, mlp_ratio=2,
+                            down_factor=2, ffn_type="rep", rep=1, attn_type="v2",
+                            posemb_type="rope2d", downsampler="dwconv5", down_shortcut=1),
+       "data.source": "synthetic", "data.space": "pixel", "data.image_size": 8,
+       "data.channels": 1, "data.num_classes": 3, "batch_size": 4, "total_steps": 4,
+       "log_every_steps": 2, "checkpoint_every_steps": 2, "sample_every_steps": 0,
+       "optimizer.learning_rate": 3e-3, "optimizer.ema_decay": 0.9,
+       "checkpoint.keep": 5, "checkpoint.keep_every": 0}
+
+
+def run_config(scan_blocks: bool):
+    from udit_jax import config as config_lib
+    config = config_lib.base_config()
+    config.update_from_flattened_dict({**RUN, "model.scan_blocks": scan_blocks})
+    return config
+
+
+def test_a_scanned_run_resumes_unrolled_where_it_stopped(tmp_path, caplog):
+    """4 steps scanned, against 2 scanned + a restart unrolled + 2: the restart converts the
+    checkpoint (params, EMA, Adam moments) instead of refusing it or starting over, and
+    training goes on from it to the same state (to float32 rounding: two programs)."""
+    from udit_jax import train
+    depth = RUN["model.kwargs"]["depth"]
+    straight = train.train_and_evaluate(run_config(True), str(tmp_path / "straight"))
+    (tmp_path / "switched" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "2",
+                    tmp_path / "switched" / "checkpoints" / "2")
+    with caplog.at_level("INFO"):
+        switched = train.train_and_evaluate(run_config(False), str(tmp_path / "switched"))
+    assert "holds model.scan_blocks=True: converting it" in caplog.text
+    assert int(switched.step) == 4
+    expected = relayout_blocks(jax.device_get(straight), depth, scanned=False)
+    got = jax.tree_util.tree_leaves_with_path(jax.device_get(switched))
+    want = jax.tree_util.tree_leaves_with_path(expected)
+    assert [p for p, _ in got] == [p for p, _ in want]
+    for (path, a), (_, b) in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    # The step-2 checkpoint it resumed from is where it was, unchanged in layout.
+    assert (tmp_path / "switched" / "checkpoints" / "2").is_dir()
+    # The unrolled run's own checkpoint reads back scanned (the other direction).
+    _, ema, step = train.restore_ema_params(run_config(True), str(tmp_path / "switched"))
+    assert step == 4
+    for a, b in zip(jax.tree.leaves(jax.device_get(ema)),
+                    jax.tree.leaves(stack_blocks(jax.device_get(switched.ema_params), depth))):
+        np.testing.assert_array_equal(a, b)

@@ -19,6 +19,8 @@ Restoring a step, all processes first agree on one verdict (nobody moves or read
       iterator refuses, a run-defining config field changed: nothing is moved; stops with
       IncompatibleCheckpointError naming every differing field and the ways out
       (`checkpoint.on_mismatch`: "start_fresh" or "load_params" opt in explicitly).
+  another layout  the caller may name other layouts of the same state (`Relayout`: U-DiT's
+      scanned or unrolled blocks); a checkpoint holding one restores in it and is converted.
 Readers (read_only=True) never move or change anything.
 
 Restores target abstract arrays carrying the *current* shardings, so a checkpoint written on
@@ -33,7 +35,7 @@ import hashlib
 import json
 import signal
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -58,12 +60,28 @@ RESUMABLE_FIELDS = (
     "compile",
     # The SD VAE is no part of the train state (the latent cache checks its own encoder).
     "model.dtype", "model.remat", "model.remat_keeps", "vae",
+    # Scanned or unrolled blocks: the same params, converted on restore (Relayout).
+    "model.scan_blocks",
     "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.grad_clip_norm",
     "optimizer.skip_nonfinite", "optimizer.grad_accum_steps",
     "data.dir", "data.cache_dir", "data.loader_threads", "data.prefetch_batches",
     "data.loader_workers", "data.decode_threads", "data.encode_batch_size",
     "data.records_per_shard", "data.max_bad_fraction",
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class Relayout:
+    """Another layout of the same state that a checkpoint may hold, and the way from it.
+
+    target: that layout's ShapeDtypeStructs, as `restore`'s target (the same partial subtrees).
+    convert: a state restored in that layout -> the same values in the target's layout (None:
+      it is the target's layout).
+    name: what the layout is, for the log ("model.scan_blocks=True").
+    """
+    target: Any
+    convert: Callable[[Any], Any] | None
+    name: str
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -420,7 +438,8 @@ class Checkpointer:
     # Restoring.
 
     def restore(self, target: Any, iterator: Any = None, *, init: Callable[[], Any] | None = None,
-                step: int | None = None, partial: bool = False) -> tuple[int, Any] | None:
+                step: int | None = None, partial: bool = False,
+                relayouts: Sequence[Relayout] = ()) -> tuple[int, Any] | None:
         """(step, state) of the newest checkpoint that restores; see the module docstring.
 
         target: the state's jax.ShapeDtypeStructs (with shardings: restored onto them; without:
@@ -429,6 +448,8 @@ class Checkpointer:
         init: builds the step-0 state; given (training), a workdir without checkpoints returns
           (0, init()) and the on_mismatch opt-ins can start fresh. Without it, None.
         step: restore exactly this step (readers); None = the newest that restores.
+        relayouts: other layouts a checkpoint may hold; one whose tree matches restores in it
+          and is converted to target's.
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         if step is not None:
@@ -439,9 +460,10 @@ class Checkpointer:
         initial_data = None if iterator is None else iterator.get_state()
         corrupt: list[tuple[int, str]] = []
         for candidate in steps:
-            code, message = _agree(*self._verdict(candidate, target, iterator, partial))
+            layout = self._layout(candidate, target, partial, relayouts)
+            code, message = _agree(*self._verdict(candidate, layout.target, iterator, partial))
             if code == _OK:
-                code, message = _agree(*self._read(candidate, target, partial))
+                code, message = _agree(*self._read(candidate, layout.target, partial))
             if code == _INCOMPATIBLE:
                 return self._incompatible(candidate, message, target, iterator, initial_data, init)
             if code == _CORRUPT:
@@ -452,6 +474,10 @@ class Checkpointer:
                 continue
             restored = self._restored
             self._restored = None
+            if layout.convert is not None:
+                logging.info("the checkpoint at step %d holds %s: converting it to this config's "
+                             "layout", candidate, layout.name)
+                restored = layout.convert(restored)
             for bad, reason in corrupt:
                 self._set_aside(bad, "corrupt", reason)
             self._set_aside_uncommitted()
@@ -478,6 +504,23 @@ class Checkpointer:
         self._set_aside_uncommitted()
         logging.info("no checkpoint in %s: starting from step 0", self.directory)
         return 0, init()
+
+    def _layout(self, step: int, target, partial: bool, relayouts: Sequence[Relayout]) -> Relayout:
+        """The layout to read `step` in: target's, or the first relayout whose tree the
+        checkpoint holds exactly (an unreadable tree is left to _verdict to report)."""
+        same = Relayout(target, None, "this config's layout")
+        if not relayouts:
+            return same
+        try:
+            stored = self._stored_tree(step)
+        except (OSError, ValueError, KeyError, TypeError):
+            return same
+        if not _tree_differences(stored, _leaf_table(target), partial):
+            return same
+        for relayout in relayouts:
+            if not _tree_differences(stored, _leaf_table(relayout.target), partial):
+                return relayout
+        return same
 
     def _verdict(self, step: int, target, iterator, partial: bool) -> tuple[int, str]:
         """This process's verdict on `step` from checksums, metadata, config and data state."""
@@ -632,12 +675,13 @@ class Checkpointer:
                                       f"{self.directory / str(failure[0])} failed: {failure[1]}")
 
 
-def restore_params(workdir, target: Mapping[str, Any], *, config=None,
-                   step: int | None = None) -> tuple[int, Any]:
+def restore_params(workdir, target: Mapping[str, Any], *, config=None, step: int | None = None,
+                   relayouts: Sequence[Relayout] = ()) -> tuple[int, Any]:
     """(step, the `target` subtrees of the train state) of a training run, read only.
 
     target: e.g. {"ema_params": ShapeDtypeStructs, "step": ShapeDtypeStruct(())}; leaves with
     a sharding restore onto it, others as host numpy. step None: the newest that restores.
+    relayouts: other layouts of those subtrees a checkpoint may hold (Checkpointer.restore).
     Raises FileNotFoundError (no checkpoints), IncompatibleCheckpointError (config differs),
     NoRestorableCheckpointError (none readable). Moves nothing.
     """
@@ -649,7 +693,7 @@ def restore_params(workdir, target: Mapping[str, Any], *, config=None,
     try:
         if not ckpt.manager.all_steps():
             raise FileNotFoundError(f"{directory} holds no finished checkpoint")
-        restored = ckpt.restore(dict(target), step=step, partial=True)
+        restored = ckpt.restore(dict(target), step=step, partial=True, relayouts=relayouts)
     finally:
         ckpt.close()
     if restored is None:

@@ -14,6 +14,7 @@ fields, never `.get(name, default)`.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -436,6 +437,29 @@ def build_model(config):
         return models.build_model(config.model.name, **kwargs)
     except ValueError as e:
         raise ValueError(f"model.name={config.model.name!r} with {kwargs}: {e}") from e
+
+
+def block_relayouts(config, target: Any, target_of: Callable[[Any], Any]) -> tuple:
+    """How a U-DiT checkpoint written with the other model.scan_blocks restores into `target`.
+
+    The two layouts hold the same params (stacked per stage, or one subtree per block), so a
+    run may switch between them on resume. target: the restore target `config` builds;
+    target_of(a config): the same target for another config (the other layout's is built so).
+    Sharded targets are converted on their devices, unsharded ones as host numpy. DiT: ().
+    """
+    from udit_jax import checkpoints
+    from udit_jax.models.udit import relayout_blocks
+    if models.model_family(config.model.name) != "U-DiT":
+        return ()
+    other = config.copy_and_resolve_references()
+    other.model.scan_blocks = not config.model.scan_blocks
+    model = build_model(config)
+    convert = functools.partial(relayout_blocks, depth=tuple(model.depth),
+                                scanned=bool(config.model.scan_blocks))
+    if all(getattr(leaf, "sharding", None) is not None for leaf in jax.tree.leaves(target)):
+        convert = jax.jit(convert, out_shardings=jax.tree.map(lambda a: a.sharding, target))
+    return (checkpoints.Relayout(target_of(other), convert,
+                                 f"model.scan_blocks={other.model.scan_blocks}"),)
 
 
 def make_optimizer(opt) -> tuple[optax.GradientTransformation, Callable]:

@@ -233,7 +233,7 @@ def load_export(export_dir: str | os.PathLike, *, mesh=None, dtype=None):
 # ----------------------------------------------------------------------------------------
 # --mode=export: EMA params of a training checkpoint.
 
-def _restore_ema(workdir: epath.Path, model, step: int | None, config) -> tuple[int, Any]:
+def _restore_ema(workdir: epath.Path, step: int | None, config) -> tuple[int, Any]:
     """(step, EMA params as numpy) of the training checkpoints, without the optimizer state.
 
     step None: the newest checkpoint that restores. Raises IncompatibleCheckpointError when
@@ -241,11 +241,17 @@ def _restore_ema(workdir: epath.Path, model, step: int | None, config) -> tuple[
     """
     import flax.linen as nn
     from udit_jax import checkpoints
+    from udit_jax import config as config_lib
     from udit_jax.models.info import abstract_params
-    # ShapeDtypeStructs without shardings restore as host numpy arrays: any topology reads them.
-    target = {"ema_params": nn.unbox(abstract_params(model)),
-              "step": jax.ShapeDtypeStruct((), np.int32)}
-    _, state = checkpoints.restore_params(workdir, target, config=config, step=step)
+
+    def target_of(c):
+        # Without shardings they restore as host numpy arrays: any topology reads them.
+        return {"ema_params": nn.unbox(abstract_params(config_lib.build_model(c))),
+                "step": jax.ShapeDtypeStruct((), np.int32)}
+    target = target_of(config)
+    _, state = checkpoints.restore_params(
+        workdir, target, config=config, step=step,
+        relayouts=config_lib.block_relayouts(config, target, target_of))
     return int(state["step"]), state["ema_params"]
 
 
@@ -277,7 +283,7 @@ def export_from_config(config, workdir: str) -> str:
     workdir = epath.Path(workdir)
     settings = config.export
     model = config_lib.build_model(config)
-    step, ema = _restore_ema(workdir, model, settings.step or None, config)
+    step, ema = _restore_ema(workdir, settings.step or None, config)
     data = _data_section(config)
     vae = None
     if data["space"] == "latent":

@@ -177,9 +177,12 @@ def restore_ema_params(config, workdir: str) -> tuple[Any, PyTree, int]:
     mesh = config_lib.make_mesh(config)
     # Laid out as the params (whole on every data-parallel device), also when training split
     # the EMA's update over them (mesh.shard_update): sampling reads every weight each step.
-    target = abstract_state_on_mesh(config, model, tx, mesh)
-    step, state = checkpoints.restore_params(workdir, {"ema_params": target.params},
-                                             config=config)
+    def target_of(c):
+        return {"ema_params": abstract_state_on_mesh(c, config_lib.build_model(c), tx, mesh).params}
+    target = target_of(config)
+    step, state = checkpoints.restore_params(
+        workdir, target, config=config,
+        relayouts=config_lib.block_relayouts(config, target, target_of))
     return model, state["ema_params"], step
 
 
@@ -307,6 +310,13 @@ class Trainer:
     def restore_target(self) -> TrainState:
         """The state's ShapeDtypeStructs carrying their shardings on the mesh."""
         return _with_shardings(self.abstract, self.shardings)
+
+    def relayouts(self) -> tuple:
+        """The other layouts a checkpoint of this run may hold (U-DiT's scanned or unrolled
+        blocks), converted to this config's on restore."""
+        return config_lib.block_relayouts(
+            self.config, self.restore_target(),
+            lambda c: abstract_state_on_mesh(c, config_lib.build_model(c), self.tx, self.mesh))
 
     def global_batch(self, local: dict) -> dict:
         return {k: parallel.global_batch_from_local(self.mesh, v) for k, v in local.items()}
@@ -515,7 +525,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                     on_mismatch=config.checkpoint.on_mismatch)
 
     # ---- restore or initialise ----------------------------------------------------------
-    _, state = ckpt.restore(trainer.restore_target(), iterator, init=trainer.init_state)
+    _, state = ckpt.restore(trainer.restore_target(), iterator, init=trainer.init_state,
+                            relayouts=trainer.relayouts())
     start_step = int(jax.device_get(state.step))
     checkpoints.write_config_history(workdir, config, start_step)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -714,3 +714,23 @@ def unstack_blocks(params, depth: Sequence[int]) -> dict:
             stacked = out.pop(stage)
             out.update({f"{stage}_{j}": jax.tree.map(lambda x: x[j], stacked) for j in range(n)})
     return out
+
+
+def relayout_blocks(tree, depth: Sequence[int], scanned: bool):
+    """`tree` with every U-DiT params dict in it (params, EMA, each Adam moment) in the
+    scanned (stack_blocks) or unrolled (unstack_blocks) layout; other leaves as they are.
+
+    For a train state written with the other model.scan_blocks: the same values, re-laid.
+    A tree already in the wanted layout is returned as it is.
+    """
+    stages = [i for i, n in enumerate(depth) if n]
+    if not stages:
+        return tree
+    source_key = f"{STAGES[stages[0]]}_0" if scanned else STAGES[stages[0]]
+    convert = stack_blocks if scanned else unstack_blocks
+
+    def is_params(x) -> bool:
+        return isinstance(x, Mapping) and source_key in x
+
+    return jax.tree.map(lambda x: convert(x, depth) if is_params(x) else x, tree,
+                        is_leaf=is_params)
