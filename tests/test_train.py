@@ -349,6 +349,42 @@ def test_invalid_configs_fail_before_compiling(tmp_path, overrides, message):
         train.validate(make_config(overrides), epath.Path(tmp_path))
 
 
+# XLA:TPU's out-of-memory error, as the compiler words it (test_compile's real v5e compile
+# checks the parsing of the compiler's own message).
+_TPU_OOM = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
+            "space hbm. Used 20.50G of 15.75G hbm. Exceeded hbm capacity by 4.75G.")
+
+
+@pytest.mark.parametrize("message, expected", [
+    (_TPU_OOM, r"the train step of DiT does not fit in the memory of a .*\(20\.50 GiB needed "
+               r"per device, 15\.75 GiB available\) at global batch 8 \(8 per device, mesh "
+               r".*try --config\.mesh\.rules=fsdp.*--config\.mesh\.shard_update=True.*"
+               r"--config\.model\.remat=True.*per-chip batch.*--mode=compile"),
+    ("INTERNAL: some other failure", None),
+])
+def test_a_step_too_large_for_the_device_stops_with_the_knobs(tmp_path, monkeypatch, message,
+                                                             expected):
+    """An out-of-memory error from the first step's compile (a CPU has no such limit, so the
+    error is injected) is one message with the sizes and the knobs; other errors pass as they
+    are; nothing is saved."""
+    import jax
+    from udit_jax import memory_fit, train
+
+    def failing_step(*args, **kwargs):
+        def step(state, batch):
+            raise jax.errors.JaxRuntimeError(message)
+        return step
+    monkeypatch.setattr(train, "load_or_jit_step", failing_step)
+    workdir = tmp_path / "run"
+    if expected is None:
+        with pytest.raises(jax.errors.JaxRuntimeError, match="some other failure"):
+            train.train_and_evaluate(make_config(), str(workdir))
+    else:
+        with pytest.raises(memory_fit.DoesNotFitError, match=expected):
+            train.train_and_evaluate(make_config(), str(workdir))
+    assert not list((workdir / "checkpoints").glob("[0-9]*"))
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.py")), ids=lambda p: p.name)
 def test_every_config_builds_and_documents_its_command(path):
     import importlib.util

@@ -11,7 +11,7 @@ HBM per chip, its cost analysis XLA's FLOP count and the cost model's step time.
 is printed and written to DIR/compile/<topology>.json (with compile.save_executable=True the
 compiled train step too, DIR/compile/<topology>.executable, which a training run with the same
 --workdir on that topology loads instead of compiling); a program that does not fit raises
-`DoesNotFitError` after writing it (main prints one line, exit status non-zero).
+`memory_fit.DoesNotFitError` after writing it (main prints one line, exit status non-zero).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 from etils import epath
 
 from udit_jax import config as config_lib
-from udit_jax import executables, hlo_cost, parallel
+from udit_jax import executables, hlo_cost, memory_fit, parallel
 from udit_jax import sampler as sampler_lib
 
 # Cloud TPU generation -> (libtpu's topology prefix, mesh dimensions, TensorCores per chip in
@@ -47,10 +47,6 @@ _KNOWN = "v4-8, v5p-128, v5e-16 / v5litepod-16, v6e-256, or a shape like v5p:4x4
 
 class TopologyError(ValueError):
     """The topology name is not one we can compile for."""
-
-
-class DoesNotFitError(ValueError):
-    """The compiled program needs more HBM per chip than the chip has."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,25 +134,6 @@ def topology_devices(topology: Topology, num_slices: int = 1) -> list:
         raise TopologyError(f"compile.topology={topology.name!r} ({topology.libtpu_name}, "
                             f"{num_slices} slice(s)): libtpu refused it: {e}") from e
     return list(desc.devices)
-
-
-# ----------------------------------------------------------------------------------------
-# Memory errors.
-
-# XLA:TPU's out-of-memory errors: "... HLO temporaries (53.70G) exceeds available HBM (15.75G)"
-# and "Ran out of memory in memory space hbm. Used 20.5G of 15.75G hbm".
-_OOM = (re.compile(r"\(([\d.]+)([KMGT]?)\)\s+exceeds available HBM\s+\(([\d.]+)([KMGT]?)\)"),
-        re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm", re.IGNORECASE))
-
-
-def _oom_bytes(message: str) -> tuple[int, int] | None:
-    """(needed, capacity) bytes from XLA:TPU's out-of-memory message; None for other errors."""
-    for pattern in _OOM:
-        if m := pattern.search(message):
-            scale = lambda unit: 1024 ** " KMGT".index(unit.upper() or " ")
-            return (int(float(m.group(1)) * scale(m.group(2))),
-                    int(float(m.group(3)) * scale(m.group(4))))
-    return None
 
 
 # ----------------------------------------------------------------------------------------
@@ -279,7 +256,7 @@ def compile_report(config, executable_path=None) -> dict[str, Any]:
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
-        needed = _oom_bytes(str(e))
+        needed = memory_fit.oom_bytes(str(e))
         if needed is None:
             raise
         compiled = None  # the compiler stops at the first buffer assignment over capacity
@@ -331,12 +308,6 @@ def compile_report(config, executable_path=None) -> dict[str, Any]:
     return report
 
 
-def _gib(n: int | None) -> str:
-    if n is None:
-        return "?"
-    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
 def format_report(r: dict[str, Any]) -> str:
     """The human-readable table of a report."""
     hbm = r["hbm_bytes_per_chip"]
@@ -347,8 +318,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"{', update split over the data axes' if r.get('shard_update') else ''}; "
         f"global batch {r['global_batch']} "
         f"({r['global_batch'] / r['chips']:g} per chip)",
-        "  HBM per chip   " + ", ".join(f"{k} {_gib(v)}" for k, v in hbm.items())
-        + f" of {_gib(r['hbm_capacity_bytes'])}: "
+        "  HBM per chip   " + ", ".join(f"{k} {memory_fit.gib(v)}" for k, v in hbm.items())
+        + f" of {memory_fit.gib(r['hbm_capacity_bytes'])}: "
         + (("fits" if r["fits"] else "DOES NOT FIT")
            + ("" if r["headroom"] is None else f", headroom {100 * r['headroom']:.1f}%")),
         f"  compile        {r['compile_seconds']:.1f} s (lowering {r['lowering_seconds']:.1f} s, "
@@ -393,22 +364,13 @@ def format_report(r: dict[str, Any]) -> str:
 def does_not_fit_message(r: dict[str, Any]) -> str:
     per_chip = r["global_batch"] / r["chips"]
     at_least = "at least " if "compile_error" in r else ""  # the compiler stopped early
-    knobs = ["--config.mesh.rules=fsdp with --config.mesh.fsdp=<chips> (shards params and "
-             "optimizer state)"]
-    if not r.get("shard_update") and r["what"] == "train":
-        knobs.append("--config.mesh.shard_update=True (optimizer state and EMA split over the "
-                     "data-parallel chips)")
-    if not r["remat"]:
-        knobs.append("--config.model.remat=True (fewer activations)")
-    elif r.get("remat_keeps") != "inputs":
-        knobs.append("--config.model.remat_keeps=inputs (remat keeps only block inputs)")
-    knobs += ["a smaller per-chip batch (--config.batch_size, or "
-              "--config.optimizer.grad_accum_steps)", "more chips"]
     return (f"{r['model']} {r['what']} step on {r['topology']} needs {at_least}"
-            f"{_gib(r['hbm_bytes_per_chip']['total'])} of HBM per chip but a "
-            f"{r['device_kind']} has {_gib(r['hbm_capacity_bytes'])} (global batch "
+            f"{memory_fit.gib(r['hbm_bytes_per_chip']['total'])} of HBM per chip but a "
+            f"{r['device_kind']} has {memory_fit.gib(r['hbm_capacity_bytes'])} (global batch "
             f"{r['global_batch']}, {per_chip:g} per chip, mesh {r['mesh']}); try "
-            + ", ".join(knobs[:-1]) + ", or " + knobs[-1])
+            + memory_fit.knobs(train=r["what"] == "train", remat=r["remat"],
+                               remat_keeps=r.get("remat_keeps"),
+                               shard_update=r.get("shard_update")))
 
 
 def report_path(workdir, config) -> epath.Path:
@@ -429,5 +391,5 @@ def compile_from_config(config, workdir: str) -> dict[str, Any]:
     print(format_report(report), flush=True)
     print(f"  report         {path}", flush=True)
     if not report["fits"]:
-        raise DoesNotFitError(does_not_fit_message(report))
+        raise memory_fit.DoesNotFitError(does_not_fit_message(report))
     return report

@@ -29,7 +29,7 @@ import optax
 from absl import logging
 from etils import epath
 
-from udit_jax import checkpoints, data, executables, models, parallel, paths
+from udit_jax import checkpoints, data, executables, memory_fit, models, parallel, paths
 from udit_jax import config as config_lib
 from udit_jax import sampler as sampler_lib
 from udit_jax.evaluation import in_training
@@ -345,6 +345,29 @@ def load_or_jit_step(trainer: Trainer, workdir, state: TrainState, local: dict) 
     return step
 
 
+def first_step(step_fn: Callable, state: TrainState, batch: dict, trainer: "Trainer"):
+    """The first call of the train step, which compiles it: XLA's out-of-memory error becomes
+    one DoesNotFitError naming the sizes and the knobs (nothing ran, nothing is saved)."""
+    try:
+        return step_fn(state, batch)
+    except jax.errors.JaxRuntimeError as e:
+        if not memory_fit.is_out_of_memory(str(e)):
+            raise
+        sizes = memory_fit.oom_bytes(str(e))
+        needs = ("" if sizes is None else f" ({memory_fit.gib(sizes[0])} needed per device, "
+                 f"{memory_fit.gib(sizes[1])} available)")
+        config, devices = trainer.config, jax.device_count()
+        raise memory_fit.DoesNotFitError(
+            f"the train step of {config.model.name} does not fit in the memory of a "
+            f"{jax.devices()[0].device_kind}{needs} at global batch {config.batch_size} "
+            f"({config.batch_size / devices:g} per device, mesh {dict(trainer.mesh.shape)}); try "
+            + memory_fit.knobs(train=True, remat=bool(config.model.remat),
+                               remat_keeps=config.model.remat_keeps,
+                               shard_update=bool(config.mesh.shard_update))
+            + ". `--mode=compile --config.compile.topology=<pod>` checks a TPU config on any "
+            f"host before you rent it (XLA: {str(e).strip().splitlines()[0][:300]})") from e
+
+
 def make_trainer(config) -> Trainer:
     """Validates the config (ValueError before compiling) and builds model, mesh, objective,
     optimizer and the train state's shardings."""
@@ -560,7 +583,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             local = next(iterator)
             if step_fn is None:
                 step_fn = load_or_jit_step(trainer, workdir, state, local)
-            state, metrics = step_fn(state, trainer.global_batch(local))
+                state, metrics = first_step(step_fn, state, trainer.global_batch(local), trainer)
+            else:
+                state, metrics = step_fn(state, trainer.global_batch(local))
             step += 1
             drain.push(step, metrics)
             if step == start_step + 1:
