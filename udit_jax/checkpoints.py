@@ -74,13 +74,13 @@ RESUMABLE_FIELDS = (
 class Relayout:
     """Another layout of the same state that a checkpoint may hold, and the way from it.
 
-    target: that layout's ShapeDtypeStructs, as `restore`'s target (the same partial subtrees).
-    convert: a state restored in that layout -> the same values in the target's layout (None:
-      it is the target's layout).
+    make_target: () -> that layout's ShapeDtypeStructs, as `restore`'s target (the same
+      partial subtrees); called only for a checkpoint that does not hold the target's layout.
+    convert: a state restored in that layout -> the same values in the target's layout.
     name: what the layout is, for the log ("model.scan_blocks=True").
     """
-    target: Any
-    convert: Callable[[Any], Any] | None
+    make_target: Callable[[], Any]
+    convert: Callable[[Any], Any]
     name: str
 
 
@@ -460,10 +460,10 @@ class Checkpointer:
         initial_data = None if iterator is None else iterator.get_state()
         corrupt: list[tuple[int, str]] = []
         for candidate in steps:
-            layout = self._layout(candidate, target, partial, relayouts)
-            code, message = _agree(*self._verdict(candidate, layout.target, iterator, partial))
+            read_as, relayout = self._layout(candidate, target, partial, relayouts)
+            code, message = _agree(*self._verdict(candidate, read_as, iterator, partial))
             if code == _OK:
-                code, message = _agree(*self._read(candidate, layout.target, partial))
+                code, message = _agree(*self._read(candidate, read_as, partial))
             if code == _INCOMPATIBLE:
                 return self._incompatible(candidate, message, target, iterator, initial_data, init)
             if code == _CORRUPT:
@@ -474,10 +474,10 @@ class Checkpointer:
                 continue
             restored = self._restored
             self._restored = None
-            if layout.convert is not None:
+            if relayout is not None:
                 logging.info("the checkpoint at step %d holds %s: converting it to this config's "
-                             "layout", candidate, layout.name)
-                restored = layout.convert(restored)
+                             "layout", candidate, relayout.name)
+                restored = relayout.convert(restored)
             for bad, reason in corrupt:
                 self._set_aside(bad, "corrupt", reason)
             self._set_aside_uncommitted()
@@ -505,22 +505,24 @@ class Checkpointer:
         logging.info("no checkpoint in %s: starting from step 0", self.directory)
         return 0, init()
 
-    def _layout(self, step: int, target, partial: bool, relayouts: Sequence[Relayout]) -> Relayout:
-        """The layout to read `step` in: target's, or the first relayout whose tree the
-        checkpoint holds exactly (an unreadable tree is left to _verdict to report)."""
-        same = Relayout(target, None, "this config's layout")
+    def _layout(self, step: int, target, partial: bool,
+                relayouts: Sequence[Relayout]) -> tuple[Any, Relayout | None]:
+        """(the target to read `step` into, the relayout that target is or None): target's
+        layout, or the first relayout whose tree the checkpoint holds exactly (an unreadable
+        tree is left to _verdict to report)."""
         if not relayouts:
-            return same
+            return target, None
         try:
             stored = self._stored_tree(step)
         except (OSError, ValueError, KeyError, TypeError):
-            return same
+            return target, None
         if not _tree_differences(stored, _leaf_table(target), partial):
-            return same
+            return target, None
         for relayout in relayouts:
-            if not _tree_differences(stored, _leaf_table(relayout.target), partial):
-                return relayout
-        return same
+            other = relayout.make_target()
+            if not _tree_differences(stored, _leaf_table(other), partial):
+                return other, relayout
+        return target, None
 
     def _verdict(self, step: int, target, iterator, partial: bool) -> tuple[int, str]:
         """This process's verdict on `step` from checksums, metadata, config and data state."""

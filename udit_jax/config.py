@@ -444,7 +444,8 @@ def block_relayouts(config, target: Any, target_of: Callable[[Any], Any]) -> tup
 
     The two layouts hold the same params (stacked per stage, or one subtree per block), so a
     run may switch between them on resume. target: the restore target `config` builds;
-    target_of(a config): the same target for another config (the other layout's is built so).
+    target_of(a config): the same target for another config (the other layout's is built so,
+    only when a checkpoint holds it).
     Sharded targets are converted on their devices, unsharded ones as host numpy. DiT: ().
     """
     from udit_jax import checkpoints
@@ -458,7 +459,7 @@ def block_relayouts(config, target: Any, target_of: Callable[[Any], Any]) -> tup
                                 scanned=bool(config.model.scan_blocks))
     if all(getattr(leaf, "sharding", None) is not None for leaf in jax.tree.leaves(target)):
         convert = jax.jit(convert, out_shardings=jax.tree.map(lambda a: a.sharding, target))
-    return (checkpoints.Relayout(target_of(other), convert,
+    return (checkpoints.Relayout(lambda: target_of(other), convert,
                                  f"model.scan_blocks={other.model.scan_blocks}"),)
 
 
