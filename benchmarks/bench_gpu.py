@@ -9,13 +9,13 @@ seconds have passed; every finished case is appended to --json as it ends.
 
     python -m benchmarks.bench_gpu                       # the default cases, in priority order
     python -m benchmarks.bench_gpu --cases "U-DiT-L:64:1:cudnn" "DiT-XL/2:128:0:xla"
-    python -m benchmarks.bench_gpu --cases "U-DiT-B:64:0:xla" "U-DiT-B:64:0:xla:unrolled"
+    python -m benchmarks.bench_gpu --cases "U-DiT-B:64:0:xla" "U-DiT-B:64:0:xla:scanned"
     python -m benchmarks.bench_gpu --deadline 420 --json /tmp/gpu.json
 
 A case is MODEL:PER_GPU_BATCH:REMAT:ATTENTION (attention: xla, the float32-softmax attention
 of the configs, or cudnn, the fused kernel; both in the configs' bfloat16), and for a U-DiT
-optionally :unrolled (its blocks one by one instead of the configs' scan over each stage's
-blocks: start-up against step time). MFU and TFLOP/s
+optionally :scanned (each stage's blocks as one scan instead of the configs' unrolled blocks:
+start-up against step time). MFU and TFLOP/s
 count the papers' FLOPs (3 x forward MACs x 2) against the device's datasheet bf16 peak
 (udit_jax.parallel.DEVICE_FACTS).
 """
@@ -43,13 +43,13 @@ DEFAULT_CASES = (
 def parse_case(case: str) -> dict:
     model, batch, remat, attention, *blocks = case.split(":")
     if (model not in CONFIGS or attention not in ("xla", "cudnn") or remat not in ("0", "1")
-            or blocks not in ([], ["unrolled"])
+            or blocks not in ([], ["scanned"])
             or (blocks and not model.startswith("U-DiT")) or not batch.isdigit()):
         raise ValueError(f"case {case!r}: use MODEL:BATCH:REMAT:ATTENTION with MODEL in "
-                         f"{sorted(CONFIGS)}, REMAT 0/1, ATTENTION xla/cudnn, and :unrolled "
-                         "after it for a U-DiT without the scan over each stage's blocks")
+                         f"{sorted(CONFIGS)}, REMAT 0/1, ATTENTION xla/cudnn, and :scanned "
+                         "after it for a U-DiT with each stage's blocks as one scan")
     return {"model": model, "per_gpu": int(batch), "remat": int(remat), "attention": attention,
-            "unrolled": bool(blocks)}
+            "scanned": bool(blocks)}
 
 
 def case_config(case: dict, devices: int):
@@ -57,8 +57,8 @@ def case_config(case: dict, devices: int):
     config = load_config(CONFIGS[case["model"]], [])
     config.batch_size = case["per_gpu"] * devices
     config.model.remat = bool(case["remat"])
-    if case["unrolled"]:
-        config.model.scan_blocks = False
+    if case["scanned"]:
+        config.model.scan_blocks = True
     config.data.source = "synthetic"
     config.sample_every_steps = 0
     config.eval_every_steps = 0
@@ -140,7 +140,7 @@ def table_row(r: dict, ceil: dict) -> dict:
                        r["xla_GB/step"] / 1e3 / ceil["copy_TB/s"]) / r["global_batch"] * 1e3
     per_image = r["step_ms"] / r["global_batch"]
     return {"model": r["model"], "batch/GPU": r["per_gpu"], "remat": r["remat"],
-            "blocks": "unrolled" if r.get("unrolled") else "", "attention": r["attention"],
+            "blocks": "scanned" if r.get("scanned") else "", "attention": r["attention"],
             "step ms": r["step_ms"], "img/s/GPU": r["img/s"],
             "TFLOP/s": r["TFLOP/s"], "MFU": r["MFU"], "peak GiB": r["peak_GiB"],
             "lower s": r["lower_s"], "compile s": r["compile_s"],

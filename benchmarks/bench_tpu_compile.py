@@ -75,21 +75,21 @@ def main():
     p.add_argument("--rules", nargs="+", default=["data_parallel"], choices=RULES)
     p.add_argument("--remat", nargs="+", type=int, default=[0], choices=[0, 1])
     p.add_argument("--per_chip_batches", nargs="+", type=int, default=[32])
-    p.add_argument("--scan", nargs="+", type=int, default=[1], choices=[0, 1],
-                   help="U-DiT scan_blocks (1: scanned stages, 0: unrolled blocks)")
+    p.add_argument("--scan", nargs="+", type=int, default=[0], choices=[0, 1],
+                   help="U-DiT scan_blocks (0: unrolled blocks, the configs'; 1: scanned stages)")
     p.add_argument("--all", action="store_true", help="the issue's whole grid (hours of CPU)")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
     if args.all:
-        cases = [(m, t, r, rm, b, 1) for m in CONFIGS for t in ("v5e-8", "v5p-8", "v6e-8")
+        cases = [(m, t, r, rm, b, 0) for m in CONFIGS for t in ("v5e-8", "v5p-8", "v6e-8")
                  for r in RULES for rm in (0, 1) for b in (16, 32, 64)]
-        cases += [("U-DiT-L", "v5p-256", r, rm, b, 1) for r in RULES
+        cases += [("U-DiT-L", "v5p-256", r, rm, b, 0) for r in RULES
                   for rm in (0, 1) for b in (16, 32, 64)]
     elif args.models or args.topologies:
         cases = list(itertools.product(args.models or ["U-DiT-S"], args.topologies or ["v5p-8"],
                                        args.rules, args.remat, args.per_chip_batches, args.scan))
     else:
-        cases = [c + (1,) for c in SUBSET]
+        cases = [c + (0,) for c in SUBSET]
     rows = []
     for case in cases:
         rows.append(run_case(*case))

@@ -14,10 +14,11 @@ or --config.data.source=folder --config.data.dir=/path/to/train), then train:
 
 On a TPU pod: launch/tpu_pod.py; on a SLURM GPU cluster: launch/slurm.py.
 
-Each stage's blocks run as one scan (model.scan_blocks, the default; why: configs/udit_s.py).
-Unrolled (--config.model.scan_blocks=False), the v5p-8 step below needs 20.0 GiB per chip
-(79% headroom) instead of 47.8, and is estimated at 148.5 ms (431 img/s per chip, 15.0%)
-instead of 161, but compiles in 363 s instead of 189 s (this release, alone on the host).
+The blocks run unrolled (the default; each stage's blocks as one scan with
+--config.model.scan_blocks=True: configs/udit_s.py). On v5p-8 the unrolled step needs 20.0 GiB
+per chip (79% headroom) instead of the scanned 47.8, and is estimated at 148.5 ms (431 img/s
+per chip, 15.0%) instead of 161, but compiles in 363 s instead of 189 s (this release, alone
+on the host).
 --mode=compile's table for pods, measured as udit_s.py's (scanned, global batch 256, data
 parallel, bf16):
 
@@ -35,7 +36,7 @@ their compile times are upper bounds. Before the composed pairs: v5e-8 17.2 GiB 
 remat, 13.3 GiB, 331 ms, 97 img/s, 7.8% with it; v5p-8 50.6 GiB, 170 ms, 377 img/s, 13.1%;
 v6e-8 27.4 GiB, 113 ms, 284 img/s, 4.9%.)
 
-At 128 per chip (global batch 512 on v5p-8, remat, --config.mesh.shard_update=True; this
+At 128 per chip (global batch 512 on v5p-8, scanned, remat, --config.mesh.shard_update=True; this
 release, idle host): 28.3 GiB per chip (70% headroom), compile 199 s, 276 ms per step, 465 img/s
 per chip, 16.1% estimated MFU, 17% more images per chip-second than at 64 without remat (before
 the bfloat16 attention weights: 30.9 GiB, 283 ms, 452 img/s, 15.7%; before the composed pairs:

@@ -14,15 +14,18 @@ or --config.data.source=folder --config.data.dir=/path/to/train), then train:
 
 On a TPU pod: launch/tpu_pod.py; on a SLURM GPU cluster: launch/slurm.py.
 
-On TPUs add --config.model.remat=True (each stage's blocks already run as one scan, the
-default: configs/udit_s.py). The train step so, compiled for v5p-8 on a 2-core x86 host
-(--mode=compile, README "Before you rent a pod"; jax 0.10.2, libtpu 0.0.42.1; XLA's cost
-model, not a TPU; global batch 256, 64 per chip, data parallel, bf16; idle host): 73.8 GiB per
-chip of 95 (22% headroom), compile 318 s, 697 ms per step, 92 img/s per chip, 14.9% MFU
-(before the rep FFN's 1x1 pairs were composed: 81.0 GiB, 720 ms, 89 img/s, 14.4%). Matmuls
-take 49% of the estimated time, at about 31% of the chip's peak; the largest parts are the first
-level's downsampled attentions (1024 tokens per group), forward and backward about a third of
-the estimate.
+The blocks run unrolled and without remat (the ImageNet U-DiT default; why: configs/udit_l.py).
+The train step compiled for v5p-8 on a 2-core x86 host (--mode=compile, README "Before you
+rent a pod"; jax 0.10.2, libtpu 0.0.42.1; XLA's cost model, not a TPU; global batch 256, 64
+per chip, data parallel, bf16; alone on the host): 62.8 GiB per chip of 95 (34% headroom),
+compile 340 s, 466 ms per step, 137 img/s per chip, 22.2% MFU. Matmuls take 52% of the
+estimated time, at 43% of the chip's peak; the largest parts are the first level's downsampled
+attentions (1024 tokens per group), 3.0-3.5% each forward and backward.
+
+Each stage's blocks as one scan (--config.model.scan_blocks=True) needed remat to fit: 73.8 GiB
+per chip (22% headroom), compile 318 s, 697 ms per step, 92 img/s per chip, 14.9% (compiled
+before the attention that keeps its weights in bfloat16, models/layers.py
+attention_recomputed, which took 1-3% off U-DiT steps on v5p).
 """
 
 from udit_jax import config as config_lib

@@ -14,56 +14,51 @@ or --config.data.source=folder --config.data.dir=/path/to/train), then train:
 
 On a TPU pod: launch/tpu_pod.py; on a SLURM GPU cluster: launch/slurm.py.
 
-Defaults for the pods: each stage's blocks as one scan (model.scan_blocks; it compiles in
-about half the time of the unrolled step, below), remat (the only way the scanned step fits
-the recipe's batch on a v5p-8) and the Adam moments and EMA split over the data-parallel chips
-(mesh.shard_update: 10 GiB less per chip on v5p-8 and no slower; on v6e-8 the difference
-between fitting and not, below).
-Before renting, compile the step for the pod on any host: --mode=compile with
---config.compile.topology=v5p-8 (README, "Before you rent a pod"). Measured that way (2-core
-x86 host, jax 0.10.2, libtpu 0.0.42.1; XLA's cost model, not a TPU; global batch 256, data
-parallel, bf16; each compiled alone on the host; the rows below the first without
-shard_update):
+Defaults for the pods: the blocks unrolled, no remat, and the Adam moments and EMA split over
+the data-parallel chips (mesh.shard_update: each chip keeps the float32 params whole and a
+share of the rest). Before renting, compile the step for the pod on any host: --mode=compile
+with --config.compile.topology=v5p-8 (README, "Before you rent a pod"). Measured that way
+(2-core x86 host, jax 0.10.2, libtpu 0.0.42.1; XLA's cost model, not a TPU; global batch 256,
+64 per chip, bf16; each compiled alone on the host):
 
-    chips   remat  grad_accum  HBM per chip       compile  est. ms/step  img/s/chip  est. MFU
-    v5p-8   yes    1           34.3 GiB (64%)     251 s    358           178         23.8%
-    v5p-8   yes    1           44.4 GiB (53%)     241 s    363           177         23.6%
-    v5p-8   no     1           102.3 GiB: no fit  242 s    (338)         (189)       (25.3%)
-    v5p-8   no     2           68.6 GiB (28%)     225 s    407           157         21.0%
+    blocks    remat  mesh                      HBM per chip       compile  est. ms/step  img/s/chip  est. MFU
+    unrolled  no     data 4, split (default)   38.0 GiB (60%)     416 s    305           210         28.0%
+    unrolled  no     fsdp 4 (b)                35.7 GiB (62%)     386 s    288           222         29.7%
+    unrolled  yes    data 4, split             20.5 GiB (78%)     448 s    353           181         24.2%
+    scanned   yes    data 4, split             34.3 GiB (64%)     251 s    358           178         23.8%
+    scanned   yes    data 4                    44.4 GiB (53%)     241 s    363           177         23.6%
+    scanned   no     data 4                    102.3 GiB: no fit  242 s    (338)         (189)       (25.3%)
+    scanned   no     data 4, grad_accum 2      68.6 GiB (28%)     225 s    407           157         21.0%
 
-The fastest step on v5p is unrolled and without remat. Unrolled (--config.model.scan_blocks=False;
-the same params, unstacked, convert both ways) the step needs far less memory: a scan keeps
+(b: --config.mesh.rules=fsdp --config.mesh.fsdp=4 --config.mesh.data=-1
+--config.mesh.shard_update=False. Scanned: --config.model.scan_blocks=True, each stage's blocks
+as one scan over stacked params, with --config.model.remat=True to fit.) The scanned step
+compiles in about 4 minutes instead of 7 but needs far more memory and runs slower: a scan keeps
 each block's residuals, as jax's autodiff chose them, in stacked buffers that it zero-fills
-before the loop and writes and reads by dynamic slices, while the unrolled program leaves
-them to XLA. Without remat it then fits a v5p-8 with room to spare (same host and release
-as above; compiled alone):
+before the loop and writes and reads by dynamic slices, while the unrolled program leaves them
+to XLA. Without remat the scanned step does not fit (with shard_update it just does: 93.0 GiB,
+2% headroom, 339 ms); gradient accumulation in remat's place fits but is slower (the scans then
+store every block's activations, and writing and reading them is 30% of its estimate). The
+same params in either layout: a run may switch on resume (its checkpoints are converted,
+checkpoints.Relayout), and --mode=compile with --config.compile.save_executable=True writes the
+executable, which training on that topology then loads instead of compiling. The unrolled
+step was estimated 1.18x (data parallel) to 1.25x (FSDP) the scanned one's speed. Before this
+release's attention, which keeps its weights in bfloat16 (models/layers.py
+attention_recomputed), the scanned estimates were 366 ms (split) and 368 ms (whole) at 36.9
+and 44.9 GiB; the release before that (four 1x1 convs per rep FFN, before models/udit.py
+pointwise_pair) 378 ms and 381 ms at 40.2 and 50.3 GiB.
 
-    blocks    remat  mesh                     HBM per chip     compile  est. ms/step  img/s/chip  est. MFU
-    unrolled  no     fsdp 4 (b)               35.7 GiB (62%)   386 s    288           222         29.7%
-    unrolled  no     data 4, split            38.0 GiB (60%)   416 s    305           210         28.0%
-    unrolled  yes    data 4, split            20.5 GiB (78%)   448 s    353           181         24.2%
-    scanned   yes    data 4, split (default)  34.3 GiB (64%)   251 s    358           178         23.8%
+On v6e-8 (32 per chip), the default (unrolled, no remat, data 8, split): 22.4 GiB per chip
+(30% headroom), compile 588 s, 199 ms per step, 161 img/s per chip, 10.7%, against the scanned
+step with remat's 283 ms and 7.6% (table below; compiled before this release's attention).
+On v5e-8 (16 GiB per chip, 32 per chip) add --config.model.remat=True: unrolled with remat,
+data 8, split, 13.4 GiB per chip (16% headroom), compile 771 s, 624 ms per step, 51 img/s per
+chip, 15.9% (the scanned row below, at half the recipe's batch: 29 img/s per chip). Without
+remat the default cannot fit (the same step on v6e needs 22.4 GiB per chip); FSDP over the 8
+chips without remat just fits (15.7 GiB, 1.8% headroom, 565 ms, 17.6%), too close to rely on.
 
-(--config.model.scan_blocks=False --config.model.remat=False; b: also --config.mesh.rules=fsdp
---config.mesh.fsdp=4 --config.mesh.data=-1 --config.mesh.shard_update=False.) The unrolled
-step without remat is estimated 1.18x (data parallel) to 1.25x (FSDP) the default's speed, for
-2-3 more minutes of compile (--mode=compile with --config.compile.save_executable=True writes
-the executable, which training on that topology then loads instead of compiling). The
-default stays scanned: a run's checkpoints keep its params' structure, so runs started
-scanned resume scanned. On v6e-8 (32 per chip), unrolled without remat, data 8, split:
-22.4 GiB per chip (30% headroom), compile 588 s, 199 ms per step, 161 img/s per chip, 10.7%,
-against the scanned default's 283 ms and 7.6% (table below; compiled before this release's
-attention, which took 1-3% off the step on v5p). The unrolled rows on v5e (16 GiB per chip)
-are not compiled yet.
-
-Scanned without remat, the step is estimated 6-7% faster but needs 102 GiB per chip of v5p's 95; with
-shard_update it just fits (93.0 GiB, 2% headroom, 339 ms), too close to rely on before the
-chip has shown it (--config.model.remat=False on this config). Gradient accumulation in its
-place fits but is slower: the scans then store every block's activations, and writing and
-reading them is 30% of its estimate. Before this release's attention, which keeps its weights
-in bfloat16 (models/layers.py attention_recomputed), the estimates were 366 ms (split) and
-368 ms (whole) at 36.9 and 44.9 GiB; the release before that (four 1x1 convs per rep FFN,
-before models/udit.py pointwise_pair) 378 ms and 381 ms at 40.2 and 50.3 GiB.
+The rows below are the scanned step with remat (the previous default), measured before the
+default changed.
 
 The recipe's global batch 256 on larger slices (fewer images per chip; shard_update):
 
@@ -74,8 +69,8 @@ The recipe's global batch 256 on larger slices (fewer images per chip; shard_upd
 
 Per chip the step gets less efficient as its batch shrinks (178 img/s at 64, 151 at 32, 104 at
 16), so keep 64 per chip where the recipe allows (v5p-8, or a larger global batch). At 32 per
-chip the step fits without remat and is then estimated 7% faster
-(--config.model.remat=False); at 64 it fits without it only by 2% (above).
+chip the scanned step fits without remat and is then estimated 7% faster; at 64 it fits
+without it only by 2% (above).
 At 128 per chip (global batch 512 on v5p-8, remat, shard_update) it is a little more
 efficient again: 59.4 GiB per chip (37% headroom), compile 212 s, 623 ms per step, 206 img/s
 per chip, 27.4% estimated MFU; a larger global batch changes the recipe, so scale its
@@ -120,18 +115,19 @@ at 16 images per chip (--config.batch_size=128 --config.mesh.rules=fsdp --config
 other compiles): v6e-8 split 23.9 GiB / 302 ms / 7.1%, data 8 33.5 GiB (no fit), fsdp 20.4 GiB /
 400 ms / 5.3%; v5e-8 11.1 GiB / 623 ms / 8.0%.
 
-Where the estimate goes (--mode=compile's "by kind", the FSDP v5p-8 program): matmuls and
-convolutions 37% of the step, at 70% of the chip's peak; elementwise work and reductions 42%,
-copies and transposes 14%, the scan's dynamic slices 6%. The matmuls alone, at that rate, would
-give 70% MFU; 55% needs the other 63% of the time cut to about 10% of today's step. No part
-stands out: the largest single fusion is 1.3% of the default step's estimate, the attention's
+Where the estimate goes (--mode=compile's "by kind"): in the default step matmuls and
+convolutions are 36% of the time, at 78% of the chip's peak; elementwise work and reductions
+46%, copies and transposes 17% (the scanned FSDP step: 37% at 70%, 42%, 14%, and the scan's
+dynamic slices 6%). The matmuls alone, at that rate, would give 78% MFU; 55% needs the rest
+cut to about a third of what it is. No part stands out: the largest single model part is 1.6%
+of the default step's estimate, the attention's
 core (q.k, softmax, weighted sum) writes its [N, M] weights only in bfloat16
 (models/layers.py attention_recomputed), and the rest is hundreds of passes over the
 activations (norms, RoPE, layouts, the depthwise convolutions) that XLA's fusion of this
 graph does not merge.
 
-remat keeps the projection and attention outputs (model.remat_keeps="outputs", the default):
-363 ms against 368 ms keeping only the attention outputs ("attention", 27.3 GiB per chip) and
+With remat, it keeps the projection and attention outputs (model.remat_keeps="outputs", the
+default); scanned: 363 ms against 368 ms keeping only the attention outputs ("attention", 27.3 GiB per chip) and
 375 ms keeping only the block inputs ("inputs", 23.1 GiB; v5p-8, data 4, without shard_update,
 44.4 GiB with "outputs").
 """
@@ -141,6 +137,5 @@ from udit_jax import config as config_lib
 
 def get_config():
     config = config_lib.imagenet_config("U-DiT-L")
-    config.model.remat = True
     config.mesh.shard_update = True
     return config

@@ -14,12 +14,13 @@ or --config.data.source=folder --config.data.dir=/path/to/train), then train:
 
 On a TPU pod: launch/tpu_pod.py; on a SLURM GPU cluster: launch/slurm.py.
 
-Each stage's blocks run as one scan (model.scan_blocks, the default of every ImageNet U-DiT
-config, for the shorter compile; --config.model.scan_blocks=False for the unrolled form, same
-params unstacked). Unrolled, the v5p-8 step below needs 10.2 GiB per chip (89% headroom)
-instead of 27.0, and is estimated at 84.7 ms (756 img/s per chip, 7.1%) instead of 89.2, but
-compiles in 313 s instead of 156 s (this release, alone on the host; configs/udit_l.py says
-why a scan needs more memory).
+The blocks run unrolled (the default of every ImageNet U-DiT config). Each stage's blocks as
+one scan over stacked params (--config.model.scan_blocks=True; the same params, converted when
+a run resumes in the other layout) compile in half the time but need more memory and run
+slower: on v5p-8 the unrolled step needs 10.2 GiB per chip (89% headroom) instead of 27.0, is
+estimated at 84.7 ms (756 img/s per chip, 7.1%) instead of 89.2, and compiles in 313 s instead
+of 156 s (this release, alone on the host; configs/udit_l.py says why a scan needs more
+memory).
 
 The train step, scanned, compiled for pods on any host (--mode=compile, README "Before you
 rent a pod"; 2-core x86 host with other compiles running, jax 0.10.2, libtpu 0.0.42.1; XLA's

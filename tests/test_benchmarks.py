@@ -52,9 +52,9 @@ def test_gpu_table_cases_and_roofline():
     with pytest.raises(ValueError, match="MODEL:BATCH:REMAT:ATTENTION"):
         bench_gpu.main(["--cases", "U-DiT-L:64:1:flash"])
     with pytest.raises(ValueError, match="MODEL:BATCH:REMAT:ATTENTION"):
-        bench_gpu.parse_case("DiT-XL/2:64:0:xla:unrolled")   # DiT has no scanned form
+        bench_gpu.parse_case("DiT-XL/2:64:0:xla:scanned")   # DiT has no scanned form
     assert bench_gpu.parse_case("DiT-XL/2:64:0:cudnn") == {
-        "model": "DiT-XL/2", "per_gpu": 64, "remat": 0, "attention": "cudnn", "unrolled": False}
+        "model": "DiT-XL/2", "per_gpu": 64, "remat": 0, "attention": "cudnn", "scanned": False}
     result = {"model": "DiT-XL/2", "per_gpu": 64, "remat": 0, "attention": "xla", "step_ms": 200.0,
               "global_batch": 64, "img/s": 320.0, "TFLOP/s": 300.0, "MFU": 0.3, "peak_GiB": 50.0,
               "lower_s": 6.0, "compile_s": 35.0, "model_TFLOP/step": 80.0,
@@ -65,8 +65,8 @@ def test_gpu_table_cases_and_roofline():
     assert row["XLA/model FLOPs"] == pytest.approx(0.2)
     config = bench_gpu.case_config(bench_gpu.parse_case("U-DiT-L:32:0:cudnn"), devices=2)
     assert (config.batch_size, config.model.remat, config.model.kwargs.attention_impl) == (64, False, "cudnn")
-    assert config.model.scan_blocks   # the configs' default
-    assert not bench_gpu.case_config(bench_gpu.parse_case("U-DiT-B:64:0:xla:unrolled"),
-                                     devices=1).model.scan_blocks
+    assert not config.model.scan_blocks   # the configs' default
+    assert bench_gpu.case_config(bench_gpu.parse_case("U-DiT-B:64:0:xla:scanned"),
+                                 devices=1).model.scan_blocks
     from udit_jax import config as config_lib
     config_lib.check_values(config)   # what validate would refuse on a GPU too

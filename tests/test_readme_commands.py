@@ -57,7 +57,6 @@ SHORT_TRAIN = ["--config.total_steps=2", "--config.checkpoint_every_steps=2",
                "--config.batch_size=4"]
 # The ImageNet configs at 64x64 pixels (8x8x4 latents) with a 2-block DiT.
 TINY_LATENT = ["--config.data.image_size=64", "--config.model.name=DiT",
-               "--config.model.scan_blocks=False",   # a U-DiT option (the ImageNet U-DiT configs set it)
                '--config.model.kwargs={"patch_size": 2, "hidden_size": 32, "depth": 2, '
                '"num_heads": 2}']
 SMALL_VAE_ARGS = {"block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4}
@@ -177,7 +176,7 @@ RECIPES = [
             "--encode-batch", "2", "--vae", "small")),
     Recipe(r"benchmarks\.bench_train --config[= ]configs/udit_b\.py$",
            ("--per_device_batch=2", "--steps=1", "--warmup=1", "--config.data.image_size=64",
-            "--config.model.name=DiT", "--config.model.scan_blocks=False",
+            "--config.model.name=DiT",
             "--config.model.kwargs=" + json.dumps(TINY_DIT_KWARGS | {"patch_size": 2}))),
     Recipe(r"benchmarks\.bench_inception$", ("--batch", "1", "--size", "75", "--iters", "1"),
            slow=True),
