@@ -18,7 +18,9 @@ The blocks run unrolled (the default; each stage's blocks as one scan with
 --config.model.scan_blocks=True: configs/udit_s.py). On v5p-8 the unrolled step needs 20.0 GiB
 per chip (79% headroom) instead of the scanned 47.8, and is estimated at 148.5 ms (431 img/s
 per chip, 15.0%) instead of 161, but compiles in 363 s instead of 189 s (this release, alone
-on the host).
+on the host). On v5e-8 (32 per chip) the unrolled step fits without remat: 12.6 GiB per chip
+(22% headroom), 193 ms per step, 166 img/s per chip, 13.4% (compile 578 s, the test suite
+running beside it), where the scanned one needs remat (the table's 308 ms, 104 img/s per chip).
 --mode=compile's table for pods, measured as udit_s.py's (scanned, global batch 256, data
 parallel, bf16):
 
