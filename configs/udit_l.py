@@ -48,6 +48,9 @@ attention_recomputed), the scanned estimates were 366 ms (split) and 368 ms (who
 and 44.9 GiB; the release before that (four 1x1 convs per rep FFN, before models/udit.py
 pointwise_pair) 378 ms and 381 ms at 40.2 and 50.3 GiB.
 
+On v5p-256 at 64 per chip (global batch 8192, weak scaling), the default: 35.8 GiB per chip
+(62% headroom), 286 ms per step, 224 img/s per chip, 29.9%, 107% of v5p-8's rate per chip
+(compile 840 s, with other jobs on the host).
 On v6e-8 (32 per chip), the default (unrolled, no remat, data 8, split): 22.4 GiB per chip
 (30% headroom), compile 588 s, 199 ms per step, 161 img/s per chip, 10.7%, against the scanned
 step with remat's 283 ms and 7.6% (table below; compiled before this release's attention).
