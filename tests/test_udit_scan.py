@@ -190,3 +190,22 @@ def test_a_scanned_run_resumes_unrolled_where_it_stopped(tmp_path, caplog):
     for a, b in zip(jax.tree.leaves(jax.device_get(ema)),
                     jax.tree.leaves(stack_blocks(jax.device_get(switched.ema_params), depth))):
         np.testing.assert_array_equal(a, b)
+    # Fine-tuning (on_mismatch='load_params', another seed) from the scanned run, unrolled:
+    # its params and EMA, re-laid, with a fresh optimizer at step 0.
+    from udit_jax import checkpoints
+    shutil.copytree(tmp_path / "straight" / "checkpoints", tmp_path / "tune" / "checkpoints")
+    config = run_config(False)
+    config.seed, config.checkpoint.on_mismatch = 1, "load_params"
+    trainer = train.make_trainer(config)
+    ckpt = checkpoints.Checkpointer(tmp_path / "tune", config=config, on_mismatch="load_params")
+    try:
+        step, tuned = ckpt.restore(trainer.restore_target(), init=trainer.init_state,
+                                   relayouts=trainer.relayouts())
+    finally:
+        ckpt.close()
+    assert step == 0 and int(tuned.opt_state[0].count) == 0
+    for name in ("params", "ema_params"):
+        got, want = jax.device_get(getattr(tuned, name)), getattr(expected, name)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(a, b)

@@ -76,11 +76,12 @@ class Relayout:
 
     make_target: () -> that layout's ShapeDtypeStructs, as `restore`'s target (the same
       partial subtrees); called only for a checkpoint that does not hold the target's layout.
-    convert: a state restored in that layout -> the same values in the target's layout.
+    convert: (a state or subtrees of it restored in that layout, the target's
+      ShapeDtypeStructs for them) -> the same values in the target's layout, on its shardings.
     name: what the layout is, for the log ("model.scan_blocks=True").
     """
     make_target: Callable[[], Any]
-    convert: Callable[[Any], Any]
+    convert: Callable[[Any, Any], Any]
     name: str
 
 
@@ -465,7 +466,8 @@ class Checkpointer:
             if code == _OK:
                 code, message = _agree(*self._read(candidate, read_as, partial))
             if code == _INCOMPATIBLE:
-                return self._incompatible(candidate, message, target, iterator, initial_data, init)
+                return self._incompatible(candidate, message, target, iterator, initial_data, init,
+                                          relayouts)
             if code == _CORRUPT:
                 logging.warning("the checkpoint at step %d in %s is unreadable (%s)%s", candidate,
                                 self.directory, message,
@@ -477,7 +479,7 @@ class Checkpointer:
             if relayout is not None:
                 logging.info("the checkpoint at step %d holds %s: converting it to this config's "
                              "layout", candidate, relayout.name)
-                restored = relayout.convert(restored)
+                restored = relayout.convert(restored, target)
             for bad, reason in corrupt:
                 self._set_aside(bad, "corrupt", reason)
             self._set_aside_uncommitted()
@@ -599,22 +601,30 @@ class Checkpointer:
                 f"in {self.set_aside_dir}) or 'load_params' (fine-tune: its params and EMA with a "
                 "fresh optimizer and data state, from step 0)")
 
-    def _incompatible(self, step: int, message: str, target, iterator, initial_data, init):
+    def _incompatible(self, step: int, message: str, target, iterator, initial_data, init,
+                      relayouts: Sequence[Relayout]):
         if init is None or self.read_only or self.on_mismatch == "stop":
             raise IncompatibleCheckpointError(message)
         state = init()
         if self.on_mismatch == "load_params":
-            wanted = {"params": target.params, "ema_params": target.ema_params}
-            leaves = _tree_differences(self._stored_tree(step), _leaf_table(wanted), partial=True)
+            subtrees = lambda t: {"params": t.params, "ema_params": t.ema_params}  # noqa: E731
+            wanted = subtrees(target)
+            # In this config's layout or another (its relayouts, on the same subtrees).
+            read_as, relayout = self._layout(
+                step, wanted, True, [Relayout(lambda r=r: subtrees(r.make_target()), r.convert,
+                                              r.name) for r in relayouts])
+            leaves = _tree_differences(self._stored_tree(step), _leaf_table(read_as), partial=True)
             code, detail = _agree(_INCOMPATIBLE if leaves else _OK, "; ".join(leaves))
             if code == _OK:
-                code, detail = _agree(*self._read(step, wanted, partial=True))
+                code, detail = _agree(*self._read(step, read_as, partial=True))
             if code != _OK:
                 raise IncompatibleCheckpointError(
                     f"checkpoint.on_mismatch='load_params': the params at step {step} do not fit "
                     f"this model either ({detail}); use a new --workdir")
-            state = state.replace(**self._restored)
-            self._restored = None
+            loaded, self._restored = self._restored, None
+            if relayout is not None:
+                loaded = relayout.convert(loaded, wanted)
+            state = state.replace(**loaded)
         if iterator is not None:
             set_data_state(iterator, json.dumps(initial_data) if not isinstance(initial_data, bytes)
                            else initial_data.decode())

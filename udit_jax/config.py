@@ -438,14 +438,14 @@ def build_model(config):
         raise ValueError(f"model.name={config.model.name!r} with {kwargs}: {e}") from e
 
 
-def block_relayouts(config, target: Any, target_of: Callable[[Any], Any]) -> tuple:
-    """How a U-DiT checkpoint written with the other model.scan_blocks restores into `target`.
+def block_relayouts(config, target_of: Callable[[Any], Any]) -> tuple:
+    """How a U-DiT checkpoint written with the other model.scan_blocks restores into the
+    layout `config` builds.
 
     The two layouts hold the same params (stacked per stage, or one subtree per block), so a
-    run may switch between them on resume. target: the restore target `config` builds;
-    target_of(a config): the same target for another config (the other layout's is built so,
-    only when a checkpoint holds it).
-    Sharded targets are converted on their devices, unsharded ones as host numpy. DiT: ().
+    run may switch between them on resume. target_of(a config): the restore target that
+    config builds (called for the other layout only when a checkpoint holds it). Sharded
+    targets are converted on their devices, unsharded ones as host numpy. DiT: ().
     """
     from udit_jax import checkpoints
     from udit_jax.models.udit import relayout_blocks
@@ -453,11 +453,15 @@ def block_relayouts(config, target: Any, target_of: Callable[[Any], Any]) -> tup
         return ()
     other = config.copy_and_resolve_references()
     other.model.scan_blocks = not config.model.scan_blocks
-    model = build_model(config)
-    convert = functools.partial(relayout_blocks, depth=tuple(model.depth),
-                                scanned=bool(config.model.scan_blocks))
-    if all(getattr(leaf, "sharding", None) is not None for leaf in jax.tree.leaves(target)):
-        convert = jax.jit(convert, out_shardings=jax.tree.map(lambda a: a.sharding, target))
+    relaid = functools.partial(relayout_blocks, depth=tuple(build_model(config).depth),
+                               scanned=bool(config.model.scan_blocks))
+
+    def convert(restored, target):
+        if all(getattr(leaf, "sharding", None) is not None for leaf in jax.tree.leaves(target)):
+            return jax.jit(relaid, out_shardings=jax.tree.map(lambda a: a.sharding, target))(
+                restored)
+        return relaid(restored)
+
     return (checkpoints.Relayout(lambda: target_of(other), convert,
                                  f"model.scan_blocks={other.model.scan_blocks}"),)
 

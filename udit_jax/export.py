@@ -251,7 +251,7 @@ def _restore_ema(workdir: epath.Path, step: int | None, config) -> tuple[int, An
     target = target_of(config)
     _, state = checkpoints.restore_params(
         workdir, target, config=config, step=step,
-        relayouts=config_lib.block_relayouts(config, target, target_of))
+        relayouts=config_lib.block_relayouts(config, target_of))
     return int(state["step"]), state["ema_params"]
 
 

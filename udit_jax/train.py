@@ -181,8 +181,7 @@ def restore_ema_params(config, workdir: str) -> tuple[Any, PyTree, int]:
         return {"ema_params": abstract_state_on_mesh(c, config_lib.build_model(c), tx, mesh).params}
     target = target_of(config)
     step, state = checkpoints.restore_params(
-        workdir, target, config=config,
-        relayouts=config_lib.block_relayouts(config, target, target_of))
+        workdir, target, config=config, relayouts=config_lib.block_relayouts(config, target_of))
     return model, state["ema_params"], step
 
 
@@ -315,7 +314,7 @@ class Trainer:
         """The other layouts a checkpoint of this run may hold (U-DiT's scanned or unrolled
         blocks), converted to this config's on restore."""
         return config_lib.block_relayouts(
-            self.config, self.restore_target(),
+            self.config,
             lambda c: abstract_state_on_mesh(c, config_lib.build_model(c), self.tx, self.mesh))
 
     def global_batch(self, local: dict) -> dict:
