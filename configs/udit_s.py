@@ -20,7 +20,10 @@ a run resumes in the other layout) compile in half the time but need more memory
 slower: on v5p-8 the unrolled step needs 10.2 GiB per chip (89% headroom) instead of 27.0, is
 estimated at 84.7 ms (756 img/s per chip, 7.1%) instead of 89.2, and compiles in 313 s instead
 of 156 s (this release, alone on the host; configs/udit_l.py says why a scan needs more
-memory).
+memory). On v5e-8 (32 per chip) the unrolled step needs 6.2 GiB per chip (62% headroom),
+compiles in 396 s and is estimated at 94.1 ms (340 img/s per chip, 7.4%), against the scanned
+row below (14.3 GiB, 156 ms, 205 img/s per chip; compiled before the bfloat16 attention
+weights).
 
 The train step, scanned, compiled for pods on any host (--mode=compile, README "Before you
 rent a pod"; 2-core x86 host with other compiles running, jax 0.10.2, libtpu 0.0.42.1; XLA's
