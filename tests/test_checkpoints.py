@@ -164,6 +164,39 @@ def _restore_with_init(workdir, config):
         ckpt.close()
 
 
+def _count_tree_reads(monkeypatch) -> dict[str, int]:
+    """{step directory: reads of its stored tree metadata} from here on."""
+    import orbax.checkpoint as ocp
+    reads: dict[str, int] = {}
+    original = ocp.StandardCheckpointHandler.metadata
+
+    def counted(self, directory):
+        step = pathlib.Path(str(directory)).parent.name
+        reads[step] = reads.get(step, 0) + 1
+        return original(self, directory)
+
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "metadata", counted)
+    return reads
+
+
+@pytest.mark.parametrize("on_mismatch", ["stop", "load_params"])
+def test_a_restart_reads_the_stored_tree_once(workdir, monkeypatch, on_mismatch):
+    """Each read is a round trip on gs://: the layout check, the verdict and load_params share
+    one (a U-DiT restart offers the other block layout, so all three look at the tree)."""
+    from udit_jax import checkpoints
+    config = make_config({"checkpoint.on_mismatch": on_mismatch} if on_mismatch == "stop" else
+                         {"optimizer.grad_clip_norm": 1.0, "checkpoint.on_mismatch": on_mismatch})
+    unused = checkpoints.Relayout(lambda: {"params": {}}, lambda restored, target: restored,
+                                  "another layout")
+    original = checkpoints.Checkpointer.restore
+    monkeypatch.setattr(checkpoints.Checkpointer, "restore",
+                        lambda self, *a, **k: original(self, *a, relayouts=[unused], **k))
+    reads = _count_tree_reads(monkeypatch)
+    step, _ = _restore_with_init(workdir, config)
+    assert step == (6 if on_mismatch == "stop" else 0)
+    assert reads == {"6": 1}
+
+
 # ----------------------------------------------------------------------------------------
 # Corruption: checksums catch a flipped bit in any file; set aside, never deleted.
 

@@ -334,6 +334,7 @@ class Checkpointer:
         self._hashing = concurrent.futures.ThreadPoolExecutor(1, "checkpoint-manifest")
         self._manifest_job: concurrent.futures.Future | None = None
         self._restored: Any = None                  # arrays read, until all processes agree
+        self._trees: dict[int, dict] = {}           # stored leaf tables, read once per restore()
         if read_only:
             options = ocp.CheckpointManagerOptions(read_only=True, create=False)
         else:
@@ -452,6 +453,13 @@ class Checkpointer:
         relayouts: other layouts a checkpoint may hold; one whose tree matches restores in it
           and is converted to target's.
         """
+        self._trees = {}   # a step directory can be replaced between calls (start_fresh)
+        try:
+            return self._restore(target, iterator, init, step, partial, relayouts)
+        finally:
+            self._trees = {}
+
+    def _restore(self, target, iterator, init, step, partial, relayouts):
         steps = sorted(self.manager.all_steps(), reverse=True)
         if step is not None:
             if step not in steps:
@@ -572,8 +580,12 @@ class Checkpointer:
         return _OK, ""
 
     def _stored_tree(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
-        metadata = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
-        return _leaf_table(metadata.tree)
+        """The leaf table of `step`'s stored state; read once per restore() (each read is a
+        round trip on gs://). An unreadable tree raises, and is read again if asked again."""
+        if step not in self._trees:
+            path = self.directory / str(step) / "state"
+            self._trees[step] = _leaf_table(ocp.StandardCheckpointHandler().metadata(path).tree)
+        return self._trees[step]
 
     def _read(self, step: int, target, partial: bool) -> tuple[int, str]:
         """Restores the arrays (collective); kept in self._restored until all agree."""
