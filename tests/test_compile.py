@@ -300,7 +300,7 @@ def test_loop_scale_and_unpriced_ops_from_hlo_text():
 
 def test_too_large_a_batch_does_not_fit(libtpu, tmp_path):
     config = tiny_config("DiT", "v5e-4", batch_size=2 ** 20)
-    with pytest.raises(memory_fit.DoesNotFitError, match=r"needs (at least )?[\d.]+ GiB of HBM per chip but "
+    with pytest.raises(memory_fit.DoesNotFitError, match=r"needs (at least )?[\d.]+ GiB per chip but "
                        r"a TPU v5 lite has [\d.]+ GiB .*mesh.rules=fsdp.*shard_update=True.*remat"
                        r".*per-chip batch"):
         compile_lib.compile_from_config(config, str(tmp_path))

@@ -356,8 +356,8 @@ _TPU_OOM = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of mem
 
 
 @pytest.mark.parametrize("message, expected", [
-    (_TPU_OOM, r"the train step of DiT does not fit in the memory of a .*\(20\.50 GiB needed "
-               r"per device, 15\.75 GiB available\) at global batch 8 \(8 per device, mesh "
+    (_TPU_OOM, r"the train step of DiT needs 20\.50 GiB per device but a .* has 15\.75 GiB "
+               r"\(global batch 8, 8 per device, mesh "
                r".*try --config\.mesh\.rules=fsdp.*--config\.mesh\.shard_update=True.*"
                r"--config\.model\.remat=True.*per-chip batch.*--mode=compile"),
     ("INTERNAL: some other failure", None),

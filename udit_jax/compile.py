@@ -362,15 +362,15 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def does_not_fit_message(r: dict[str, Any]) -> str:
-    per_chip = r["global_batch"] / r["chips"]
-    at_least = "at least " if "compile_error" in r else ""  # the compiler stopped early
-    return (f"{r['model']} {r['what']} step on {r['topology']} needs {at_least}"
-            f"{memory_fit.gib(r['hbm_bytes_per_chip']['total'])} of HBM per chip but a "
-            f"{r['device_kind']} has {memory_fit.gib(r['hbm_capacity_bytes'])} (global batch "
-            f"{r['global_batch']}, {per_chip:g} per chip, mesh {r['mesh']}); try "
-            + memory_fit.knobs(train=r["what"] == "train", remat=r["remat"],
-                               remat_keeps=r.get("remat_keeps"),
-                               shard_update=r.get("shard_update")))
+    return memory_fit.does_not_fit(
+        f"{r['model']} {r['what']} step on {r['topology']}", r["device_kind"],
+        r["hbm_bytes_per_chip"]["total"], r["hbm_capacity_bytes"],
+        at_least="compile_error" in r,   # the compiler stopped early
+        global_batch=r["global_batch"], per_device=r["global_batch"] / r["chips"],
+        mesh=r["mesh"], unit="chip",
+        knob_phrase=memory_fit.knobs(train=r["what"] == "train", remat=r["remat"],
+                                     remat_keeps=r.get("remat_keeps"),
+                                     shard_update=r.get("shard_update")))
 
 
 def report_path(workdir, config) -> epath.Path:

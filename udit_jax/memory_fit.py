@@ -56,3 +56,17 @@ def knobs(*, train: bool, remat: bool, remat_keeps: str, shard_update: bool) -> 
     out += ["a smaller per-chip batch (--config.batch_size, or "
             "--config.optimizer.grad_accum_steps)", "more chips"]
     return ", ".join(out[:-1]) + ", or " + out[-1]
+
+
+def does_not_fit(step: str, device_kind: str, needed: int | None, capacity: int | None, *,
+                 at_least: bool, global_batch: int, per_device: float, mesh, unit: str,
+                 knob_phrase: str) -> str:
+    """The one message of a step that does not fit: what it needs and where, what was asked,
+    and the knobs. needed None: the error gave no sizes (GPU/CPU). unit: "chip" or "device"."""
+    if needed is None:
+        head = f"{step} does not fit in the memory of a {device_kind}"
+    else:
+        head = (f"{step} needs {'at least ' if at_least else ''}{gib(needed)} per {unit} but a "
+                f"{device_kind} has {gib(capacity)}")
+    return (f"{head} (global batch {global_batch}, {per_device:g} per {unit}, mesh {mesh}); try "
+            f"{knob_phrase}")

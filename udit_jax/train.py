@@ -352,17 +352,17 @@ def first_step(step_fn: Callable, state: TrainState, batch: dict, trainer: "Trai
     except jax.errors.JaxRuntimeError as e:
         if not memory_fit.is_out_of_memory(str(e)):
             raise
-        sizes = memory_fit.oom_bytes(str(e))
-        needs = ("" if sizes is None else f" ({memory_fit.gib(sizes[0])} needed per device, "
-                 f"{memory_fit.gib(sizes[1])} available)")
+        needed, capacity = memory_fit.oom_bytes(str(e)) or (None, None)
         config, devices = trainer.config, jax.device_count()
         raise memory_fit.DoesNotFitError(
-            f"the train step of {config.model.name} does not fit in the memory of a "
-            f"{jax.devices()[0].device_kind}{needs} at global batch {config.batch_size} "
-            f"({config.batch_size / devices:g} per device, mesh {dict(trainer.mesh.shape)}); try "
-            + memory_fit.knobs(train=True, remat=bool(config.model.remat),
-                               remat_keeps=config.model.remat_keeps,
-                               shard_update=bool(config.mesh.shard_update))
+            memory_fit.does_not_fit(
+                f"the train step of {config.model.name}", jax.devices()[0].device_kind, needed,
+                capacity, at_least=False, global_batch=config.batch_size,
+                per_device=config.batch_size / devices, mesh=dict(trainer.mesh.shape),
+                unit="device",
+                knob_phrase=memory_fit.knobs(train=True, remat=bool(config.model.remat),
+                                             remat_keeps=config.model.remat_keeps,
+                                             shard_update=bool(config.mesh.shard_update)))
             + ". `--mode=compile --config.compile.topology=<pod>` checks a TPU config on any "
             f"host before you rent it (XLA: {str(e).strip().splitlines()[0][:300]})") from e
 
