@@ -169,10 +169,10 @@ def test_rope_table_matches_official(reduced):
             np.testing.assert_allclose(np.sin(angles), imag, atol=2e-6, err_msg=key)
 
 
-def test_rope_rotates_pairs_and_returns_them_deinterleaved():
+def test_rope_rotates_pairs_stored_deinterleaved():
     """apply_rope is the official pairwise rotation (a complex multiply of each channel pair)
-    with the pairs' reals and imaginaries split into halves: the same permutation for queries
-    and keys, so the logits are the official ones."""
+    on channels stored as [reals | imaginaries] of each head: the same permutation for
+    queries and keys, so the logits are the official ones."""
     n, heads, hd = 16, 2, 8
     angles = udit.rope2d_angles(n, hd)
     q, k = (np.asarray(jax.random.normal(jax.random.key(i), (3, n, heads, hd))) for i in (0, 1))
@@ -180,11 +180,59 @@ def test_rope_rotates_pairs_and_returns_them_deinterleaved():
     interleaved = lambda z: np.stack([z.real, z.imag], axis=-1).reshape(z.shape[:-1] + (-1,))  # noqa: E731
     order = np.r_[0:hd:2, 1:hd:2]
     for x in (q, k):
-        np.testing.assert_allclose(udit.apply_rope(x, angles), interleaved(rotate(x))[..., order],
-                                   atol=1e-5)
-    logits = np.einsum("bqhd,bkhd->bhqk", udit.apply_rope(q, angles), udit.apply_rope(k, angles))
+        np.testing.assert_allclose(udit.apply_rope(x[..., order], angles),
+                                   interleaved(rotate(x))[..., order], atol=1e-5)
+    logits = np.einsum("bqhd,bkhd->bhqk", udit.apply_rope(q[..., order], angles),
+                       udit.apply_rope(k[..., order], angles))
     want = np.einsum("bqhd,bkhd->bhqk", interleaved(rotate(q)), interleaved(rotate(k)))
     np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rope_heads", [None, 3])
+def test_qkv_is_the_official_linear_with_q_and_k_deinterleaved(rope_heads):
+    """Params as dense(3d) (names, shapes, initial values); outputs x @ kernel + bias split
+    in three, each head's q and k channels de-interleaved when RoPE follows."""
+    d, hd = 12, 4
+    x = jax.random.normal(jax.random.key(0), (2, 5, d))
+    proj = udit.DeinterleavedQKV(d, rope_heads)
+    params = proj.init(jax.random.key(1), x)["params"]
+    reference = layers.dense(3 * d, ("embed", "mlp"), name="to_qkv", dtype=jnp.float32)
+    want_params = reference.init(jax.random.key(1), x)["params"]
+    for name in ("kernel", "bias"):
+        np.testing.assert_array_equal(nn.unbox(params[name]), nn.unbox(want_params[name]))
+    params = jax.tree.map(lambda a: a + jax.random.normal(jax.random.key(2), a.shape),
+                          nn.unbox(params))   # a non-zero bias
+    full = np.asarray(x @ params["kernel"] + params["bias"])
+    order = np.arange(d) if rope_heads is None else (
+        np.arange(rope_heads)[:, None] * hd + np.r_[0:hd:2, 1:hd:2]).reshape(-1)
+    q, k, v = proj.apply({"params": params}, x)
+    want_q, want_k, want_v = np.split(full, 3, axis=-1)
+    np.testing.assert_allclose(q, want_q[..., order], atol=1e-5)
+    np.testing.assert_allclose(k, want_k[..., order], atol=1e-5)
+    np.testing.assert_allclose(v, want_v, atol=1e-5)   # v keeps the official order
+
+
+def test_attention_slices_no_query_or_key_with_a_stride():
+    """RoPE's pairs are split by the projection's weights, not by strided slices of every
+    query and key (on TPUs standalone copies, forward and backward)."""
+    attn = udit.DownsampledAttention(8, 2, 2, attn_type="v2", posemb_type="rope2d",
+                                     downsampler="dwconv5", down_shortcut=1)
+    x = jnp.zeros((1, 8, 8, 8))
+    params = attn.init(jax.random.key(0), x)
+
+    def strided(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "slice" and any(s not in (None, 1) for s in
+                                                     eqn.params.get("strides") or ()):
+                yield eqn
+            for value in eqn.params.values():   # inside jit, custom_vjp, cond
+                for inner in value if isinstance(value, tuple) else (value,):
+                    inner = getattr(inner, "jaxpr", inner)
+                    if hasattr(inner, "eqns"):
+                        yield from strided(inner)
+
+    grad = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(attn.apply(p, x) ** 2)))(params)
+    assert not list(strided(grad.jaxpr))
 
 
 # ----------------------------------------------------------------------------- fusion
