@@ -22,7 +22,7 @@ with --config.compile.topology=v5p-8 (README, "Before you rent a pod"). Measured
 64 per chip, bf16; each compiled alone on the host):
 
     blocks    remat  mesh                      HBM per chip       compile  est. ms/step  img/s/chip  est. MFU
-    unrolled  no     data 4, split (default)   38.0 GiB (60%)     416 s    305           210         28.0%
+    unrolled  no     data 4, split (default)   38.3 GiB (60%)     490 s    286           224         29.9%
     unrolled  no     fsdp 4 (b)                35.7 GiB (62%)     386 s    288           222         29.7%
     unrolled  yes    data 4, split             20.5 GiB (78%)     448 s    353           181         24.2%
     scanned   yes    data 4, split             34.3 GiB (64%)     251 s    358           178         23.8%
@@ -32,8 +32,11 @@ with --config.compile.topology=v5p-8 (README, "Before you rent a pod"). Measured
 
 (b: --config.mesh.rules=fsdp --config.mesh.fsdp=4 --config.mesh.data=-1
 --config.mesh.shard_update=False. Scanned: --config.model.scan_blocks=True, each stage's blocks
-as one scan over stacked params, with --config.model.remat=True to fit.) The scanned step
-compiles in about 4 minutes instead of 7 but needs far more memory and runs slower: a scan keeps
+as one scan over stacked params, with --config.model.remat=True to fit.) The default's row is
+this release's: its queries and keys leave their projection with RoPE's pairs split in halves
+(models/udit.py DeinterleavedQKV), which took it from 305 ms (28.0%, 38.0 GiB, compiled in
+416 s) to 286 ms; the other rows, here and below, were compiled before that change. The
+scanned step compiles in about 4 minutes instead of 7-8 but needs far more memory and runs slower: a scan keeps
 each block's residuals, as jax's autodiff chose them, in stacked buffers that it zero-fills
 before the loop and writes and reads by dynamic slices, while the unrolled program leaves them
 to XLA. Without remat the scanned step does not fit (with shard_update it just does: 93.0 GiB,
