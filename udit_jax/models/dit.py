@@ -118,8 +118,7 @@ class QKVProjection(nn.Module):
     DiT-XL/2's estimated step on v5p; with three matmuls 4.5% of copies are left, MFU 52.3 ->
     53.1%). Elsewhere one matmul, split (the form before, bit for bit; GPUs unmeasured).
     U-DiT keeps one matmul everywhere: its downsampled attention measured 1-6% slower the
-    three-matmul way (bench_compile_parts, v5e). The params are created here, not by `dense`,
-    because nn.Dense computes its one output itself.
+    three-matmul way (bench_compile_parts, v5e). The params are `layers.fused_qkv_params`.
     """
 
     dim: int
@@ -128,9 +127,7 @@ class QKVProjection(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         d = self.dim
-        kernel = self.param("kernel", layers.with_axes(layers.xavier_uniform, ("embed", "mlp")),
-                            (x.shape[-1], 3 * d), jnp.float32)
-        bias = self.param("bias", layers.with_axes(layers.zeros, ("mlp",)), (3 * d,), jnp.float32)
+        kernel, bias = layers.fused_qkv_params(self, x.shape[-1], d)
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
         return jax.lax.platform_dependent(x, kernel, bias, tpu=qkv_three_matmuls,
                                           default=qkv_one_matmul)

@@ -45,6 +45,16 @@ def dense(features: int, axes: tuple[str | None, str | None], *, name: str, dtyp
                     bias_init=with_axes(bias_init, (axes[1],)), name=name)
 
 
+def fused_qkv_params(module: nn.Module, d_in: int, d: int) -> tuple[jax.Array, jax.Array]:
+    """The params of a fused q|k|v Linear, as `dense(3 * d, ("embed", "mlp"))` names and
+    initialises them: 'kernel' [d_in, 3d], 'bias' [3d], float32. For modules that compute
+    the projection themselves (nn.Dense computes its one output itself)."""
+    kernel = module.param("kernel", with_axes(xavier_uniform, ("embed", "mlp")), (d_in, 3 * d),
+                          jnp.float32)
+    bias = module.param("bias", with_axes(zeros, ("mlp",)), (3 * d,), jnp.float32)
+    return kernel, bias
+
+
 def conv(features: int, kernel: int, axes: tuple[str | None, str | None], *, name: str | None,
          dtype: Dtype, stride: int = 1, padding: Any = "SAME",
          use_bias: bool = True, kernel_init: Callable = xavier_uniform,

@@ -121,8 +121,8 @@ def _l2_normalize(a: jax.Array) -> jax.Array:
 
 
 class DeinterleavedQKV(nn.Module):
-    """The official `to_qkv` Linear (params 'kernel' [d, 3d], 'bias' [3d], named and
-    initialised as `dense(3 * d, ("embed", "mlp"))`): x [..., d] -> (q, k, v), each [..., d].
+    """The official `to_qkv` Linear (`layers.fused_qkv_params`): x [..., d] -> (q, k, v),
+    each [..., d].
 
     With `rope_heads` (RoPE2D follows), q's and k's channels come out in each head's
     `apply_rope` order: the weight's columns are permuted (a [d, 3d] transpose per step), not
@@ -137,9 +137,7 @@ class DeinterleavedQKV(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         d = self.dim
-        kernel = self.param("kernel", layers.with_axes(layers.xavier_uniform, ("embed", "mlp")),
-                            (x.shape[-1], 3 * d), jnp.float32)
-        bias = self.param("bias", layers.with_axes(layers.zeros, ("mlp",)), (3 * d,), jnp.float32)
+        kernel, bias = layers.fused_qkv_params(self, x.shape[-1], d)
         if self.rope_heads:
             # Each head's (hd/2, 2) pairs transposed to (2, hd/2), as a transpose of q's and
             # k's weight columns (a gather would be unpriced by XLA:TPU's cost model).
