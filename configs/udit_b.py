@@ -15,10 +15,12 @@ or --config.data.source=folder --config.data.dir=/path/to/train), then train:
 On a TPU pod: launch/tpu_pod.py; on a SLURM GPU cluster: launch/slurm.py.
 
 The blocks run unrolled (the default; each stage's blocks as one scan with
---config.model.scan_blocks=True: configs/udit_s.py). On v5p-8 the unrolled step needs 20.0 GiB
-per chip (79% headroom) instead of the scanned 47.8, and is estimated at 148.5 ms (431 img/s
-per chip, 15.0%) instead of 161, but compiles in 363 s instead of 189 s (this release, alone
-on the host). On v5e-8 (32 per chip) the unrolled step fits without remat: 12.6 GiB per chip
+--config.model.scan_blocks=True: configs/udit_s.py). On v5p-8 the unrolled step needs 20.1 GiB
+per chip (79% headroom) instead of the scanned 47.8, and is estimated at 137.6 ms (465 img/s
+per chip, 16.2%) instead of 161, but compiles in 377 s instead of 189 s (alone on the host).
+The 137.6 ms is this release's, whose queries and keys leave their projection de-interleaved
+for RoPE (models/udit.py DeinterleavedQKV); before it the step was 148.5 ms (15.0%), and the
+other figures here predate it. On v5e-8 (32 per chip) the unrolled step fits without remat: 12.6 GiB per chip
 (22% headroom), 193 ms per step, 166 img/s per chip, 13.4% (compile 578 s, the test suite
 running beside it), where the scanned one needs remat (the table's 308 ms, 104 img/s per chip).
 On v6e-8 (32 per chip): 12.4 GiB per chip (61% headroom), 80.4 ms, 398 img/s per chip, 6.9%
