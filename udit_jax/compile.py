@@ -367,10 +367,8 @@ def does_not_fit_message(r: dict[str, Any]) -> str:
         r["hbm_bytes_per_chip"]["total"], r["hbm_capacity_bytes"],
         at_least="compile_error" in r,   # the compiler stopped early
         global_batch=r["global_batch"], per_device=r["global_batch"] / r["chips"],
-        mesh=r["mesh"], unit="chip",
-        knob_phrase=memory_fit.knobs(train=r["what"] == "train", remat=r["remat"],
-                                     remat_keeps=r.get("remat_keeps"),
-                                     shard_update=r.get("shard_update")))
+        mesh=r["mesh"], unit="chip", train=r["what"] == "train", remat=r["remat"],
+        remat_keeps=r.get("remat_keeps"), shard_update=r.get("shard_update"))
 
 
 def report_path(workdir, config) -> epath.Path:

@@ -60,13 +60,14 @@ def knobs(*, train: bool, remat: bool, remat_keeps: str, shard_update: bool) -> 
 
 def does_not_fit(step: str, device_kind: str, needed: int | None, capacity: int | None, *,
                  at_least: bool, global_batch: int, per_device: float, mesh, unit: str,
-                 knob_phrase: str) -> str:
+                 train: bool, remat: bool, remat_keeps: str, shard_update: bool) -> str:
     """The one message of a step that does not fit: what it needs and where, what was asked,
-    and the knobs. needed None: the error gave no sizes (GPU/CPU). unit: "chip" or "device"."""
+    and the `knobs` for its config. needed None: the error gave no sizes (GPU/CPU). unit:
+    "chip" or "device"."""
     if needed is None:
         head = f"{step} does not fit in the memory of a {device_kind}"
     else:
         head = (f"{step} needs {'at least ' if at_least else ''}{gib(needed)} per {unit} but a "
                 f"{device_kind} has {gib(capacity)}")
     return (f"{head} (global batch {global_batch}, {per_device:g} per {unit}, mesh {mesh}); try "
-            f"{knob_phrase}")
+            + knobs(train=train, remat=remat, remat_keeps=remat_keeps, shard_update=shard_update))

@@ -359,10 +359,9 @@ def first_step(step_fn: Callable, state: TrainState, batch: dict, trainer: "Trai
                 f"the train step of {config.model.name}", jax.devices()[0].device_kind, needed,
                 capacity, at_least=False, global_batch=config.batch_size,
                 per_device=config.batch_size / devices, mesh=dict(trainer.mesh.shape),
-                unit="device",
-                knob_phrase=memory_fit.knobs(train=True, remat=bool(config.model.remat),
-                                             remat_keeps=config.model.remat_keeps,
-                                             shard_update=bool(config.mesh.shard_update)))
+                unit="device", train=True, remat=bool(config.model.remat),
+                remat_keeps=config.model.remat_keeps,
+                shard_update=bool(config.mesh.shard_update))
             + ". `--mode=compile --config.compile.topology=<pod>` checks a TPU config on any "
             f"host before you rent it (XLA: {str(e).strip().splitlines()[0][:300]})") from e
 
