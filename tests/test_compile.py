@@ -372,7 +372,7 @@ def test_plain_runs_do_not_start_libtpu_without_a_tpu(tmp_path):
     import subprocess
     import sys
     from udit_jax import parallel
-    if importlib.util.find_spec("libtpu") is None or parallel._on_cloud_tpu_vm():
+    if importlib.util.find_spec("libtpu") is None or parallel.on_cloud_tpu_vm():
         pytest.skip("needs libtpu installed on a machine without TPU chips")
     repo = pathlib.Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
@@ -384,6 +384,27 @@ def test_plain_runs_do_not_start_libtpu_without_a_tpu(tmp_path):
     assert proc.returncode == 1 and "devices (cpu)" in proc.stderr, proc.stderr[-2000:]
     for noise in ("TPU_WORKER_HOSTNAMES", "libtpu", "Unable to initialize backend"):
         assert noise not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_compile_mode_starts_libtpu_without_a_page_of_errors():
+    """--mode=compile on a machine without TPU chips: libtpu starts for the topology's
+    devices without its TPU worker-hostname errors (a page of E0000 lines before the report)."""
+    import importlib.util
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    from udit_jax import parallel
+    if importlib.util.find_spec("libtpu") is None or parallel.on_cloud_tpu_vm():
+        pytest.skip("needs libtpu installed on a machine without TPU chips")
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    code = ("from udit_jax import compile as c; "
+            "print(len(c.topology_devices(c.parse_topology('v5e:2x2'))))")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, env=dict(env, PYTHONPATH=str(repo)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split()[-1] == "4", proc.stderr[-2000:]
+    assert "worker hostname" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_has_loops_on_compiled_programs():

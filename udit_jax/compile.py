@@ -118,6 +118,10 @@ def topology_devices(topology: Topology, num_slices: int = 1) -> list:
     # that loaded libtpu on import) may hold libtpu's lock file, which compiling does not need.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if not parallel.on_cloud_tpu_vm():
+        # Off a TPU VM libtpu finds no worker hostnames and prints a page of errors as it
+        # starts; compiling needs none.
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     try:
         import libtpu  # noqa: F401 - only to give a clear message when it is missing
     except ImportError as e:

@@ -49,7 +49,7 @@ def skip_tpu_backend_without_tpu() -> bool:
     CUDA then CPU there (the GPU is still used where its plugin is installed); True when it
     did. Leaves a JAX_PLATFORMS the user set alone; call before anything touches a device."""
     import importlib.util
-    if os.environ.get("JAX_PLATFORMS") or _on_cloud_tpu_vm():
+    if os.environ.get("JAX_PLATFORMS") or on_cloud_tpu_vm():
         return False
     if importlib.util.find_spec("libtpu") is None:
         return False
@@ -225,7 +225,7 @@ def logical_to_shardings(logical_specs, abstract_tree, mesh: Mesh, rules):
 # ----------------------------------------------------------------------------------------
 # Multi-host initialisation.
 
-def _on_cloud_tpu_vm() -> bool:
+def on_cloud_tpu_vm() -> bool:
     import glob
     import os
     return bool(os.environ.get("TPU_ACCELERATOR_TYPE") or os.path.exists("/dev/accel0")
@@ -254,7 +254,7 @@ def initialize_distributed(coordinator_address: str | None = None,
             jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                        local_device_ids=local_device_ids)
         return
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or _on_cloud_tpu_vm():
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or on_cloud_tpu_vm():
         jax.distributed.initialize(local_device_ids=local_device_ids)
 
 
