@@ -17,15 +17,17 @@ On a TPU pod: launch/tpu_pod.py; on a SLURM GPU cluster: launch/slurm.py.
 The blocks run unrolled and without remat (the ImageNet U-DiT default; why: configs/udit_l.py).
 The train step compiled for v5p-8 on a 2-core x86 host (--mode=compile, README "Before you
 rent a pod"; jax 0.10.2, libtpu 0.0.42.1; XLA's cost model, not a TPU; global batch 256, 64
-per chip, data parallel, bf16; alone on the host): 62.8 GiB per chip of 95 (34% headroom),
-compile 340 s, 466 ms per step, 137 img/s per chip, 22.2% MFU. Matmuls take 52% of the
-estimated time, at 43% of the chip's peak; the largest parts are the first level's downsampled
-attentions (1024 tokens per group), 3.0-3.5% each forward and backward.
+per chip, data parallel, bf16; this release, alone on the host): 64.3 GiB per chip of 95 (32%
+headroom), compile 372 s, 437 ms per step, 146 img/s per chip, 23.7% MFU (before the queries
+and keys left their projection de-interleaved for RoPE, models/udit.py DeinterleavedQKV: 62.8
+GiB, 466 ms, 137 img/s, 22.2%). Matmuls take 52% of the estimated time, at 45% of the chip's
+peak; the largest parts are the first level's downsampled attentions (1024 tokens per group),
+3.0-3.5% each forward and backward.
 
 Each stage's blocks as one scan (--config.model.scan_blocks=True) needed remat to fit: 73.8 GiB
 per chip (22% headroom), compile 318 s, 697 ms per step, 92 img/s per chip, 14.9% (compiled
-before the attention that keeps its weights in bfloat16, models/layers.py
-attention_recomputed, which took 1-3% off U-DiT steps on v5p).
+before the de-interleaved q and k, and before the attention that keeps its weights in
+bfloat16, models/layers.py attention_recomputed, which took 1-3% off U-DiT steps on v5p).
 """
 
 from udit_jax import config as config_lib

@@ -18,55 +18,48 @@ Defaults for the pods: the blocks unrolled, no remat, and the Adam moments and E
 the data-parallel chips (mesh.shard_update: each chip keeps the float32 params whole and a
 share of the rest). Before renting, compile the step for the pod on any host: --mode=compile
 with --config.compile.topology=v5p-8 (README, "Before you rent a pod"). Measured that way
-(2-core x86 host, jax 0.10.2, libtpu 0.0.42.1; XLA's cost model, not a TPU; global batch 256,
-64 per chip, bf16; each compiled alone on the host):
+(2-core x86 host, jax 0.10.2, libtpu 0.0.42.1; XLA's cost model, not a TPU; the recipe's global
+batch 256, bf16; this release, each compiled alone on the host):
 
-    blocks    remat  mesh                      HBM per chip       compile  est. ms/step  img/s/chip  est. MFU
-    unrolled  no     data 4, split (default)   38.3 GiB (60%)     490 s    286           224         29.9%
-    unrolled  no     fsdp 4 (b)                35.7 GiB (62%)     386 s    288           222         29.7%
-    unrolled  yes    data 4, split             20.5 GiB (78%)     448 s    353           181         24.2%
-    scanned   yes    data 4, split             34.3 GiB (64%)     251 s    358           178         23.8%
-    scanned   yes    data 4                    44.4 GiB (53%)     241 s    363           177         23.6%
-    scanned   no     data 4                    102.3 GiB: no fit  242 s    (338)         (189)       (25.3%)
-    scanned   no     data 4, grad_accum 2      68.6 GiB (28%)     225 s    407           157         21.0%
+    chips    /chip  blocks    remat  mesh                     HBM per chip    compile  est. ms  img/s/chip  MFU
+    v5p-8    64     unrolled  no     data 4, split (default)  38.3 GiB (60%)  490 s    286      224         29.9%
+    v5p-8    64     unrolled  no     fsdp 4 (b)               35.7 GiB (62%)  446 s    268      239         31.9%
+    v5p-8    64     unrolled  yes    data 4, split            21.2 GiB (78%)  490 s    327      196         26.1%
+    v5p-8    64     scanned   yes    data 4, split            34.3 GiB (64%)  279 s    340      188         25.1%
+    v5p-8    64     scanned   no     data 4, split            92.7 GiB (2%)   254 s    328      195         26.1%
+    v5p-256  64     unrolled  no     data 128, split (c)      36.0 GiB (62%)  518 s    268      239         31.9%
+    v6e-8    32     unrolled  no     data 8, split            22.6 GiB (30%)  656 s    189      169         11.3%
+    v5e-8    32     unrolled  yes    data 8, split            13.6 GiB (15%)  604 s    565      57          17.6%
 
 (b: --config.mesh.rules=fsdp --config.mesh.fsdp=4 --config.mesh.data=-1
---config.mesh.shard_update=False. Scanned: --config.model.scan_blocks=True, each stage's blocks
-as one scan over stacked params, with --config.model.remat=True to fit.) The default's row is
-this release's: its queries and keys leave their projection with RoPE's pairs split in halves
-(models/udit.py DeinterleavedQKV), which took it from 305 ms (28.0%, 38.0 GiB, compiled in
-416 s) to 286 ms; the other rows, here and below, were compiled before that change. The
-scanned step compiles in about 4 minutes instead of 7-8 but needs far more memory and runs slower: a scan keeps
-each block's residuals, as jax's autodiff chose them, in stacked buffers that it zero-fills
-before the loop and writes and reads by dynamic slices, while the unrolled program leaves them
-to XLA. Without remat the scanned step does not fit (with shard_update it just does: 93.0 GiB,
-2% headroom, 339 ms); gradient accumulation in remat's place fits but is slower (the scans then
-store every block's activations, and writing and reading them is 30% of its estimate). The
-same params in either layout: a run may switch on resume (its checkpoints are converted,
-checkpoints.Relayout), and --mode=compile with --config.compile.save_executable=True writes the
-executable, which training on that topology then loads instead of compiling. The unrolled
-step was estimated 1.18x (data parallel) to 1.25x (FSDP) the scanned one's speed. Before this
-release's attention, which keeps its weights in bfloat16 (models/layers.py
-attention_recomputed), the scanned estimates were 366 ms (split) and 368 ms (whole) at 36.9
-and 44.9 GiB; the release before that (four 1x1 convs per rep FFN, before models/udit.py
-pointwise_pair) 378 ms and 381 ms at 40.2 and 50.3 GiB.
+--config.mesh.shard_update=False. c: --config.batch_size=8192, weak scaling. Scanned:
+--config.model.scan_blocks=True, each stage's blocks as one scan over stacked params.) The
+queries and keys leave their projection with RoPE's pairs split in halves (models/udit.py
+DeinterleavedQKV), which took 5-10% off every estimate here (the default: 305 -> 286 ms).
+FSDP is estimated 6% faster than the default and needs less memory, but the cost model's
+output does not show how it prices the collectives (below), so the default stays data
+parallel with shard_update until FSDP is measured on a pod. The scanned step compiles in
+about 5 minutes instead of 8 but needs far more memory (without remat it fits by 2%, too close
+to rely on) and runs slower: a scan keeps each
+block's residuals, as jax's autodiff chose them, in stacked buffers that it zero-fills before
+the loop and writes and reads by dynamic slices, while the unrolled program leaves them to
+XLA. The same params in either layout: a run may switch on resume (its checkpoints are
+converted, checkpoints.Relayout), and --mode=compile with
+--config.compile.save_executable=True writes the executable, which training on that topology
+then loads instead of compiling. On v5e-8 (16 GiB per chip) the step needs remat: without it the
+default cannot fit (on v6e it needs 22.6 GiB per chip), and FSDP over the 8 chips without remat
+just fit in the previous release (15.7 GiB, 1.8% headroom), too close to rely on.
 
-On v5p-256 at 64 per chip (global batch 8192, weak scaling), the default: 35.8 GiB per chip
-(62% headroom), 286 ms per step, 224 img/s per chip, 29.9%, 107% of v5p-8's rate per chip
-(compile 840 s, with other jobs on the host).
-On v6e-8 (32 per chip), the default (unrolled, no remat, data 8, split): 22.4 GiB per chip
-(30% headroom), compile 588 s, 199 ms per step, 161 img/s per chip, 10.7%, against the scanned
-step with remat's 283 ms and 7.6% (table below; compiled before this release's attention).
-On v5e-8 (16 GiB per chip, 32 per chip) add --config.model.remat=True: unrolled with remat,
-data 8, split, 13.4 GiB per chip (16% headroom), compile 771 s, 624 ms per step, 51 img/s per
-chip, 15.9% (the scanned row below, at half the recipe's batch: 29 img/s per chip). Without
-remat the default cannot fit (the same step on v6e needs 22.4 GiB per chip); FSDP over the 8
-chips without remat just fits (15.7 GiB, 1.8% headroom, 565 ms, 17.6%), too close to rely on.
+Compiled with earlier releases (before the de-interleaved q and k, and some before the
+attention that keeps its weights in bfloat16, models/layers.py attention_recomputed, 1-3% on
+v5p; the comparisons between rows of one table hold):
 
-The rows below are the scanned step with remat (the previous default), measured before the
-default changed.
+Scanned without remat, with gradient accumulation in remat's place
+(--config.optimizer.grad_accum_steps=2): 68.6 GiB per chip (28%), 407 ms, 21.0% (the scans
+then store every block's activations, and writing and reading them is 30% of its estimate).
 
-The recipe's global batch 256 on larger slices (fewer images per chip; shard_update):
+The scanned step with remat (the default then) at the recipe's global batch 256 on larger
+slices (fewer images per chip; shard_update):
 
     chips    per chip  remat  HBM per chip      compile  est. ms/step  img/s/chip  est. MFU
     v5p-16   32        no     49.3 GiB (48%)    214 s    212           151         20.2%
@@ -75,8 +68,8 @@ The recipe's global batch 256 on larger slices (fewer images per chip; shard_upd
 
 Per chip the step gets less efficient as its batch shrinks (178 img/s at 64, 151 at 32, 104 at
 16), so keep 64 per chip where the recipe allows (v5p-8, or a larger global batch). At 32 per
-chip the scanned step fits without remat and is then estimated 7% faster; at 64 it fits
-without it only by 2% (above).
+chip the scanned step fits without remat and is then estimated 7% faster; at 64 it then fit
+without it only by 2%.
 At 128 per chip (global batch 512 on v5p-8, remat, shard_update) it is a little more
 efficient again: 59.4 GiB per chip (37% headroom), compile 212 s, 623 ms per step, 206 img/s
 per chip, 27.4% estimated MFU; a larger global batch changes the recipe, so scale its
@@ -121,13 +114,14 @@ at 16 images per chip (--config.batch_size=128 --config.mesh.rules=fsdp --config
 other compiles): v6e-8 split 23.9 GiB / 302 ms / 7.1%, data 8 33.5 GiB (no fit), fsdp 20.4 GiB /
 400 ms / 5.3%; v5e-8 11.1 GiB / 623 ms / 8.0%.
 
-Where the estimate goes (--mode=compile's "by kind"): in the default step matmuls and
-convolutions are 36% of the time, at 78% of the chip's peak; elementwise work and reductions
-46%, copies and transposes 17% (the scanned FSDP step: 37% at 70%, 42%, 14%, and the scan's
-dynamic slices 6%). The matmuls alone, at that rate, would give 78% MFU; 55% needs the rest
-cut to about a third of what it is. No part stands out: the largest single model part is 1.6%
-of the default step's estimate, the attention's
-core (q.k, softmax, weighted sum) writes its [N, M] weights only in bfloat16
+Where the estimate goes (--mode=compile's "by kind", this release): in the default step
+matmuls and convolutions are 36% of the time, at 84% of the chip's peak; elementwise work and
+reductions 46%, copies and transposes 17%. The matmuls alone, at that rate, would give 84% MFU;
+55% needs the rest cut to under a third of what it is. (The shares weigh each op by the TPU
+backend's cycle count; the estimate itself is closer to a roofline of each op's bytes and
+FLOPs, and this step is bound by its 5.4e11 bytes per chip: rank candidates by bytes.) No part
+stands out: the largest single model part is 1.6% of the default step's estimate, the
+attention's core (q.k, softmax, weighted sum) writes its [N, M] weights only in bfloat16
 (models/layers.py attention_recomputed), and the rest is hundreds of passes over the
 activations (norms, RoPE, layouts, the depthwise convolutions) that XLA's fusion of this
 graph does not merge.

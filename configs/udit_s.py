@@ -16,32 +16,23 @@ On a TPU pod: launch/tpu_pod.py; on a SLURM GPU cluster: launch/slurm.py.
 
 The blocks run unrolled (the default of every ImageNet U-DiT config). Each stage's blocks as
 one scan over stacked params (--config.model.scan_blocks=True; the same params, converted when
-a run resumes in the other layout) compile in half the time but need more memory and run
-slower: on v5p-8 the unrolled step needs 10.2 GiB per chip (89% headroom) instead of 27.0, is
-estimated at 84.7 ms (756 img/s per chip, 7.1%) instead of 89.2, and compiles in 313 s instead
-of 156 s (this release, alone on the host; configs/udit_l.py says why a scan needs more
-memory). On v5e-8 (32 per chip) the unrolled step needs 6.2 GiB per chip (62% headroom),
-compiles in 396 s and is estimated at 94.1 ms (340 img/s per chip, 7.4%), against the scanned
-row below (14.3 GiB, 156 ms, 205 img/s per chip; compiled before the bfloat16 attention
-weights). On v6e-8: 5.8 GiB per chip (82% headroom), compile 547 s, 44.3 ms, 723 img/s per
-chip, 3.4%, against the scanned 14.2 GiB and 57.0 ms.
+a run resumes in the other layout) compile in about half the time but need more memory and run
+slower (configs/udit_l.py says why). The train step compiled for pods on any host
+(--mode=compile, README "Before you rent a pod"; 2-core x86 host, jax 0.10.2, libtpu 0.0.42.1;
+XLA's cost model, not a TPU; global batch 256, data parallel, no remat, bf16; this release,
+each compiled alone on the host):
 
-The train step, scanned, compiled for pods on any host (--mode=compile, README "Before you
-rent a pod"; 2-core x86 host with other compiles running, jax 0.10.2, libtpu 0.0.42.1; XLA's
-cost model, not a TPU; global batch 256, data parallel, bf16):
+    chips   per chip  blocks    HBM per chip      compile  est. ms/step  img/s/chip  est. MFU
+    v5p-8   64        unrolled  10.2 GiB (89%)    320 s    74.4          861         8.0%
+    v5p-8   64        scanned   26.9 GiB (72%)    186 s    83.9          763         7.1%
+    v5e-8   32        unrolled  6.2 GiB (61%)     298 s    86.9          368         8.0%
+    v6e-8   32        unrolled  5.8 GiB (82%)     464 s    42.1          759         3.5%
 
-    chips   per chip  remat  HBM per chip      compile  est. ms/step  img/s/chip  est. MFU
-    v5e-8   32        no     14.3 GiB (11%)    505 s*   156           205         4.5%
-    v5p-8   64        no     27.0 GiB (72%)    156 s    89.2          718         6.7%
-    v6e-8   32        no     14.2 GiB (56%)    1020 s*  57.0          561         2.6%
-
-(With the rep FFN's pairs of 1x1 convs composed (README, Models). The v5p-8 row is this
-release's, compiled alone on the host, with the attention that keeps its weights in bfloat16
-(models/layers.py attention_recomputed; before it: 27.2 GiB, 92.6 ms, 692 img/s, 6.5%). The
-v5e-8 and v6e-8 rows predate that change and were compiled with the test suite running beside
-them, so their compile times are upper bounds. Before the composed pairs: v5e-8 15.0 GiB,
-167 ms, 192 img/s, 4.2%; v5p-8 28.8 GiB, 95.5 ms, 670 img/s, 6.3%; v6e-8 15.0 GiB, 62.5 ms,
-512 img/s, 2.4%.)
+(The queries and keys leave their projection de-interleaved for RoPE, models/udit.py
+DeinterleavedQKV: 5-12% off the previous release's unrolled estimates, 84.7 ms on v5p-8,
+94.1 ms on v5e-8 and 44.3 ms on v6e-8. Compiled before it, and before the attention that keeps its weights in
+bfloat16, the scanned step took 14.3 GiB and 156 ms on v5e-8 and 14.2 GiB and 57.0 ms on
+v6e-8.)
 
 The estimate is bound by HBM bandwidth, not the MXU: at 96 channels and 24-wide heads the
 downsampled attention streams its [256 x 256] weights per head and group through HBM (now in
