@@ -28,7 +28,7 @@ release, each compiled alone on the host):
 
 The unrolled step is the faster one everywhere, and the only one that fits v5e-8 without
 remat. Compiled with earlier releases, before the queries and keys left their projection
-de-interleaved for RoPE (models/udit.py DeinterleavedQKV, which took 7-8% off these estimates)
+de-interleaved for RoPE (models/udit.py DeinterleavedQKV, which took 4-8% off these estimates)
 and some before the attention that keeps its weights in bfloat16 (models/layers.py
 attention_recomputed, 1-3%), the scanned step needed remat on v5e-8 (11.5 GiB, 28% headroom,
 308 ms, 104 img/s per chip, 8.4%) and took 26.5 GiB and 108 ms on v6e-8.

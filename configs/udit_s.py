@@ -29,10 +29,10 @@ each compiled alone on the host):
     v6e-8   32        unrolled  5.8 GiB (82%)     464 s    42.1          759         3.5%
 
 (The queries and keys leave their projection de-interleaved for RoPE, models/udit.py
-DeinterleavedQKV: 5-12% off the previous release's unrolled estimates, 84.7 ms on v5p-8,
-94.1 ms on v5e-8 and 44.3 ms on v6e-8. Compiled before it, and before the attention that keeps its weights in
-bfloat16, the scanned step took 14.3 GiB and 156 ms on v5e-8 and 14.2 GiB and 57.0 ms on
-v6e-8.)
+DeinterleavedQKV: 5-12% off the previous release's estimates, 84.7 ms unrolled and 89.2 ms
+scanned on v5p-8, 94.1 ms on v5e-8 and 44.3 ms on v6e-8. Compiled before it, and before the
+attention that keeps its weights in bfloat16, the scanned step took 14.3 GiB and 156 ms on
+v5e-8 and 14.2 GiB and 57.0 ms on v6e-8.)
 
 The estimate is bound by HBM bandwidth, not the MXU: at 96 channels and 24-wide heads the
 downsampled attention streams its [256 x 256] weights per head and group through HBM (now in
