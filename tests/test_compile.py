@@ -362,10 +362,10 @@ def test_cudnn_attention_is_refused_for_tpus(libtpu, tmp_path):
         compile_lib.compile_from_config(config, str(tmp_path))
 
 
-def test_plain_runs_do_not_start_libtpu_without_a_tpu(tmp_path):
-    """With libtpu installed (for this file's compile mode) on a machine without TPU chips,
-    the other modes start JAX without loading libtpu, whose start-up prints a page of TPU
-    worker-hostname errors before JAX falls back to the CPU."""
+def _fresh_process_with_libtpu_without_a_tpu(args: list[str], unset: tuple[str, ...]):
+    """Runs `python <args>` from the repository in a fresh process (libtpu starts once per
+    process) without the environment variables `unset`; skips unless libtpu is installed on a
+    machine without TPU chips."""
     import importlib.util
     import os
     import pathlib
@@ -375,12 +375,19 @@ def test_plain_runs_do_not_start_libtpu_without_a_tpu(tmp_path):
     if importlib.util.find_spec("libtpu") is None or parallel.on_cloud_tpu_vm():
         pytest.skip("needs libtpu installed on a machine without TPU chips")
     repo = pathlib.Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    return subprocess.run([sys.executable, *args], cwd=repo, env=dict(env, PYTHONPATH=str(repo)),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_plain_runs_do_not_start_libtpu_without_a_tpu(tmp_path):
+    """With libtpu installed (for this file's compile mode) on a machine without TPU chips,
+    the other modes start JAX without loading libtpu, whose start-up prints a page of TPU
+    worker-hostname errors before JAX falls back to the CPU."""
     # --mode=export without checkpoints: JAX starts its backends, then one error line.
-    proc = subprocess.run([sys.executable, "-m", "udit_jax.main", "--config=configs/demo.py",
-                           f"--workdir={tmp_path / 'w'}", "--mode=export"],
-                          cwd=repo, env=dict(env, PYTHONPATH=str(repo)), capture_output=True,
-                          text=True, timeout=300)
+    proc = _fresh_process_with_libtpu_without_a_tpu(
+        ["-m", "udit_jax.main", "--config=configs/demo.py", f"--workdir={tmp_path / 'w'}",
+         "--mode=export"], unset=("JAX_PLATFORMS",))
     assert proc.returncode == 1 and "devices (cpu)" in proc.stderr, proc.stderr[-2000:]
     for noise in ("TPU_WORKER_HOSTNAMES", "libtpu", "Unable to initialize backend"):
         assert noise not in proc.stderr, proc.stderr[-2000:]
@@ -389,20 +396,10 @@ def test_plain_runs_do_not_start_libtpu_without_a_tpu(tmp_path):
 def test_compile_mode_starts_libtpu_without_a_page_of_errors():
     """--mode=compile on a machine without TPU chips: libtpu starts for the topology's
     devices without its TPU worker-hostname errors (a page of E0000 lines before the report)."""
-    import importlib.util
-    import os
-    import pathlib
-    import subprocess
-    import sys
-    from udit_jax import parallel
-    if importlib.util.find_spec("libtpu") is None or parallel.on_cloud_tpu_vm():
-        pytest.skip("needs libtpu installed on a machine without TPU chips")
-    repo = pathlib.Path(__file__).resolve().parents[1]
     code = ("from udit_jax import compile as c; "
             "print(len(c.topology_devices(c.parse_topology('v5e:2x2'))))")
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES")}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, env=dict(env, PYTHONPATH=str(repo)),
-                          capture_output=True, text=True, timeout=300)
+    proc = _fresh_process_with_libtpu_without_a_tpu(
+        ["-c", code], unset=("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES"))
     assert proc.returncode == 0 and proc.stdout.split()[-1] == "4", proc.stderr[-2000:]
     assert "worker hostname" not in proc.stderr, proc.stderr[-2000:]
 
