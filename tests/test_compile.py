@@ -63,7 +63,8 @@ def test_collectives_from_hlo_text():
 REQUIRED = ("topology", "chips", "device_kind", "global_batch", "mesh", "hbm_bytes_per_chip",
             "hbm_capacity_bytes", "fits", "headroom", "compile_seconds", "xla_flops_per_chip",
             "model_flops_per_chip", "estimated_step_seconds",
-            "estimated_images_per_second_per_chip", "estimated_mfu", "collectives")
+            "estimated_images_per_second_per_chip", "estimated_mfu", "collectives", "versions",
+            "compiler_flags")
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,8 @@ def test_tiny_models_compile_with_a_full_report(libtpu, family, topology, chips,
     assert set(REQUIRED) <= set(report)
     assert json.loads((tmp_path / "compile" / f"{topology}.json").read_text()) == report
     assert (report["chips"], report["device_kind"], report["global_batch"]) == (chips, kind, 16)
+    assert report["versions"]["libtpu"] and report["versions"]["jax"] == jax.__version__
+    assert f"  compiler       jax {jax.__version__}, " in compile_lib.format_report(report)
     assert report["mesh"] == {"data": 4, "fsdp": 1}
     hbm = report["hbm_bytes_per_chip"]
     assert set(hbm) >= {"arguments", "outputs", "temporaries", "total"}

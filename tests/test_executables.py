@@ -5,6 +5,7 @@ tests/test_compile.py saves a real TPU one)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -89,7 +90,8 @@ def test_a_stale_executable_is_not_used_and_the_log_says_why(tmp_path, caplog, p
 # Each case compiles the train step again (20 s on a 2-core CI machine): the truncated
 # payload in CI, the other two with -m slow.
 @pytest.mark.parametrize("damage", ["payload", pytest.param("description", marks=pytest.mark.slow),
-                                    pytest.param("versions", marks=pytest.mark.slow)])
+                                    pytest.param("versions", marks=pytest.mark.slow),
+                                    pytest.param("flags", marks=pytest.mark.slow)])
 def test_a_damaged_or_foreign_executable_means_compiling(tmp_path, caplog, plain_runs, damage):
     path = save_step(None, tmp_path / "compile" / "cpu.executable")
     described = path.with_name("cpu.executable.json")
@@ -99,14 +101,64 @@ def test_a_damaged_or_foreign_executable_means_compiling(tmp_path, caplog, plain
     elif damage == "description":
         described.write_text("{not json")
         expected = "unreadable description"
-    else:
+    elif damage == "versions":
         d = json.loads(described.read_text())
         d["versions"]["jaxlib"] = "0.0.1"
         described.write_text(json.dumps(d))
         expected = "compiled with jaxlib 0.0.1"
+    else:
+        d = json.loads(described.read_text())
+        d["compiler_flags"] = {"LIBTPU_INIT_ARGS": ["--xla_tpu_some_flag=true"]}
+        described.write_text(json.dumps(d))
+        expected = "compiled with LIBTPU_INIT_ARGS='--xla_tpu_some_flag=true', this run has (none)"
     state, log = run(make_config(), tmp_path, caplog)
     assert expected in log and "compiling the train step" in log
     assert_identical(state, plain_runs[3e-3], f"compiled after a {damage} problem")
+
+
+def test_compiler_flags_are_part_of_what_a_saved_executable_must_match(monkeypatch):
+    """A program compiled under other libtpu or XLA flags is another program: the flags a run
+    sets (say a scoped-VMEM limit for the pod) must not be dropped by loading an executable
+    compiled without them. Dumps and the CPU host's device count change no program."""
+    for variable in executables.FLAG_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    saved = executables.Description("sha", "TPU v5", 4, executables.versions(),
+                                    compiler_flags=executables.compiler_flags())
+    assert saved.compiler_flags == {}
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=8")
+    here = dataclasses.replace(saved, compiler_flags=executables.compiler_flags())
+    assert here.differences(saved) == []
+
+    monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_tpu_scoped_vmem_limit_kib=98304  --xla_b=1")
+    here = dataclasses.replace(saved, compiler_flags=executables.compiler_flags())
+    assert here.compiler_flags == {"LIBTPU_INIT_ARGS": ["--xla_b=1",
+                                                        "--xla_tpu_scoped_vmem_limit_kib=98304"]}
+    assert here.differences(saved) == [
+        "compiled with LIBTPU_INIT_ARGS=(none), this run has "
+        "'--xla_b=1 --xla_tpu_scoped_vmem_limit_kib=98304'"]
+    assert saved.differences(here) == [
+        "compiled with LIBTPU_INIT_ARGS='--xla_b=1 --xla_tpu_scoped_vmem_limit_kib=98304', "
+        "this run has (none)"]
+    # The same settings in another order, or one written twice, are the same flags (the
+    # compilers take a repeated flag's last value); another value is not.
+    for same in ("--xla_tpu_scoped_vmem_limit_kib=98304 --xla_b=1",
+                 "--xla_b=0 --xla_tpu_scoped_vmem_limit_kib=98304 --xla_b=1 --xla_b=1"):
+        monkeypatch.setenv("LIBTPU_INIT_ARGS", same)
+        assert dataclasses.replace(saved, compiler_flags=executables.compiler_flags()
+                                   ).differences(here) == []
+    monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_b=1 --xla_tpu_scoped_vmem_limit_kib=98304 --xla_b=0")
+    assert dataclasses.replace(saved, compiler_flags=executables.compiler_flags()
+                               ).differences(here) == [
+        "compiled with LIBTPU_INIT_ARGS='--xla_b=1 --xla_tpu_scoped_vmem_limit_kib=98304', "
+        "this run has '--xla_b=0 --xla_tpu_scoped_vmem_limit_kib=98304'"]
+
+    # Descriptions written before the flags were recorded: unknown flags, so compile.
+    old = json.loads(json.dumps(dataclasses.asdict(saved)))
+    del old["compiler_flags"]
+    assert executables.Description(**old).compiler_flags is None
+    assert saved.differences(executables.Description(**old)) == [
+        "its compiler flags were not recorded (an earlier release saved it)"]
 
 
 @pytest.mark.parametrize("overrides", [{}, {"mesh.rules": "fsdp", "model.dtype": "bfloat16"}])

@@ -249,6 +249,8 @@ def compile_report(config, executable_path=None) -> dict[str, Any]:
         "mesh": dict(mesh.shape), "mesh_rules": config.mesh.rules
         if isinstance(config.mesh.rules, str) else [list(r) for r in config.mesh.rules],
         "shard_update": bool(config.mesh.shard_update),
+        # What made the estimate: another compiler or other flags compile another program.
+        "versions": executables.versions(), "compiler_flags": executables.compiler_flags(),
     }
     build = _train_program if c.what == "train" else _sample_program
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -328,6 +330,8 @@ def format_report(r: dict[str, Any]) -> str:
            + ("" if r["headroom"] is None else f", headroom {100 * r['headroom']:.1f}%")),
         f"  compile        {r['compile_seconds']:.1f} s (lowering {r['lowering_seconds']:.1f} s, "
         f"{r['compile_cpu_seconds']:.1f} CPU-s)",
+        "  compiler       " + ", ".join(f"{k} {v}" for k, v in r["versions"].items() if v)
+        + "".join(f"; {k}={' '.join(v)}" for k, v in r["compiler_flags"].items()),
         f"  model FLOPs    {r['model_flops_per_chip']:.3e} per chip per step",
     ]
     if "xla_flops_per_chip" in r:

@@ -7,7 +7,8 @@ A saved executable is the serialized XLA program (jax.experimental.serialize_exe
 a JSON description beside it (<path>.json): the sha256 of the lowered program's text (its
 StableHLO, shardings and donation included, so any change to the model, the optimizer, the
 batch, the mesh or the config values baked into the step changes it), the device kind and
-count, and the jax / jaxlib / libtpu versions that compiled it. A run loads one only when
+count, the jax / jaxlib / libtpu versions that compiled it and the compiler flags it was
+compiled with (`compiler_flags`: LIBTPU_INIT_ARGS and XLA_FLAGS). A run loads one only when
 all of these equal its own; otherwise it compiles and says why (a missing, stale or unreadable
 file only costs the compile it was meant to save). The config that made the program is kept
 too, so a stale file names the fields that changed.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import pickle
 from importlib import metadata
 from typing import Any
@@ -30,11 +32,39 @@ from udit_jax import checkpoints
 SUFFIX = ".executable"
 
 
+# Environment variables holding compiler flags: libtpu's (the TPU compiler's) and XLA's.
+FLAG_VARIABLES = ("LIBTPU_INIT_ARGS", "XLA_FLAGS")
+# Flags that leave a compiled program as it is: dumps, and the CPU host's device count
+# (the devices are compared on their own).
+_INERT_FLAGS = ("--xla_dump", "--xla_force_host_platform_device_count")
+
+
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
+
+
+def versions() -> dict[str, str | None]:
+    """The installed jax, jaxlib and libtpu versions (None where not installed)."""
+    return {p: _version(p) for p in ("jax", "jaxlib", "libtpu")}
+
+
+def compiler_flags() -> dict[str, list[str]]:
+    """The compiler flags in this process's environment that can change a compiled program:
+    {variable: its flags} for the FLAG_VARIABLES that hold any (dump and host device-count
+    flags left out), each flag once with its last value (as the compilers read them), sorted:
+    the same settings written twice or in another order are the same flags. Read when a
+    program is compiled or loaded, so a flag set for one run is part of what that run
+    compiles."""
+    flags = {}
+    for variable in FLAG_VARIABLES:
+        last = {f.split("=", 1)[0]: f for f in os.environ.get(variable, "").split()
+                if not f.startswith(_INERT_FLAGS)}
+        if last:
+            flags[variable] = sorted(last.values())
+    return flags
 
 
 def program_sha256(lowered) -> str:
@@ -49,13 +79,15 @@ class Description:
     num_devices: int
     versions: dict[str, str | None]
     config: dict | None = None      # the resolved config (JSON), when one made the program
+    # compiler_flags() when compiled; None in descriptions written before they were recorded.
+    compiler_flags: dict[str, list[str]] | None = None
 
     @classmethod
     def of(cls, lowered, devices, config=None) -> "Description":
         devices = list(devices)
-        return cls(program_sha256(lowered), devices[0].device_kind, len(devices),
-                   {p: _version(p) for p in ("jax", "jaxlib", "libtpu")},
-                   None if config is None else checkpoints.config_as_json(config))
+        return cls(program_sha256(lowered), devices[0].device_kind, len(devices), versions(),
+                   None if config is None else checkpoints.config_as_json(config),
+                   compiler_flags())
 
     def differences(self, other: "Description") -> list[str]:
         """What differs, in words (empty when `other` can run here)."""
@@ -78,7 +110,20 @@ class Description:
             if other.versions.get(package) != version:
                 out.append(f"compiled with {package} {other.versions.get(package)}, this run "
                            f"has {version}")
+        if other.compiler_flags is None:
+            out.append("its compiler flags were not recorded (an earlier release saved it)")
+        else:
+            for variable in FLAG_VARIABLES:
+                there = other.compiler_flags.get(variable)
+                here = (self.compiler_flags or {}).get(variable)
+                if there != here:
+                    out.append(f"compiled with {variable}={_flags_text(there)}, this run has "
+                               f"{_flags_text(here)}")
         return out
+
+
+def _flags_text(flags: list[str] | None) -> str:
+    return repr(" ".join(flags)) if flags else "(none)"
 
 
 def save(path, lowered, compiled, devices, config=None) -> epath.Path:
