@@ -1,6 +1,7 @@
 """--mode=compile: the train step compiled for TPU topologies on this CPU host (needs libtpu)."""
 
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -365,10 +366,10 @@ def test_cudnn_attention_is_refused_for_tpus(libtpu, tmp_path):
         compile_lib.compile_from_config(config, str(tmp_path))
 
 
-def _fresh_process_with_libtpu_without_a_tpu(args: list[str], unset: tuple[str, ...]):
-    """Runs `python <args>` from the repository in a fresh process (libtpu starts once per
-    process) without the environment variables `unset`; skips unless libtpu is installed on a
-    machine without TPU chips."""
+def _fresh_process_with_libtpu_without_a_tpu(args: list[str], unset: tuple[str, ...], cwd=None):
+    """Runs `python <args>` in `cwd` (the repository by default) in a fresh process (libtpu
+    starts once per process) without the environment variables `unset`; skips unless libtpu
+    is installed on a machine without TPU chips."""
     import importlib.util
     import os
     import pathlib
@@ -379,8 +380,9 @@ def _fresh_process_with_libtpu_without_a_tpu(args: list[str], unset: tuple[str, 
         pytest.skip("needs libtpu installed on a machine without TPU chips")
     repo = pathlib.Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k not in unset}
-    return subprocess.run([sys.executable, *args], cwd=repo, env=dict(env, PYTHONPATH=str(repo)),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, *args], cwd=cwd or repo,
+                          env=dict(env, PYTHONPATH=str(repo)), capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_plain_runs_do_not_start_libtpu_without_a_tpu(tmp_path):
@@ -396,15 +398,20 @@ def test_plain_runs_do_not_start_libtpu_without_a_tpu(tmp_path):
         assert noise not in proc.stderr, proc.stderr[-2000:]
 
 
-def test_compile_mode_starts_libtpu_without_a_page_of_errors():
-    """--mode=compile on a machine without TPU chips: libtpu starts for the topology's
-    devices without its TPU worker-hostname errors (a page of E0000 lines before the report)."""
-    code = ("from udit_jax import compile as c; "
-            "print(len(c.topology_devices(c.parse_topology('v5e:2x2'))))")
+def test_compile_mode_starts_libtpu_without_a_page_of_errors(tmp_path):
+    """The command as users type it (main, a relative --workdir), on a machine without TPU
+    chips: the demo's train step compiled for v5e:2x2, its report written, and libtpu started
+    without its TPU worker-hostname errors (a page of E0000 lines before the report; main
+    started JAX's backends, libtpu's among them, before the topology was built)."""
+    repo = pathlib.Path(__file__).resolve().parents[1]
     proc = _fresh_process_with_libtpu_without_a_tpu(
-        ["-c", code], unset=("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES"))
-    assert proc.returncode == 0 and proc.stdout.split()[-1] == "4", proc.stderr[-2000:]
+        ["-m", "udit_jax.main", f"--config={repo / 'configs' / 'demo.py'}", "--workdir=runs/c",
+         "--mode=compile", "--config.compile.topology=v5e:2x2"],
+        unset=("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES"), cwd=tmp_path)
+    assert proc.returncode == 0 and "train step of U-DiT" in proc.stdout, proc.stderr[-2000:]
     assert "worker hostname" not in proc.stderr, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "runs" / "c" / "compile" / "v5e:2x2.json").read_text())
+    assert report["fits"] and report["chips"] == 4 and report["estimated_step_seconds"] > 0
 
 
 def test_has_loops_on_compiled_programs():

@@ -90,8 +90,9 @@ def run_mode(mode: str, config, workdir: str) -> None:
     from udit_jax import config as config_lib
     from udit_jax import parallel
     config_lib.check_values(config)   # every mode: bad values fail before any work
-    if mode != "compile":   # compile loads libtpu on purpose, for its TPU topologies
-        parallel.skip_tpu_backend_without_tpu()
+    # Off a TPU VM, JAX starts on the CPU without loading libtpu (whose start there prints a
+    # page of TPU worker-hostname errors); --mode=compile's TPU topologies load it later.
+    parallel.skip_tpu_backend_without_tpu()
     parallel.set_cpu_devices(config.mesh.cpu_devices)   # before JAX starts its CPU backend
     local_ids = None if _LOCAL_DEVICE_IDS.value is None else [int(i) for i in _LOCAL_DEVICE_IDS.value]
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
