@@ -372,7 +372,6 @@ def _fresh_process_with_libtpu_without_a_tpu(args: list[str], unset: tuple[str, 
     is installed on a machine without TPU chips."""
     import importlib.util
     import os
-    import pathlib
     import subprocess
     import sys
     from udit_jax import parallel

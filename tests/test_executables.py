@@ -88,7 +88,7 @@ def test_a_stale_executable_is_not_used_and_the_log_says_why(tmp_path, caplog, p
 
 
 # Each case compiles the train step again (20 s on a 2-core CI machine): the truncated
-# payload in CI, the other two with -m slow.
+# payload in CI, the other three with -m slow.
 @pytest.mark.parametrize("damage", ["payload", pytest.param("description", marks=pytest.mark.slow),
                                     pytest.param("versions", marks=pytest.mark.slow),
                                     pytest.param("flags", marks=pytest.mark.slow)])
