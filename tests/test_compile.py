@@ -1,7 +1,9 @@
 """--mode=compile: the train step compiled for TPU topologies on this CPU host (needs libtpu)."""
 
+import functools
 import json
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -103,6 +105,7 @@ def test_tiny_models_compile_with_a_full_report(libtpu, family, topology, chips,
     assert report["estimated_step_seconds"] > 0 and report["estimate_covers_step"]
     assert report["estimated_images_per_second_per_chip"] == pytest.approx(
         4 / report["estimated_step_seconds"])
+    assert report["custom_kernels"] == {"count": 0, "undeclared": 0}   # XLA prices all of it
     profile = report["cost_profile"]
     assert len(profile) > 3 and 0.3 < sum(p["share"] for p in profile) <= 1 + 1e-9
     kinds = {k["kind"]: k["share"] for k in report["cost_by_kind"]}
@@ -185,6 +188,62 @@ def test_loop_scale_counts_each_iteration(libtpu):
     assert once8 * scale8 / (once4 * scale4) == pytest.approx(2, rel=0.1)
     # Without loops there is nothing to scale.
     assert _matmul_loop(4, False)[1] == 1.0
+
+
+def _pallas_program(kernel_cost: str):
+    """tanh(x) @ w (1024^2, bf16) for one TPU v5e chip, the matmul as XLA's dot
+    (kernel_cost "xla") or as one Pallas kernel that declares its true cost ("declared") or
+    none ("undeclared"). Returns the compiled program."""
+    from jax.experimental import pallas as pl
+    n = 1024
+    # One bf16 pass (the tests' default precision, highest, is no Mosaic matmul).
+    dot = functools.partial(jnp.dot, precision=jax.lax.Precision.DEFAULT,
+                            preferred_element_type=jnp.float32)
+
+    def kernel(a_ref, b_ref, o_ref):
+        o_ref[...] = dot(a_ref[...], b_ref[...]).astype(o_ref.dtype)
+
+    def run(x, w):
+        x = jnp.tanh(x)
+        if kernel_cost == "xla":
+            return dot(x, w).astype(x.dtype)
+        declared = pl.CostEstimate(flops=2 * n ** 3, transcendentals=0,
+                                   bytes_accessed=3 * n * n * 2)
+        return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((n, n), jnp.bfloat16),
+                              cost_estimate=declared if kernel_cost == "declared" else None)(x, w)
+
+    arg = jax.ShapeDtypeStruct((n, n), jnp.bfloat16, sharding=_one_v5e_chip())
+    return jax.jit(run).lower(arg, arg).compile()
+
+
+def test_pallas_kernels_are_estimated_only_as_they_declare(libtpu):
+    """XLA's cost model does not look inside a Pallas (Mosaic) kernel: it adds the FLOPs the
+    kernel declares, and nothing for one that declares none. The report then gives no step
+    time, img/s or MFU and says why, and says when declared costs are in the estimate."""
+    n, peak = 1024, 197.0
+    est = {k: compile_lib.estimate(_pallas_program(k), images=1, steps=1,
+                                   model_flops=2 * n ** 3, peak_tflops=peak)
+           for k in ("xla", "declared", "undeclared")}
+    flops = {k: e["xla_flops_per_chip"] for k, e in est.items()}
+    assert flops["declared"] - flops["undeclared"] == 2 * n ** 3   # taken as declared
+    assert flops["undeclared"] < 1e-3 * flops["xla"]               # the kernel priced at zero
+    assert [est[k]["custom_kernels"] for k in est] == [
+        {"count": 0, "undeclared": 0}, {"count": 1, "undeclared": 0},
+        {"count": 1, "undeclared": 1}]
+    for k in ("xla", "declared"):
+        assert est[k]["estimate_covers_step"]
+        assert est[k]["estimated_step_seconds"] >= 2 * n ** 3 / (peak * 1e12)
+    lines = {k: "\n".join(compile_lib.estimate_lines(dict(e, what="train")))
+             for k, e in est.items()}
+    mfu = re.compile(r"MFU [\d.]+%")
+    assert "kernel" not in lines["xla"] and mfu.search(lines["xla"])
+    assert "custom kernels 1 Pallas kernel(s) in the estimate at the cost each declares" \
+        in lines["declared"] and mfu.search(lines["declared"])
+    u = est["undeclared"]
+    assert not u["estimate_covers_step"] and u["estimated_step_seconds"] is None
+    assert u["estimated_images_per_second_per_chip"] is None and u["estimated_mfu"] is None
+    assert "1 Pallas kernel(s) declare no cost estimate" in lines["undeclared"]
+    assert not mfu.search(lines["undeclared"])
 
 
 _HLO_WITH_LOOPS = """

@@ -290,28 +290,84 @@ def compile_report(config, executable_path=None) -> dict[str, Any]:
     report["model_flops_per_chip"] = model_flops / chips
     if compiled is None:
         return report
+    report.update(estimate(compiled, images=images / chips, steps=steps,
+                           model_flops=model_flops / chips, peak_tflops=peak_tflops))
+    return report
+
+
+def estimate(compiled, *, images: float, steps: int, model_flops: float,
+             peak_tflops: float | None) -> dict[str, Any]:
+    """The report's XLA counts and cost-model fields for one chip's compiled program, which
+    handles `images` images per chip in `steps` steps per call and does `model_flops` of
+    the model's FLOPs per chip."""
     cost = hlo_cost.cost_analysis(compiled)
     text = compiled.as_text()
-    report["xla_flops_per_chip"] = float(cost.get("flops", 0.0))
-    report["xla_bytes_accessed_per_chip"] = float(cost.get("bytes accessed", 0.0))
+    r: dict[str, Any] = {"xla_flops_per_chip": float(cost.get("flops", 0.0)),
+                         "xla_bytes_accessed_per_chip": float(cost.get("bytes accessed", 0.0))}
     # The cost model's time covers each loop body once (scanned stages, gradient
     # accumulation, the sampling loop): scaled by the backend's per-op cycle estimates with
     # the loops' trip counts, it covers the whole call.
     once = hlo_cost.cost_model_seconds(cost.get("optimal_seconds"), text)
     scale = hlo_cost.loop_scale(text)
-    report["cost_model_seconds_loop_bodies_once"] = once
-    report["loop_scale"] = scale
-    report["estimate_covers_step"] = once is not None and scale is not None
-    whole = once * scale / steps if report["estimate_covers_step"] else None
-    report["estimated_step_seconds"] = whole
-    report["estimated_images_per_second_per_chip"] = (images / chips / (whole * steps)
-                                                      if whole else None)
-    report["estimated_mfu"] = (model_flops / chips / (whole * peak_tflops * 1e12)
-                               if whole and peak_tflops else None)
-    report["cost_profile"] = hlo_cost.cost_profile(text)
-    report["cost_by_kind"] = hlo_cost.cost_by_kind(text)
-    report["collectives"] = hlo_cost.collectives(text)
-    return report
+    r["cost_model_seconds_loop_bodies_once"] = once
+    r["loop_scale"] = scale
+    # A Pallas kernel that declares no cost counts as zero time: then no step time at all.
+    r["custom_kernels"] = hlo_cost.custom_kernels(text)
+    r["estimate_covers_step"] = (once is not None and scale is not None
+                                 and not r["custom_kernels"]["undeclared"])
+    whole = once * scale / steps if r["estimate_covers_step"] else None
+    r["estimated_step_seconds"] = whole
+    r["estimated_images_per_second_per_chip"] = images / (whole * steps) if whole else None
+    r["estimated_mfu"] = (model_flops / (whole * peak_tflops * 1e12)
+                          if whole and peak_tflops else None)
+    r["cost_profile"] = hlo_cost.cost_profile(text)
+    r["cost_by_kind"] = hlo_cost.cost_by_kind(text)
+    r["collectives"] = hlo_cost.collectives(text)
+    return r
+
+
+def estimate_lines(r: dict[str, Any]) -> list[str]:
+    """The report's lines for `estimate`'s fields (r["what"]: "train" or "sample")."""
+    lines = [f"  XLA FLOPs      {r['xla_flops_per_chip']:.3e} per chip per step "
+             f"({r['xla_bytes_accessed_per_chip']:.3e} bytes accessed)"]
+    once, scale = r["cost_model_seconds_loop_bodies_once"], r["loop_scale"]
+    kernels = r.get("custom_kernels") or {"count": 0, "undeclared": 0}
+    if r["estimated_step_seconds"]:
+        per = "per step" if r["what"] == "train" else "per denoising step"
+        lines.append(f"  cost model     {1e3 * r['estimated_step_seconds']:.2f} ms {per}, "
+                     f"{r['estimated_images_per_second_per_chip']:.1f} img/s per chip"
+                     + (f", MFU {100 * r['estimated_mfu']:.1f}%" if r["estimated_mfu"] else "")
+                     + ("" if scale == 1 else f" (loop bodies times their trip counts: "
+                        f"{scale:.2f} x the {1e3 * once:.2f} ms XLA counts)"))
+    elif kernels["undeclared"]:
+        lines.append("  cost model     " + (f"{1e3 * once:.2f} ms for what XLA compiled; " if once
+                                            else "")
+                     + f"{kernels['undeclared']} Pallas kernel(s) declare no cost estimate "
+                     "(pallas_call's cost_estimate) and XLA prices them at zero, so no step "
+                     "time, img/s or MFU")
+    elif once:
+        lines.append(f"  cost model     {1e3 * once:.2f} ms with each loop body once; a loop's "
+                     "trip count could not be read, so no step time, img/s or MFU")
+    else:
+        lines.append("  cost model     no estimate for this program")
+    if kernels["count"] > kernels["undeclared"]:
+        lines.append(f"  custom kernels {kernels['count'] - kernels['undeclared']} Pallas "
+                     "kernel(s) in the estimate at the cost each declares (pallas_call's "
+                     "cost_estimate), which XLA takes as given")
+    for c in r["collectives"]:
+        lines.append(f"  collective     {c['kind']}: {c['count']} x, {c['bytes'] / 2**20:.1f} MiB")
+    for i, k in enumerate(r.get("cost_by_kind", [])):
+        # MFU / the matmuls' share: the MFU if everything but the matmuls took no time.
+        ceiling = ""
+        if k["kind"] == hlo_cost.MATMUL and r.get("estimated_mfu"):
+            ceiling = (f" (the model's FLOPs in that time: "
+                       f"{100 * r['estimated_mfu'] / k['share']:.0f}% of peak)")
+        lines.append(("  by kind" if i == 0 else "").ljust(17)
+                     + f"{100 * k['share']:5.1f}%  {k['kind']}{ceiling}")
+    for i, p in enumerate(r.get("cost_profile", [])[:8]):
+        lines.append(("  where it goes" if i == 0 else "").ljust(17)
+                     + f"{100 * p['share']:5.1f}%  {p['op']}")
+    return lines
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -335,34 +391,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"  model FLOPs    {r['model_flops_per_chip']:.3e} per chip per step",
     ]
     if "xla_flops_per_chip" in r:
-        lines.append(f"  XLA FLOPs      {r['xla_flops_per_chip']:.3e} per chip per step "
-                     f"({r['xla_bytes_accessed_per_chip']:.3e} bytes accessed)")
-        once, scale = r["cost_model_seconds_loop_bodies_once"], r["loop_scale"]
-        if r["estimated_step_seconds"]:
-            per = "per step" if r["what"] == "train" else "per denoising step"
-            lines.append(f"  cost model     {1e3 * r['estimated_step_seconds']:.2f} ms {per}, "
-                         f"{r['estimated_images_per_second_per_chip']:.1f} img/s per chip"
-                         + (f", MFU {100 * r['estimated_mfu']:.1f}%" if r["estimated_mfu"] else "")
-                         + ("" if scale == 1 else f" (loop bodies times their trip counts: "
-                            f"{scale:.2f} x the {1e3 * once:.2f} ms XLA counts)"))
-        elif once:
-            lines.append(f"  cost model     {1e3 * once:.2f} ms with each loop body once; a loop's "
-                         "trip count could not be read, so no step time, img/s or MFU")
-        else:
-            lines.append("  cost model     no estimate for this program")
-        for c in r["collectives"]:
-            lines.append(f"  collective     {c['kind']}: {c['count']} x, {c['bytes'] / 2**20:.1f} MiB")
-        for i, k in enumerate(r.get("cost_by_kind", [])):
-            # MFU / the matmuls' share: the MFU if everything but the matmuls took no time.
-            ceiling = ""
-            if k["kind"] == hlo_cost.MATMUL and r.get("estimated_mfu"):
-                ceiling = (f" (the model's FLOPs in that time: "
-                           f"{100 * r['estimated_mfu'] / k['share']:.0f}% of peak)")
-            lines.append(("  by kind" if i == 0 else "").ljust(17)
-                         + f"{100 * k['share']:5.1f}%  {k['kind']}{ceiling}")
-        for i, p in enumerate(r.get("cost_profile", [])[:8]):
-            lines.append(("  where it goes" if i == 0 else "").ljust(17)
-                         + f"{100 * p['share']:5.1f}%  {p['op']}")
+        lines += estimate_lines(r)
     if r.get("executable"):
         lines.append(f"  executable     {r['executable']} (a training run with this --workdir "
                      "on this topology loads it instead of compiling)")

@@ -60,6 +60,23 @@ def cost_analysis(compiled) -> dict[str, float]:
 _UNPRICED = re.compile(r'custom_call_target="(?:ConcatBitcast|ZeroCrop)"')
 
 
+# A Pallas kernel compiled for TPUs (Mosaic). XLA's cost model does not look inside it: it
+# takes the flops and bytes the kernel declares (pallas_call's cost_estimate) as given, and
+# prices a kernel that declares none at zero (v5e, a 2048^3 bf16 matmul kernel: 87 us
+# declared, 0 undeclared, 0 declaring ~0; XLA's own dot 133 us).
+_MOSAIC = re.compile(r'custom-call\(.*custom_call_target="tpu_custom_call"')
+_DECLARED = re.compile(r'"cost_estimate":\{')
+
+
+def custom_kernels(hlo_text: str) -> dict[str, int]:
+    """The Pallas (Mosaic) kernels in a compiled TPU program: {"count": instructions,
+    "undeclared": those without a declared cost estimate, which the cost model prices at
+    zero}."""
+    kernels = [line for line in hlo_text.splitlines() if _MOSAIC.search(line)]
+    return {"count": len(kernels),
+            "undeclared": sum(not _DECLARED.search(line) for line in kernels)}
+
+
 def cost_model_seconds(optimal_seconds: float | None, hlo_text: str) -> float | None:
     """The cost model's time for a compiled program (loop bodies once), with the -1 s of
     each unpriced op (`_UNPRICED`) taken back out; None when there is no positive estimate."""
