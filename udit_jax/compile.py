@@ -331,7 +331,7 @@ def estimate_lines(r: dict[str, Any]) -> list[str]:
     lines = [f"  XLA FLOPs      {r['xla_flops_per_chip']:.3e} per chip per step "
              f"({r['xla_bytes_accessed_per_chip']:.3e} bytes accessed)"]
     once, scale = r["cost_model_seconds_loop_bodies_once"], r["loop_scale"]
-    kernels = r.get("custom_kernels") or {"count": 0, "undeclared": 0}
+    kernels = r["custom_kernels"]
     if r["estimated_step_seconds"]:
         per = "per step" if r["what"] == "train" else "per denoising step"
         lines.append(f"  cost model     {1e3 * r['estimated_step_seconds']:.2f} ms {per}, "
