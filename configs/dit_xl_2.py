@@ -23,17 +23,17 @@ batch 256 on 8 (v5p: 4 chips), 8192 on v5p-256, i.e. 64 per v5p chip, 32 per v5e
 bf16):
 
     chips     mesh               remat  HBM per chip     compile  est. ms  img/s/chip  est. MFU
-    v5p-8     fsdp 4 (b)         no     21.7 GiB (77%)   97 s     166      387         60.0%
+    v5p-8     fsdp 4 (b)         no     21.7 GiB (77%)   82 s     165      387         60.0%
     v5p-8     data 4             no     29.4 GiB (69%)   112 s    176      363         56.4%
-    v5p-8     data 2 x fsdp 2    no     26.5 GiB (72%)   105 s*   176      364         56.4%
+    v5p-8     data 2 x fsdp 2    no     26.5 GiB (72%)   98 s     176      364         56.4%
     v5p-8     data 4, split (a)  no     23.5 GiB (75%)   83 s     183      350         54.3%
-    v5p-256   data 32 x fsdp 4   no     21.4 GiB (77%)   89 s     164      391         60.6%
+    v5p-256   data 32 x fsdp 4   no     21.3 GiB (78%)   84 s     164      391         60.6%
     v5p-256   data 128           no     29.3 GiB (69%)   116 s    176      363         56.4%
     v6e-8     data 8             no     20.1 GiB (37%)   148 s    96.2     333         25.8%
-    v6e-8     fsdp 8             no     12.5 GiB (61%)   155 s*   125      256         19.8%
-    v5e-8     fsdp 8 (b)         no     13.2 GiB (17%)   139 s    344      93          33.6%
+    v6e-8     fsdp 8             no     12.5 GiB (61%)   127 s    124      259         20.1%
+    v5e-8     fsdp 8 (b)         no     13.2 GiB (18%)   127 s    353      91          32.8%
     v5e-8     data 8, split (a)  no     13.4 GiB (16%)   106 s    416      77          27.8%
-    v5e-8     fsdp 8             yes    10.2 GiB (36%)   132 s    681      47          17.0%
+    v5e-8     fsdp 8             yes    10.2 GiB (36%)   132 s    730      44          15.8%
 
 (a: --config.mesh.shard_update=True. b: --config.mesh.rules=fsdp --config.mesh.fsdp=<4 or 8>
 --config.mesh.data=-1; "data 32 x fsdp 4" is the same flags on 128 chips. This release, each
@@ -41,7 +41,14 @@ compiled alone on the host (*: another compile or test ran beside it part of the
 the attention that keeps its weights in bfloat16 (models/layers.py attention_recomputed);
 before it: v5p-8 data 29.9 GiB / 187 ms / 53.1% and split 24.3 GiB / 190 ms / 52.3%, v6e-8
 103 ms / 24.1%, v5e-8 split 13.6 GiB / 422 ms / 27.4%, fsdp with remat 12.1 GiB / 666 ms /
-17.4%.) The v5p-8 FSDP row is 59.97% unrounded.
+17.4%.) The FSDP rows gather the qkv bias whole before the three q/k/v matmuls slice it
+(models/dit.py QKVProjection); slicing it while split moved its pieces between chips. That
+removes 196 collective-permutes and 225 zero-filled buffers from the v5p-8 step and lowers
+the summed per-op cycles on every chip (v5p-8 0.2%, v5e-8 1.4%, with remat 3.7%). The
+estimate follows on v5p and v6e (v5p-8 fsdp 4: 165.51 -> 165.34 ms, 59.97% -> 60.03%
+unrounded; v5p-256 60.6% as before; v6e-8 fsdp 8: 125 -> 124 ms) but not on v5e, where XLA prices the
+rescheduled collectives higher (fsdp 8: 344 -> 353 ms, 33.6% -> 32.8%; with remat 681 -> 730
+ms); as above, its collective prices are the weak part of the estimate.
 
 The best mesh per chip family, by this estimate: on v5p FSDP over each 4 chips (b; data
 parallel across the groups on larger slices); on v5e FSDP over 8 chips without remat; on v6e

@@ -23,7 +23,7 @@ batch 256, bf16; this release, each compiled alone on the host):
 
     chips    /chip  blocks    remat  mesh                     HBM per chip    compile  est. ms  img/s/chip  MFU
     v5p-8    64     unrolled  no     data 4, split (default)  38.3 GiB (60%)  490 s    286      224         29.9%
-    v5p-8    64     unrolled  no     fsdp 4 (b)               35.7 GiB (62%)  446 s    268      239         31.9%
+    v5p-8    64     unrolled  no     fsdp 4 (b)               35.8 GiB (62%)  364 s    267      240         32.0%
     v5p-8    64     unrolled  yes    data 4, split            21.2 GiB (78%)  490 s    327      196         26.1%
     v5p-8    64     scanned   yes    data 4, split            34.3 GiB (64%)  279 s    340      188         25.1%
     v5p-8    64     scanned   no     data 4, split            92.7 GiB (2%)   254 s    328      195         26.1%
@@ -35,8 +35,10 @@ batch 256, bf16; this release, each compiled alone on the host):
 --config.mesh.shard_update=False. c: --config.batch_size=8192, weak scaling. Scanned:
 --config.model.scan_blocks=True, each stage's blocks as one scan over stacked params.) The
 queries and keys leave their projection with RoPE's pairs split in halves (models/udit.py
-DeinterleavedQKV), which took 5-10% off every estimate here (the default: 305 -> 286 ms).
-FSDP is estimated 6% faster than the default and needs less memory, but the cost model's
+DeinterleavedQKV), which took 5-10% off every estimate here (the default: 305 -> 286 ms);
+with FSDP its bias is gathered whole before that reordering, since reordering the split bias
+moved its pieces between chips (616 collective-permutes; 267.7 -> 266.8 ms, 31.9 -> 32.0%).
+FSDP is estimated 7% faster than the default and needs less memory, but the cost model's
 output does not show how it prices the collectives (below), so the default stays data
 parallel with shard_update until FSDP is measured on a pod. The scanned step compiles in
 about 5 minutes instead of 8 but needs far more memory (without remat it fits by 2%, too close
@@ -84,7 +86,9 @@ Pods, 64 images per chip (weak scaling), remat, without shard_update
     v5p-256   data 128            44.4 GiB (53%)   254 s    363           177         23.6%
     v5p-256   data 16 x fsdp 8    27.4 GiB (71%)   227 s    327           196         26.1%
 
-(--config.mesh.rules=fsdp --config.mesh.fsdp=<4 or 8> --config.mesh.data=-1 for the fsdp rows.)
+(--config.mesh.rules=fsdp --config.mesh.fsdp=<4 or 8> --config.mesh.data=-1 for the fsdp rows;
+these and the v5e/v6e fsdp rows below were compiled before the bias gather above, which took
+0.3% off the first table's fsdp row.)
 Per chip, v5p-256 estimates the same step as v5p-8 (100%) with data parallelism; FSDP is estimated
 8-10% faster (each chip then updates a fraction of the params and optimizer state). The cost
 model's output does not show how it prices the collectives (FSDP on v5p-256: 264 all-gathers,
