@@ -25,6 +25,7 @@ batch 256, bf16; this release, each compiled alone on the host):
     v5p-8    64     unrolled  no     data 4, split (default)  38.3 GiB (60%)  490 s    286      224         29.9%
     v5p-8    64     unrolled  no     fsdp 4 (b)               35.8 GiB (62%)  364 s    267      240         32.0%
     v5p-8    64     unrolled  yes    data 4, split            21.2 GiB (78%)  490 s    327      196         26.1%
+    v5p-8    64     unrolled  yes    fsdp 4 (b)               18.6 GiB (80%)  440 s    310      206         27.6%
     v5p-8    64     scanned   yes    data 4, split            34.3 GiB (64%)  279 s    340      188         25.1%
     v5p-8    64     scanned   no     data 4, split            92.7 GiB (2%)   254 s    328      195         26.1%
     v5p-256  64     unrolled  no     data 128, split (c)      36.0 GiB (62%)  518 s    268      239         31.9%
