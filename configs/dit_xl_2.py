@@ -42,7 +42,7 @@ the attention that keeps its weights in bfloat16 (models/layers.py attention_rec
 before it: v5p-8 data 29.9 GiB / 187 ms / 53.1% and split 24.3 GiB / 190 ms / 52.3%, v6e-8
 103 ms / 24.1%, v5e-8 split 13.6 GiB / 422 ms / 27.4%, fsdp with remat 12.1 GiB / 666 ms /
 17.4%.) The FSDP rows gather the qkv bias whole before the three q/k/v matmuls slice it
-(models/dit.py QKVProjection); slicing it while split moved its pieces between chips. That
+(models/layers.py fused_qkv_params); slicing it while split moved its pieces between chips. That
 removes 196 collective-permutes and 225 zero-filled buffers from the v5p-8 step and lowers
 the summed per-op cycles on every chip (v5p-8 0.2%, v5e-8 1.4%, with remat 3.7%). The
 estimate follows on v5p and v6e (v5p-8 fsdp 4: 165.51 -> 165.34 ms, 59.97% -> 60.03%

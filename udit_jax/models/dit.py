@@ -129,9 +129,6 @@ class QKVProjection(nn.Module):
         d = self.dim
         kernel, bias = layers.fused_qkv_params(self, x.shape[-1], d)
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        # Whole on each chip before the TPU form slices it: FSDP splits [3D] across the q|k|v
-        # boundaries, and slicing the split bias moved its pieces between chips.
-        bias = nn.with_logical_constraint(bias, (None,))
         return jax.lax.platform_dependent(x, kernel, bias, tpu=qkv_three_matmuls,
                                           default=qkv_one_matmul)
 

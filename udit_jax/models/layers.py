@@ -48,11 +48,15 @@ def dense(features: int, axes: tuple[str | None, str | None], *, name: str, dtyp
 def fused_qkv_params(module: nn.Module, d_in: int, d: int) -> tuple[jax.Array, jax.Array]:
     """The params of a fused q|k|v Linear, as `dense(3 * d, ("embed", "mlp"))` names and
     initialises them: 'kernel' [d_in, 3d], 'bias' [3d], float32. For modules that compute
-    the projection themselves (nn.Dense computes its one output itself)."""
+    the projection themselves (nn.Dense computes its one output itself).
+
+    The bias comes back whole on each chip: its callers slice it into q|k|v or reorder its
+    columns, and FSDP splits [3d] across those boundaries, so done on the split bias the
+    partitioner moved its pieces between chips."""
     kernel = module.param("kernel", with_axes(xavier_uniform, ("embed", "mlp")), (d_in, 3 * d),
                           jnp.float32)
     bias = module.param("bias", with_axes(zeros, ("mlp",)), (3 * d,), jnp.float32)
-    return kernel, bias
+    return kernel, nn.with_logical_constraint(bias, (None,))
 
 
 def conv(features: int, kernel: int, axes: tuple[str | None, str | None], *, name: str | None,

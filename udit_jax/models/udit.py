@@ -139,8 +139,6 @@ class DeinterleavedQKV(nn.Module):
         d = self.dim
         kernel, bias = layers.fused_qkv_params(self, x.shape[-1], d)
         if self.rope_heads:
-            # Whole on each chip before its columns are reordered (as dit.QKVProjection's).
-            bias = nn.with_logical_constraint(bias, (None,))
             # Each head's (hd/2, 2) pairs transposed to (2, hd/2), as a transpose of q's and
             # k's weight columns (a gather would be unpriced by XLA:TPU's cost model).
             def order(w):
