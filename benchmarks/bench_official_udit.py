@@ -10,7 +10,10 @@ latents at batch 4:
     eval forward  official: model.eval() (its re-parameterised FFN) under no_grad;
                   ours: the sampler's inference form (fused FFN), jitted
 
-both in float32. Each measurement runs in a fresh process and the two implementations
+both in float32, with float32 matmuls (--matmul_precision=float32) or with one bfloat16 pass
+per matmul on both sides (--matmul_precision=bfloat16: torch's oneDNN fp32_precision 'bf16'
+for matmuls and convolutions; ours model.matmul_precision='bfloat16', which reaches our
+matmuls and attention but not XLA:CPU's 3x3 convolutions). Each measurement runs in a fresh process and the two implementations
 alternate (official, ours, official, ...) for --rounds rounds, so neither profits from a warm
 cache or a quiet moment; the table gives the median of the rounds' mean step times and the
 ratio. Our compile time (the first call) is reported separately and not in the step time;
@@ -19,6 +22,7 @@ torch has none. Threads: torch's default (one per core); ours one XLA CPU device
 
     python -m benchmarks.bench_official_udit --official=/path/to/U-DiT
     python -m benchmarks.bench_official_udit --official=/path/to/U-DiT --cpu_devices=2 --rounds=5
+    python -m benchmarks.bench_official_udit --official=/path/to/U-DiT --matmul_precision=bfloat16
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ _ROUNDS = flags.DEFINE_integer("rounds", 3, "alternating rounds (each a fresh pr
 _STEPS = flags.DEFINE_integer("timed_steps", 10, "timed steps per process (after 2 warm-up steps)")
 _BATCH = flags.DEFINE_integer("batch", 4, "images per step")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "our XLA CPU devices (config.mesh.cpu_devices)")
+_PRECISION = flags.DEFINE_enum("matmul_precision", "float32", ["float32", "bfloat16"],
+                               "both sides' matmul precision (see the docstring)")
 _SCAN = flags.DEFINE_bool("scan_blocks", False, "our U-DiT with scanned stages (compiles faster)")
 _WORKER = flags.DEFINE_string("worker", None, "internal: 'official' or 'ours' (one process)")
 flags.mark_flags_as_required(["official"])
@@ -53,10 +59,13 @@ def _mean_seconds(fn, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def official_worker(repo: str, batch: int, steps: int) -> dict:
+def official_worker(repo: str, batch: int, steps: int, precision: str) -> dict:
     """The official model, diffusion and optimiser from the checkout at `repo`."""
     import copy
     import torch
+    if precision == "bfloat16":   # float32 tensors, one bfloat16 pass per matmul (oneDNN)
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        torch.backends.mkldnn.conv.fp32_precision = "bf16"
     sys.path.insert(0, repo)
     from diffusion import create_diffusion   # the official repo's package
     from udit_models import U_DiT_S          # input 32, 4 channels, 1000 classes
@@ -92,7 +101,7 @@ def official_worker(repo: str, batch: int, steps: int) -> dict:
     return {"train_s": train_s, "eval_s": eval_s, "threads": torch.get_num_threads()}
 
 
-def ours_worker(batch: int, steps: int, cpu_devices: int, scan_blocks: bool) -> dict:
+def ours_worker(batch: int, steps: int, cpu_devices: int, scan_blocks: bool, precision: str) -> dict:
     from udit_jax import parallel
     parallel.skip_tpu_backend_without_tpu()
     parallel.set_cpu_devices(cpu_devices)   # before JAX starts its CPU backend
@@ -106,7 +115,8 @@ def ours_worker(batch: int, steps: int, cpu_devices: int, scan_blocks: bool) -> 
     config.update_from_flattened_dict({
         "batch_size": batch, "data.source": "synthetic", "model.dtype": "float32",
         "sample_every_steps": 0, "eval_every_steps": 0, "mesh.cpu_devices": cpu_devices,
-        "model.scan_blocks": scan_blocks})
+        "model.scan_blocks": scan_blocks,
+        "model.matmul_precision": None if precision == "float32" else precision})
     train = bench(config, steps, WARMUP)
 
     from udit_jax import models
@@ -129,7 +139,8 @@ def ours_worker(batch: int, steps: int, cpu_devices: int, scan_blocks: bool) -> 
 def _run_worker(side: str) -> dict:
     argv = [sys.executable, "-m", "benchmarks.bench_official_udit", f"--worker={side}",
             f"--official={_OFFICIAL.value}", f"--batch={_BATCH.value}", f"--timed_steps={_STEPS.value}",
-            f"--cpu_devices={_CPU_DEVICES.value}", f"--scan_blocks={_SCAN.value}"]
+            f"--cpu_devices={_CPU_DEVICES.value}", f"--scan_blocks={_SCAN.value}",
+            f"--matmul_precision={_PRECISION.value}"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(argv, cwd=root, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -141,11 +152,12 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _WORKER.value == "official":
-        print(json.dumps(official_worker(_OFFICIAL.value, _BATCH.value, _STEPS.value)))
+        print(json.dumps(official_worker(_OFFICIAL.value, _BATCH.value, _STEPS.value,
+                                         _PRECISION.value)))
         return
     if _WORKER.value == "ours":
         print(json.dumps(ours_worker(_BATCH.value, _STEPS.value, _CPU_DEVICES.value,
-                                     _SCAN.value)))
+                                     _SCAN.value, _PRECISION.value)))
         return
     if not os.path.isfile(os.path.join(_OFFICIAL.value, "udit_models.py")):
         sys.exit(f"error: --official={_OFFICIAL.value} is not a checkout of the official U-DiT "
@@ -169,7 +181,7 @@ def main(argv):
              "speed-up": med["official"][f"{what}_s"] / med["ours"][f"{what}_s"],
              "our_compile_s": med["ours"][f"{what}_compile_s"]}
             for what in ("train", "eval")]
-    print_table(rows, f"U-DiT-S 32x32x4 float32, official (torch, {med['official']['threads']:.0f} "
+    print_table(rows, f"U-DiT-S 32x32x4 float32, {_PRECISION.value} matmuls, official (torch, {med['official']['threads']:.0f} "
                 f"threads) vs ours ({med['ours']['devices']:.0f} XLA CPU device(s)), median of "
                 f"{_ROUNDS.value} alternating rounds")
 

@@ -224,6 +224,7 @@ def test_in_loop_evaluation_requirements_fail_at_start(tmp_path):
     ("seed", -1, "non-negative"),
     ("model.kwargs.num_heads", 0, "positive integer"),
     ("model.remat_keeps", "everything", "use one of"),
+    ("model.matmul_precision", "half", "use one of"),
 ])
 def test_bad_values_fail_before_compiling(field, value, message, tmp_path):
     from udit_jax import train

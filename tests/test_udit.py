@@ -566,6 +566,87 @@ def test_matmul_values_gradients_and_lowering():
     assert contractions("cpu", layers.matmul) != contractions("cpu", plain)
 
 
+def _bf16(a) -> np.ndarray:
+    """a rounded to bfloat16, as float64."""
+    return np.asarray(jnp.asarray(a).astype(jnp.bfloat16), np.float64)
+
+
+def test_matmul_at_one_bfloat16_pass_on_cpus():
+    """Under jax.default_matmul_precision('bfloat16') the CPU matmul multiplies its operands
+    rounded to bfloat16 and sums in float32 (as TPUs do; XLA:CPU alone would ignore the
+    precision), forward and both gradients; under JAX's default it multiplies float32."""
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5, 64))
+    w = jax.random.normal(jax.random.key(1), (64, 8))
+    g = jax.random.normal(jax.random.key(2), (2, 3, 5, 8))
+    exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    rounded = _bf16(x) @ _bf16(w)
+    assert np.abs(rounded - exact).max() > 1e-2        # the two are told apart below
+    for precision, want_y in ((None, exact), ("bfloat16", rounded)):
+        with jax.default_matmul_precision(precision):
+            y, vjp = jax.vjp(layers.matmul, x, w)
+        assert y.dtype == jnp.float32
+        np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-4)
+        gx, gw = vjp(g)
+        r = _bf16 if precision else (lambda a: np.asarray(a, np.float64))
+        np.testing.assert_allclose(gx, r(g) @ r(w).T, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(gw, r(x).reshape(-1, 64).T @ r(g).reshape(-1, 8),
+                                   rtol=1e-5, atol=1e-4)
+        assert gx.dtype == gw.dtype == jnp.float32
+
+
+def _dot_operand_dtypes(f, *args) -> list[tuple[str, str]]:
+    """The operand element types of every dot_general in f's CPU lowering (its gradient's
+    too, when f is one)."""
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cpu",)).as_text()
+    return re.findall(r"stablehlo\.dot_general .*: \(tensor<(?:\d+x)*(\w+)>, tensor<(?:\d+x)*(\w+)>\)",
+                      text)
+
+
+def test_attention_at_one_bfloat16_pass_on_cpus():
+    """The CPU attention under jax.default_matmul_precision('bfloat16'): float32 in and out,
+    every matmul of the forward and backward on bfloat16 operands, values and gradients
+    within bfloat16 rounding of the float32 softmax's, and not equal to its float32-precision
+    result."""
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 3, 12, 16)) for i in range(3))
+    f = lambda q, k, v: layers.attention(q, k, v, scale=0.6)  # noqa: E731
+    grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2))
+    assert {t for pair in _dot_operand_dtypes(grad, q, k, v) for t in pair} == {"f32"}
+    full = f(q, k, v)
+    with jax.default_matmul_precision("bfloat16"):
+        heads_major = lambda q, k, v, s: layers.attention_heads_major(q, k, v, s, True)  # noqa: E731
+        _vjps_against_softmax(heads_major, "bhsd", jnp.float32, 2e-2)
+        dtypes = _dot_operand_dtypes(grad, q, k, v)
+        low = f(q, k, v)
+    assert len(dtypes) == 6 and {t for pair in dtypes for t in pair} == {"bf16"}
+    assert low.dtype == jnp.float32
+    assert 1e-4 < np.abs(np.asarray(low - full)).max() < 2e-2
+
+
+def test_model_matmul_precision_reaches_every_matmul():
+    """A U-DiT with matmul_precision='bfloat16', on a CPU: float32 output within bfloat16
+    rounding of the float32 model's and different from it; no matmul of its forward or
+    backward multiplies float32 operands (under JAX's default, all of them do)."""
+    model = models.build_model("U-DiT", input_size=8, in_channels=4, num_classes=10, hidden_size=32,
+                        depth=(1, 1, 1, 1, 1), num_heads=2)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    t, y = jnp.array([3, 700]), jnp.array([1, 2])
+    params = model.init(jax.random.key(1), x, t, y)["params"]
+    leaves, tree = jax.tree_util.tree_flatten(params)   # no zero-initialised output layer
+    params = jax.tree_util.tree_unflatten(tree, [p + 0.05 * jax.random.normal(jax.random.key(i), p.shape)
+                                                 for i, p in enumerate(leaves)])
+    low_model = model.clone(matmul_precision="bfloat16")
+    full = model.apply({"params": params}, x, t, y)
+    low = low_model.apply({"params": params}, x, t, y)
+    assert low.dtype == jnp.float32
+    assert 1e-4 < np.abs(np.asarray(low - full)).max() < 5e-2 * np.abs(np.asarray(full)).max()
+    loss = lambda m: (lambda p: jnp.sum(m.apply({"params": p}, x, t, y) ** 2))  # noqa: E731
+    full_dtypes = _dot_operand_dtypes(jax.grad(loss(model)), params)
+    low_dtypes = _dot_operand_dtypes(jax.grad(loss(low_model)), params)
+    assert len(low_dtypes) == len(full_dtypes) > 20
+    assert {t for pair in full_dtypes for t in pair} == {"f32"}
+    assert {t for pair in low_dtypes for t in pair} == {"bf16"}
+
+
 def test_attention_lowers_per_platform():
     """Heads-major matmuls for CPUs (XLA:CPU's matmul library), in-place einsums elsewhere; the
     same values."""

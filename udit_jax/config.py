@@ -26,7 +26,7 @@ import optax
 from udit_jax import diffusion as diffusion_lib
 from udit_jax import models, parallel
 from udit_jax.diffusion import guidance
-from udit_jax.models.layers import REMAT_KEEPS
+from udit_jax.models.layers import MATMUL_PRECISIONS, REMAT_KEEPS
 from udit_jax import sampler as sampler_lib
 
 # ========================================================================================
@@ -46,6 +46,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name = "U-DiT-B"          # a registry name or the family "DiT" / "U-DiT"
     c.model.dtype = "float32"         # compute dtype; params and optimizer state stay float32
+    c.model.matmul_precision = ml_collections.config_dict.placeholder(str)
+                                      # the model's matmuls: None (JAX's default: float32 on
+                                      # CPUs, one bfloat16 pass on TPUs, TF32 on GPUs),
+                                      # 'bfloat16' (that default, and on CPUs one bfloat16
+                                      # pass: several times faster on bfloat16 units) or
+                                      # 'float32' (full float32 everywhere)
     c.model.remat = False             # rematerialise each block in the backward pass
     c.model.remat_keeps = "outputs"   # what remat keeps: outputs | attention | inputs (least memory)
     c.model.scan_blocks = False       # U-DiT: each stage's blocks as one scan (compiles faster,
@@ -319,6 +325,8 @@ def check_values(config) -> None:
          "sample.classes", "class ids, e.g. --config.sample.classes=0,1,2")
     for field in ("model.dtype", "eval.dtype"):
         need(_field(config, field) in _DTYPES, field, f"use one of {_DTYPES}")
+    need(config.model.matmul_precision in MATMUL_PRECISIONS, "model.matmul_precision",
+         f"use one of {MATMUL_PRECISIONS} (None: JAX's default)")
     need(config.model.remat_keeps in REMAT_KEEPS, "model.remat_keeps",
          f"use one of {REMAT_KEEPS} (what a remat'd block keeps for the backward)")
     for field in ("sample.cfg_scale", "eval.cfg_scale"):
@@ -418,6 +426,7 @@ def model_kwargs(config) -> dict[str, Any]:
         # The official CFG guides channels 0-2 only; with fewer channels guide them all.
         kwargs.setdefault("cfg_channels", None)
     kwargs["dtype"] = jnp.dtype(config.model.dtype)
+    kwargs["matmul_precision"] = config.model.matmul_precision
     kwargs["remat"] = bool(config.model.remat)
     kwargs["remat_keeps"] = config.model.remat_keeps
     if config.model.scan_blocks:

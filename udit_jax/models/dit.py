@@ -334,6 +334,9 @@ class DiT(nn.Module):
     remat_keeps: str = "outputs"
     attention_impl: str | None = None
     cfg_channels: int | None = 3
+    # jax.default_matmul_precision for this model's matmuls (None: JAX's default; 'bfloat16':
+    # JAX's default on TPUs and GPUs, one bfloat16 pass on CPUs, see layers.one_bf16_pass).
+    matmul_precision: str | None = None
 
     # -------------------------------------------------------------------------- geometry
     @property
@@ -354,6 +357,7 @@ class DiT(nn.Module):
 
     # --------------------------------------------------------------------------- forward
     @nn.compact
+    @layers.at_matmul_precision
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, train: bool = False) -> jax.Array:
         """x: [B, S, S, C] (S = input_size, C = in_channels), t: [B] timesteps, y: [B] labels.
 

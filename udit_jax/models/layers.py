@@ -14,6 +14,7 @@ RoPE run in float32 whatever `dtype` is.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any, Callable, Sequence
@@ -95,39 +96,88 @@ def _contract_last(x: jax.Array, w: jax.Array) -> jax.Array:
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
 
-@jax.custom_vjp
-def _matmul_own_vjp(x: jax.Array, w: jax.Array) -> jax.Array:
-    return _contract_last(x, w)
+# jax.default_matmul_precision values that ask for one bfloat16 pass per matmul.
+ONE_BF16_PASS = ("bfloat16", "default", "fastest")
+# A model's `matmul_precision`: JAX's default (None) or one of JAX's named precisions.
+MATMUL_PRECISIONS = (None, "bfloat16", "tensorfloat32", "float32")
 
 
-def _matmul_fwd(x, w):
-    return _contract_last(x, w), (x, w)
+def one_bf16_pass() -> bool:
+    """Whether JAX's default matmul precision (jax.default_matmul_precision; the models'
+    `matmul_precision`) is Precision.DEFAULT, which TPUs run as one bfloat16 pass per matmul.
+
+    TPUs and GPUs (TF32) apply the precision in XLA; XLA:CPU ignores it and multiplies float32
+    in float32. The CPU forms here then do as TPUs (`mm_operand`): XLA:CPU's matmul library
+    multiplies bfloat16 operands into a float32 result on the CPU's bfloat16 units (AMX,
+    AVX512-BF16), 5x its float32 rate on a 2-core Sapphire Rapids VM (1.5 against 0.29
+    TFLOP/s). Read when a forward is traced; its backward follows the forward's choice.
+    """
+    return str(jax.config.jax_default_matmul_precision).lower() in ONE_BF16_PASS
 
 
-def _matmul_bwd(residuals, g):
-    x, w = residuals
-    grad_x = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
+def at_matmul_precision(method: Callable) -> Callable:
+    """A model method run under jax.default_matmul_precision(self.matmul_precision) (JAX's
+    default when None): the model's matmuls, its CPU forms' included, at the model's own
+    precision, whatever else the program computes (Inception, classifiers) at theirs."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        precision = self.matmul_precision
+        with (jax.default_matmul_precision(precision) if precision is not None
+              else contextlib.nullcontext()):
+            return method(self, *args, **kwargs)
+    return run
+
+
+def mm_operand(x: jax.Array, bf16: bool) -> jax.Array:
+    """x as an operand of a CPU form's matmul: float32 rounded to bfloat16 when `bf16` (the
+    forward's `one_bf16_pass()`), otherwise unchanged. The matmul accumulates in float32."""
+    return x.astype(jnp.bfloat16) if bf16 and x.dtype == jnp.float32 else x
+
+
+def _dot_f32(x: jax.Array, w: jax.Array, dims, bf16: bool) -> jax.Array:
+    """lax.dot_general of two `mm_operand`s, accumulated and returned in float32."""
+    return jax.lax.dot_general(mm_operand(x, bf16), mm_operand(w, bf16), dims,
+                               preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul_own_vjp(x: jax.Array, w: jax.Array, bf16: bool) -> jax.Array:
+    return _dot_f32(x, w, (((x.ndim - 1,), (0,)), ((), ())), bf16).astype(x.dtype)
+
+
+def _matmul_fwd(x, w, bf16):
+    return _matmul_own_vjp(x, w, bf16), (mm_operand(x, bf16), mm_operand(w, bf16))
+
+
+def _matmul_bwd(bf16, residuals, g):
+    x, w = residuals          # as the forward multiplied them
+    grad_x = _dot_f32(g, w, (((g.ndim - 1,), (1,)), ((), ())), bf16)
     # The weight gradient as (g^T x)^T: the gradient streams through the dot in its own
     # layout and only the small [out, in] product is transposed.
     g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-    grad_w = jax.lax.dot_general(g2, x2, (((0,), (0,)), ((), ()))).T
-    return grad_x.astype(x.dtype), grad_w.astype(w.dtype)
+    grad_w = _dot_f32(g2, x2, (((0,), (0,)), ((), ())), bf16).T
+    # `matmul`'s callers give x and w one dtype, the output's, which is g's.
+    return grad_x.astype(g.dtype), grad_w.astype(g.dtype)
 
 
 _matmul_own_vjp.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., in] @ w [in, out] -> [..., out], the contraction of every dense and 1x1 layer.
+    """x [..., in] @ w [in, out] -> [..., out], the contraction of every dense and 1x1 layer;
+    x and w of one dtype.
 
-    On CPUs with its own VJP. Under autodiff, XLA:CPU transposes the incoming gradient for
-    each weight gradient and fuses the residual stream's whole elementwise backward (norms,
-    modulation, gates of every later block) into that transposing copy, recomputing it once
-    per weight: 0.76 s of U-DiT-S's 4 s train step at batch 4. The VJP below gives the
-    weight gradient as (g^T x)^T, which leaves the gradient in place. Other platforms keep
-    autodiff's form (their programs and cost estimates are unchanged).
+    On CPUs with its own VJP, at JAX's matmul precision (`one_bf16_pass`). Under autodiff,
+    XLA:CPU transposes the incoming gradient for each weight gradient and fuses the residual
+    stream's whole elementwise backward (norms, modulation, gates of every later block) into
+    that transposing copy, recomputing it once per weight: 0.76 s of U-DiT-S's 4 s train step
+    at batch 4. The VJP below gives the weight gradient as (g^T x)^T, which leaves the
+    gradient in place. Other platforms keep autodiff's form (their programs and cost estimates
+    are unchanged).
     """
-    return jax.lax.platform_dependent(x, w, cpu=_matmul_own_vjp, default=_contract_last)
+    bf16 = one_bf16_pass()
+    return jax.lax.platform_dependent(x, w, cpu=lambda x, w: _matmul_own_vjp(x, w, bf16),
+                                      default=_contract_last)
 
 
 def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
@@ -476,34 +526,43 @@ def _attention_recomputed_bwd(scale, residuals, g):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-def _heads_major_fwd(q, k, v, scale):
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+def _mm_einsum(spec: str, a: jax.Array, b: jax.Array, bf16: bool) -> jax.Array:
+    """einsum of two `mm_operand`s, accumulated and returned in float32."""
+    return jnp.einsum(spec, mm_operand(a, bf16), mm_operand(b, bf16),
+                      preferred_element_type=jnp.float32)
+
+
+def _heads_major_fwd(q, k, v, scale, bf16):
+    dtype = v.dtype
+    q, k, v = (mm_operand(a, bf16) for a in (q, k, v))   # rounded once, kept for the backward
+    logits = _mm_einsum("bhqd,bhkd->bhqk", q, k, bf16) * scale
     e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))        # unnormalised weights
     s = jnp.sum(e, axis=-1, keepdims=True)                              # [B, heads, N, 1]
-    o = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32) / s
-    o = o.astype(v.dtype)
+    o = (_mm_einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, bf16) / s).astype(dtype)
     return o, (q, k, v, o, e, s)
 
 
-def _heads_major_bwd(scale, residuals, g):
+def _heads_major_bwd(scale, bf16, residuals, g):
     q, k, v, o, e, s = residuals
     gs = g.astype(jnp.float32) / s                                      # folds 1/s into g
     # dv and dk as [.., hd, M] (transposed afterwards): XLA:CPU runs these forms in its matmul
     # library; contracting the weights' query axis into a [.., M, hd] output it does not.
-    dv_t = jnp.einsum("bhqd,bhqk->bhdk", gs.astype(v.dtype), e.astype(v.dtype),
-                      preferred_element_type=jnp.float32)
-    dp = jnp.einsum("bhqd,bhkd->bhqk", gs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    dv_t = _mm_einsum("bhqd,bhqk->bhdk", gs.astype(v.dtype), e.astype(v.dtype), bf16)
+    dp = _mm_einsum("bhqd,bhkd->bhqk", gs.astype(v.dtype), v, bf16)
     delta = jnp.sum(gs * o.astype(jnp.float32), axis=-1, keepdims=True)   # sum_k p dp = g.o / s
     ds = (e * (dp - delta) * scale).astype(q.dtype)
-    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k)
-    dk_t = jnp.einsum("bhqd,bhqk->bhdk", q, ds)
-    return dq.astype(q.dtype), dk_t.swapaxes(-1, -2).astype(k.dtype), dv_t.swapaxes(-1, -2).astype(v.dtype)
+    dq = _mm_einsum("bhqk,bhkd->bhqd", ds, k, bf16)
+    dk_t = _mm_einsum("bhqd,bhqk->bhdk", q, ds, bf16)
+    dtype = g.dtype        # the primal q, k, v's (the residuals may be rounded to bfloat16)
+    return dq.astype(dtype), dk_t.swapaxes(-1, -2).astype(dtype), dv_t.swapaxes(-1, -2).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def attention_heads_major(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def attention_heads_major(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
+                          bf16: bool = False) -> jax.Array:
     """Softmax attention on heads-major arrays, the CPU form: [B, heads, N, hd] x
-    [B, heads, M, hd] -> [B, heads, N, hd], float32 softmax.
+    [B, heads, M, hd] -> [B, heads, N, hd], float32 softmax, matmuls at JAX's matmul
+    precision (`mm_operand`: bfloat16 operands when `bf16`); q, k, v of one dtype.
 
     The forward divides the [N, hd] output by the softmax's sums instead of the [N, M]
     weights by them, and keeps the unnormalised weights for the backward (a CPU's memory has
@@ -512,7 +571,7 @@ def attention_heads_major(q: jax.Array, k: jax.Array, v: jax.Array, scale: float
     hd 24) on a 2-core CPU: forward 4.7 ms against 8.5 ms for jax.nn.softmax's, forward and
     backward 31-32 ms against 36 ms.
     """
-    return _heads_major_fwd(q, k, v, scale)[0]
+    return _heads_major_fwd(q, k, v, scale, bf16)[0]
 
 
 attention_heads_major.defvjp(_heads_major_fwd, _heads_major_bwd)
@@ -576,12 +635,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None,
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    bf16 = one_bf16_pass()
 
     def heads_major(q, k, v):
         # XLA's CPU backend runs the [B, N, heads, hd] contraction as a generic loop, 5x
         # slower at U-DiT's first-stage shapes than its matmul library on heads-major copies.
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-        return attention_heads_major(q, k, v, scale).transpose(0, 2, 1, 3)
+        return attention_heads_major(q, k, v, scale, bf16).transpose(0, 2, 1, 3)
 
     def in_place(q, k, v):
         # TPU: the layout is XLA's to choose; explicit transposes cost copies (U-DiT-L's

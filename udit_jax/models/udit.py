@@ -468,6 +468,9 @@ class UDiT(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False                 # recompute blocks in the backward but what
     remat_keeps: str = "outputs"        # layers.remat_policy keeps ('outputs', 'attention', 'inputs')
+    # jax.default_matmul_precision for this model's matmuls (None: JAX's default; 'bfloat16':
+    # JAX's default on TPUs and GPUs, one bfloat16 pass on CPUs, see layers.one_bf16_pass).
+    matmul_precision: str | None = None
     attention_impl: str | None = None
     # The blocks of a stage as one scanned block with stacked params (leading axis = depth):
     # XLA compiles each stage's block once instead of once per block. Param tree
@@ -562,6 +565,7 @@ class UDiT(nn.Module):
             raise ValueError(f"t and y must have shape [{x.shape[0]}], got {tuple(t.shape)} and {tuple(y.shape)}")
 
     @nn.compact
+    @layers.at_matmul_precision
     def __call__(self, x, t, y, train: bool = False):
         self._check_inputs(x, t, y)
         dtype = self.dtype
