@@ -12,10 +12,11 @@ latents at batch 4:
 
 both in float32, with float32 matmuls (--matmul_precision=float32) or with one bfloat16 pass
 per matmul on both sides (--matmul_precision=bfloat16: torch's oneDNN fp32_precision 'bf16'
-for matmuls and convolutions; ours model.matmul_precision='bfloat16', which reaches our
-matmuls and attention but not XLA:CPU's 3x3 convolutions). Each measurement runs in a fresh process and the two implementations
-alternate (official, ours, official, ...) for --rounds rounds, so neither profits from a warm
-cache or a quiet moment; the table gives the median of the rounds' mean step times and the
+for matmuls and convolutions, torch.backends.mkldnn.matmul; ours model.matmul_precision=
+'bfloat16', which reaches our matmuls and attention but not XLA:CPU's 3x3 convolutions).
+Each measurement runs in a fresh process and the two implementations alternate (official,
+ours, official, ...) for --rounds rounds, so neither profits from a warm cache or a quiet
+moment; the table gives the median of the rounds' mean step times and the
 ratio. Our compile time (the first call) is reported separately and not in the step time;
 torch has none. Threads: torch's default (one per core); ours one XLA CPU device per
 --cpu_devices (0: XLA's single CPU device with its intra-op thread pool).
@@ -64,6 +65,9 @@ def official_worker(repo: str, batch: int, steps: int, precision: str) -> dict:
     import copy
     import torch
     if precision == "bfloat16":   # float32 tensors, one bfloat16 pass per matmul (oneDNN)
+        if not hasattr(torch.backends.mkldnn, "matmul"):
+            sys.exit(f"--matmul_precision=bfloat16 needs oneDNN's fp32_precision settings "
+                     f"(torch.backends.mkldnn.matmul), which torch {torch.__version__} lacks")
         torch.backends.mkldnn.matmul.fp32_precision = "bf16"
         torch.backends.mkldnn.conv.fp32_precision = "bf16"
     sys.path.insert(0, repo)
@@ -181,8 +185,8 @@ def main(argv):
              "speed-up": med["official"][f"{what}_s"] / med["ours"][f"{what}_s"],
              "our_compile_s": med["ours"][f"{what}_compile_s"]}
             for what in ("train", "eval")]
-    print_table(rows, f"U-DiT-S 32x32x4 float32, {_PRECISION.value} matmuls, official (torch, {med['official']['threads']:.0f} "
-                f"threads) vs ours ({med['ours']['devices']:.0f} XLA CPU device(s)), median of "
+    print_table(rows, f"U-DiT-S 32x32x4 float32, {_PRECISION.value} matmuls, official (torch, "
+                f"{med['official']['threads']:.0f} threads) vs ours ({med['ours']['devices']:.0f} XLA CPU device(s)), median of "
                 f"{_ROUNDS.value} alternating rounds")
 
 
