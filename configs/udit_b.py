@@ -27,11 +27,10 @@ release, each compiled alone on the host):
     v6e-8   32        unrolled  12.5 GiB (61%)     571 s    73.9          433         7.5%
 
 The unrolled step is the faster one everywhere, and the only one that fits v5e-8 without
-remat. Compiled with earlier releases, before the queries and keys left their projection
-de-interleaved for RoPE (models/udit.py DeinterleavedQKV, which took 4-8% off these estimates)
-and some before the attention that keeps its weights in bfloat16 (models/layers.py
-attention_recomputed, 1-3%), the scanned step needed remat on v5e-8 (11.5 GiB, 28% headroom,
-308 ms, 104 img/s per chip, 8.4%) and took 26.5 GiB and 108 ms on v6e-8.
+remat. The scanned step (this release, alone on the host) needs remat on v5e-8: 11.4 GiB (29%
+headroom), compile 280 s, 288 ms, 111 img/s per chip, 9.0%; on v6e-8 without remat: 26.1 GiB
+(18% headroom), compile 451 s, 100 ms, 319 img/s per chip, 5.5% (with earlier releases, before
+the de-interleaved q and k: 11.5 GiB and 308 ms; 26.5 GiB and 108 ms).
 
 At 128 per chip (global batch 512 on v5p-8, scanned, remat, --config.mesh.shard_update=True;
 compiled before the de-interleaved q and k): 28.3 GiB per chip (70% headroom), compile 199 s,

@@ -24,10 +24,11 @@ GiB, 466 ms, 137 img/s, 22.2%). Matmuls take 52% of the estimated time, at 45% o
 peak; the largest parts are the first level's downsampled attentions (1024 tokens per group),
 3.0-3.5% each forward and backward.
 
-Each stage's blocks as one scan (--config.model.scan_blocks=True) needed remat to fit: 73.8 GiB
-per chip (22% headroom), compile 318 s, 697 ms per step, 92 img/s per chip, 14.9% (compiled
-before the de-interleaved q and k, and before the attention that keeps its weights in
-bfloat16, models/layers.py attention_recomputed, which took 1-3% off U-DiT steps on v5p).
+Each stage's blocks as one scan (--config.model.scan_blocks=True) needs remat to fit
+(--config.model.remat=True; this release, alone on the host): 67.1 GiB per chip (29%
+headroom), compile 227 s, 537 ms per step, 119 img/s per chip, 19.3% MFU (compiled with
+earlier releases, before the de-interleaved q and k and the attention that keeps its weights
+in bfloat16: 73.8 GiB, 318 s, 697 ms, 92 img/s, 14.9%).
 """
 
 from udit_jax import config as config_lib
