@@ -33,9 +33,9 @@ headroom), compile 280 s, 288 ms, 111 img/s per chip, 9.0%; on v6e-8 without rem
 the de-interleaved q and k: 11.5 GiB and 308 ms; 26.5 GiB and 108 ms).
 
 At 128 per chip (global batch 512 on v5p-8, scanned, remat, --config.mesh.shard_update=True;
-compiled before the de-interleaved q and k): 28.3 GiB per chip (70% headroom), compile 199 s,
-276 ms per step, 465 img/s per chip, 16.1% estimated MFU; a larger global batch changes the
-recipe, so scale its learning rate yourself.
+this release, alone on the host): 28.3 GiB per chip (70% headroom), compile 208 s, 255 ms per
+step, 503 img/s per chip, 17.5% estimated MFU (before the de-interleaved q and k: 276 ms,
+16.1%); a larger global batch changes the recipe, so scale its learning rate yourself.
 
 Where the v5e-8 estimate goes (--mode=compile's "by kind", this release): matmuls and
 convolutions 27% (at 54% of the chip's peak), elementwise work and reductions 68%, copies 5%:
