@@ -61,18 +61,19 @@ Scanned without remat, with gradient accumulation in remat's place
 (--config.optimizer.grad_accum_steps=2): 68.6 GiB per chip (28%), 407 ms, 21.0% (the scans
 then store every block's activations, and writing and reading them is 30% of its estimate).
 
-The scanned step with remat (the default then) at the recipe's global batch 256 on larger
-slices (fewer images per chip; shard_update):
+The scanned step (--config.model.scan_blocks=True) at the recipe's global batch 256 on larger
+slices (fewer images per chip; shard_update), compiled again at this release, alone on the host
+(with earlier releases: 212, 227 and 154 ms):
 
     chips    per chip  remat  HBM per chip      compile  est. ms/step  img/s/chip  est. MFU
-    v5p-16   32        no     49.3 GiB (48%)    214 s    212           151         20.2%
-    v5p-16   32        yes    20.6 GiB (78%)    244 s    227           141         18.8%
-    v5p-32   16        yes    13.0 GiB (86%)    213 s    154           104         13.9%
+    v5p-16   32        no     49.3 GiB (48%)    237 s    207           154         20.6%
+    v5p-16   32        yes    20.6 GiB (78%)    255 s    221           145         19.4%
+    v5p-32   16        yes    12.9 GiB (86%)    230 s    149           107         14.3%
 
-Per chip the step gets less efficient as its batch shrinks (178 img/s at 64, 151 at 32, 104 at
-16), so keep 64 per chip where the recipe allows (v5p-8, or a larger global batch). At 32 per
-chip the scanned step fits without remat and is then estimated 7% faster; at 64 it then fit
-without it only by 2%.
+Per chip the step gets less efficient as its batch shrinks (178 img/s at 64 with an earlier
+release, 154 at 32, 107 at 16), so keep 64 per chip where the recipe allows (v5p-8, or a larger
+global batch). At 32 per chip the scanned step fits without remat and is then estimated 6%
+faster; at 64 it then fit without it only by 2%.
 At 128 per chip (global batch 512 on v5p-8, remat, shard_update) it is a little more
 efficient again: 59.4 GiB per chip (37% headroom), compile 212 s, 623 ms per step, 206 img/s
 per chip, 27.4% estimated MFU; a larger global batch changes the recipe, so scale its
