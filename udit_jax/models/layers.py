@@ -142,11 +142,13 @@ def _dot_f32(x: jax.Array, w: jax.Array, dims, bf16: bool) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _matmul_own_vjp(x: jax.Array, w: jax.Array, bf16: bool) -> jax.Array:
-    return _dot_f32(x, w, (((x.ndim - 1,), (0,)), ((), ())), bf16).astype(x.dtype)
+    return _matmul_fwd(x, w, bf16)[0]
 
 
 def _matmul_fwd(x, w, bf16):
-    return _matmul_own_vjp(x, w, bf16), (mm_operand(x, bf16), mm_operand(w, bf16))
+    x_mm, w_mm = mm_operand(x, bf16), mm_operand(w, bf16)    # rounded once, kept for the backward
+    y = _dot_f32(x_mm, w_mm, (((x.ndim - 1,), (0,)), ((), ())), bf16).astype(x.dtype)
+    return y, (x_mm, w_mm)
 
 
 def _matmul_bwd(bf16, residuals, g):
