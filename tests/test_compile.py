@@ -75,6 +75,15 @@ def libtpu():
     pytest.importorskip("libtpu", reason="needs the [tpu] extra (pip install -e '.[tpu]')")
 
 
+@pytest.fixture(autouse=True)
+def _no_persistent_cache():
+    """The TPU programs compiled here stay out of the tests' persistent compilation cache: no
+    CPU host can read them back (each read is a warning)."""
+    from udit_jax import parallel
+    with parallel.without_compilation_cache():
+        yield
+
+
 # Each family and each topology once in CI (a tiny U-DiT takes a minute to compile for a TPU
 # on a 2-core CI machine); the fourth pairing with -m slow.
 @pytest.mark.parametrize("family, topology, chips, kind", [
@@ -444,10 +453,11 @@ def test_cudnn_attention_is_refused_for_tpus(libtpu, tmp_path):
         compile_lib.compile_from_config(config, str(tmp_path))
 
 
-def _fresh_process_with_libtpu_without_a_tpu(args: list[str], unset: tuple[str, ...], cwd=None):
+def _fresh_process_with_libtpu_without_a_tpu(args: list[str], unset: tuple[str, ...], cwd=None,
+                                             env_set=None):
     """Runs `python <args>` in `cwd` (the repository by default) in a fresh process (libtpu
-    starts once per process) without the environment variables `unset`; skips unless libtpu
-    is installed on a machine without TPU chips."""
+    starts once per process) without the environment variables `unset` and with `env_set`;
+    skips unless libtpu is installed on a machine without TPU chips."""
     import importlib.util
     import os
     import subprocess
@@ -458,7 +468,8 @@ def _fresh_process_with_libtpu_without_a_tpu(args: list[str], unset: tuple[str, 
     repo = pathlib.Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k not in unset}
     return subprocess.run([sys.executable, *args], cwd=cwd or repo,
-                          env=dict(env, PYTHONPATH=str(repo)), capture_output=True, text=True,
+                          env=dict(env, PYTHONPATH=str(repo), **(env_set or {})),
+                          capture_output=True, text=True,
                           timeout=300)
 
 
@@ -479,16 +490,51 @@ def test_compile_mode_starts_libtpu_without_a_page_of_errors(tmp_path):
     """The command as users type it (main, a relative --workdir), on a machine without TPU
     chips: the demo's train step compiled for v5e:2x2, its report written, and libtpu started
     without its TPU worker-hostname errors (a page of E0000 lines before the report; main
-    started JAX's backends, libtpu's among them, before the topology was built)."""
+    started JAX's backends, libtpu's among them, before the topology was built). With
+    JAX_COMPILATION_CACHE_DIR set, as many users keep it, the TPU program is not written to
+    that cache: it could never be read back on this host (a warning on every later run), and
+    on a TPU VM a read would be reported as the compile time."""
     repo = pathlib.Path(__file__).resolve().parents[1]
+    xla_cache = tmp_path / "xla_cache"
     proc = _fresh_process_with_libtpu_without_a_tpu(
         ["-m", "udit_jax.main", f"--config={repo / 'configs' / 'demo.py'}", "--workdir=runs/c",
          "--mode=compile", "--config.compile.topology=v5e:2x2"],
-        unset=("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES"), cwd=tmp_path)
+        unset=("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES"), cwd=tmp_path,
+        env_set={"JAX_COMPILATION_CACHE_DIR": str(xla_cache),
+                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
     assert proc.returncode == 0 and "train step of U-DiT" in proc.stdout, proc.stderr[-2000:]
     assert "worker hostname" not in proc.stderr, proc.stderr[-2000:]
     report = json.loads((tmp_path / "runs" / "c" / "compile" / "v5e:2x2.json").read_text())
     assert report["fits"] and report["chips"] == 4 and report["estimated_step_seconds"] > 0
+    assert not [p.name for p in xla_cache.glob("*train_step*")]
+
+
+def test_timed_compiles_bypass_the_persistent_cache_and_leave_it_as_it_was(libtpu, tmp_path):
+    """parallel.without_compilation_cache (around --mode=compile's and the benchmarks' timed
+    compiles): a program compiled inside is not written to JAX's persistent cache although
+    this process uses one, and the next compile after it is written again."""
+    from jax.experimental.compilation_cache import compilation_cache
+    from udit_jax import parallel
+    saved = {k: getattr(jax.config, k) for k in (
+        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+        "jax_enable_compilation_cache")}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_enable_compilation_cache", True)
+    compilation_cache.reset_cache()
+    try:
+        x = jax.ShapeDtypeStruct((256, 256), jnp.bfloat16, sharding=_one_v5e_chip())
+        with parallel.without_compilation_cache():
+            jax.jit(lambda a: jnp.tanh(a @ a)).lower(x).compile()
+            jax.jit(lambda a: a + 1.0).lower(jax.ShapeDtypeStruct((3,), jnp.float32)).compile()  # CPU
+        assert not list(tmp_path.iterdir())
+        assert jax.config.jax_enable_compilation_cache
+        jax.jit(lambda a: a * 3.0 - 1.0).lower(jax.ShapeDtypeStruct((5,), jnp.float32)).compile()
+        assert len(list(tmp_path.iterdir())) == 1
+    finally:
+        for k, v in saved.items():
+            jax.config.update(k, v)
+        compilation_cache.reset_cache()
 
 
 def test_has_loops_on_compiled_programs():

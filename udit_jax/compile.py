@@ -260,7 +260,8 @@ def compile_report(config, executable_path=None) -> dict[str, Any]:
     lowered = fn.lower(*args)
     report["lowering_seconds"] = time.perf_counter() - start
     try:
-        compiled = lowered.compile()
+        with parallel.without_compilation_cache():   # the compile time is the result
+            compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
         needed = memory_fit.oom_bytes(str(e))
         if needed is None:

@@ -11,8 +11,9 @@ code is written for them; jax.make_mesh defaults to Explicit).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -297,6 +298,25 @@ def use_compilation_cache(compile_config) -> str | None:
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     logging.info("XLA compilation cache: %s (--config.compile.cache=False turns it off)", cache_dir)
     return cache_dir
+
+
+@contextlib.contextmanager
+def without_compilation_cache() -> Iterator[None]:
+    """JAX's persistent compilation cache off inside the block, as it was after it: for
+    compiles whose time is the result (--mode=compile). JAX_COMPILATION_CACHE_DIR turns the
+    cache on without use_compilation_cache; then a TPU program compiled on a CPU host was
+    written to the cache (never readable there: a warning on the next run) and, on a TPU VM,
+    read back, reporting the read as the compile time. JAX decides once per process whether
+    it uses the cache, so the decision is reset on entry and on exit."""
+    from jax.experimental.compilation_cache import compilation_cache
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
 
 
 def device_kind() -> str:
