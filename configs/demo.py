@@ -18,24 +18,22 @@ CPU-s (22-25 s), one train step 0.32-0.35 CPU-s (0.18-0.21 s) on two XLA devices
 the later sessions one step took 0.15 s (fast spells) to 0.31 s (slow spells).
 
 Measured end to end (the README command verbatim, fresh clone and virtualenv, empty caches,
-so the quality classifier is trained too) on a 2-core AVX2 VM: the previous release in a fast
-spell, **4 min 37 s**, exit 0 (pip 37 s, start-up 10 s, classifier 12 s, train-step compile
-22 s, 1200 steps at 6.5-6.7 steps/s with two previews); this release in a slow spell,
-**8 min 34 s**, exit 0 (pip about 70 s, start-up 19 s, classifier 24 s, train-step compile
-37 s, 1200 steps at 3.4-3.9 steps/s). Its last line: "done at step 1200; final samples
-recognised 91.2% (worst: Coat 62%), FD 19.08 (n=80; ...)". The same kind of VM in its slow
-spells ran the 1800-step release in 12 min 15 s and 13 min 4 s (2.9-3.7 steps/s, compile
-35-54 s, pip 50-86 s).
+so the quality classifier is trained too) on 2-core VMs: **3 min 52 s to 5 min 15 s** at full
+speed (train-step compile 21-22 s, 4.4-7.5 steps/s), **8 min 34 s to 8 min 53 s** in their
+usual slow spells (compile 34-37 s, 1.3-3.9 steps/s), 12 min 57 s in the slowest spell seen
+(PyTorch too ran 2.5-3x slower; 2.3-2.8 steps/s); the README's table has each run. Every run
+ended "done at step 1200; final samples recognised 91.2% (worst: ... 50-62%), FD 18.39-19.65
+(n=80; ...)". The 1800-step recipe before it took 12 min 15 s and 13 min 4 s in slow spells.
 
 Quality (eval.quality: recognised by the project's Fashion-MNIST classifier, test accuracy
-89.4%; FD in its 64-d features; CFG 5, DPM-Solver++ 25 steps). The export of this release's
-run above: `--mode=sample --config.sample.per_class=100` (the issue's protocol, 100 per class)
-96.7% recognised, every class >= 77% (Shirt; Coat 96%), FD 14.9; `--mode=evaluate` (1000
-samples of random classes) 94.6% (Shirt 70.2%), FD 17.1 (the previous release: 96.2% / 16.1
-and 95.1% / 18.1; the depthwise kernel gradient now sums its taps in another order, so the
-run's floating-point path differs). How quality moves with total_steps (this recipe, the
-previous release, --mode=evaluate, fast-spell AVX2 VM; minutes = the training command's wall
-time, warm caches):
+89.4%; FD in its 64-d features; CFG 5, DPM-Solver++ 25 steps). The export of the AVX2
+slow-spell run (8 min 34 s): `--mode=sample --config.sample.per_class=100` (the issue's
+protocol, 100 per class) 96.7% recognised, every class >= 77% (Shirt; Coat 96%), FD 14.9;
+`--mode=evaluate` (1000 samples of random classes) 94.6% (Shirt 70.2%), FD 17.1 (the release
+before it: 96.2% / 16.1 and 95.1% / 18.1; the depthwise kernel gradient now sums its taps
+in another order, so the run's floating-point path differs). How quality moves with
+total_steps (this recipe, an earlier release, --mode=evaluate, fast-spell AVX2 VM; minutes =
+the training command's wall time, warm caches):
 
     total_steps  minutes  recognised  FD    worst class
             600      2.0       69.6%  36.0  coat 46.3%
