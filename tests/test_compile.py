@@ -507,6 +507,7 @@ def test_compile_mode_starts_libtpu_without_a_page_of_errors(tmp_path):
     report = json.loads((tmp_path / "runs" / "c" / "compile" / "v5e:2x2.json").read_text())
     assert report["fits"] and report["chips"] == 4 and report["estimated_step_seconds"] > 0
     assert not [p.name for p in xla_cache.glob("*train_step*")]
+    assert "Resetting cache" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_timed_compiles_bypass_the_persistent_cache_and_leave_it_as_it_was(libtpu, tmp_path):

@@ -12,6 +12,7 @@ code is written for them; jax.make_mesh defaults to Explicit).
 from __future__ import annotations
 
 import contextlib
+import logging as std_logging
 import os
 from typing import Iterator, Sequence
 
@@ -306,18 +307,28 @@ def without_compilation_cache() -> Iterator[None]:
     compiles whose time is the result (--mode=compile). JAX_COMPILATION_CACHE_DIR turns the
     cache on without use_compilation_cache; then a TPU program compiled on a CPU host was
     written to the cache (never readable there: a warning on the next run) and, on a TPU VM,
-    read back, reporting the read as the compile time. JAX decides once per process whether
-    it uses the cache, so the decision is reset on entry and on exit."""
+    read back, reporting the read as the compile time."""
+    if jax.config.jax_compilation_cache_dir is None or not jax.config.jax_enable_compilation_cache:
+        yield   # no cache to bypass
+        return
     from jax.experimental.compilation_cache import compilation_cache
-    enabled = jax.config.jax_enable_compilation_cache
+
+    def decide_again():   # JAX decides once per process whether it uses the cache
+        jax_log = std_logging.getLogger("jax._src.compilation_cache")
+        level = jax_log.level
+        jax_log.setLevel(std_logging.WARNING)   # not its INFO line on each reset
+        try:
+            compilation_cache.reset_cache()
+        finally:
+            jax_log.setLevel(level)
+
     jax.config.update("jax_enable_compilation_cache", False)
-    compilation_cache.reset_cache()
+    decide_again()
     try:
         yield
     finally:
-        jax.config.update("jax_enable_compilation_cache", enabled)
-        compilation_cache.reset_cache()
-
+        jax.config.update("jax_enable_compilation_cache", True)
+        decide_again()
 
 def device_kind() -> str:
     d = jax.devices()[0]
