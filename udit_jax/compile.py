@@ -371,12 +371,16 @@ def estimate_lines(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _slices(r: dict[str, Any]) -> str:
+    return f"{r['num_slices']} slices of " if r.get("num_slices", 1) > 1 else ""
+
+
 def format_report(r: dict[str, Any]) -> str:
     """The human-readable table of a report."""
     hbm = r["hbm_bytes_per_chip"]
     lines = [
         f"{r['what']} step of {r['model']} ({r['dtype']}{', remat' if r['remat'] else ''}) "
-        f"on {r['topology']} ({r['libtpu_topology']}, {r['chips']} x {r['device_kind']})",
+        f"on {_slices(r)}{r['topology']} ({r['libtpu_topology']}, {r['chips']} x {r['device_kind']})",
         f"  mesh {r['mesh']} rules {r['mesh_rules']}"
         f"{', update split over the data axes' if r.get('shard_update') else ''}; "
         f"global batch {r['global_batch']} "

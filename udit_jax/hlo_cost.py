@@ -54,10 +54,12 @@ def cost_analysis(compiled) -> dict[str, float]:
 
 # XLA:TPU's cost model prices an op it has no model for at -1 s in `optimal_seconds`: the
 # ConcatBitcast custom call that joins asynchronously sliced copies of an array (a layout
-# no-op), and ZeroCrop (zeroes an array's padding in place; 3 of them in U-DiT-L's FSDP step
-# on v5p-8, whose optimal_seconds was -2.87). Each one made whole programs report a
-# negative time.
-_UNPRICED = re.compile(r'custom_call_target="(?:ConcatBitcast|ZeroCrop)"')
+# no-op), ZeroCrop (zeroes an array's padding in place; 3 of them in U-DiT-L's FSDP step
+# on v5p-8, whose optimal_seconds was -2.87) and SliceId (a multi-slice program's slice
+# index: the demo's step on 2 x v5e-8, 4 ConcatBitcast, 33 ZeroCrop, 1 SliceId, gave
+# -38.0 s, and 0.41 ms once they are taken out, half its one-slice time at half the images
+# per chip). Each one made whole programs report a negative time.
+_UNPRICED = re.compile(r'custom_call_target="(?:ConcatBitcast|ZeroCrop|SliceId)"')
 
 
 # A Pallas kernel compiled for TPUs (Mosaic). XLA's cost model does not look inside it: it

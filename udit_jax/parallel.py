@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging as std_logging
+import math
 import os
 from typing import Iterator, Sequence
 
@@ -85,8 +86,27 @@ def build_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | 
     if int(np.prod(sizes)) != n:
         raise ValueError(f"mesh: {described} gives {int(np.prod(sizes))} devices but there are {n}; "
                          "set the mesh sizes (config.mesh) to multiply to the device count (or -1)")
-    return jax.make_mesh(tuple(sizes), tuple(names), axis_types=(AxisType.Auto,) * len(names),
-                         devices=devices)
+    axis_types = (AxisType.Auto,) * len(names)
+    num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if num_slices > 1:
+        return Mesh(_over_slices(sizes, devices, num_slices), tuple(names), axis_types=axis_types)
+    return jax.make_mesh(tuple(sizes), tuple(names), axis_types=axis_types, devices=devices)
+
+
+def _over_slices(sizes: list[int], devices: list, num_slices: int) -> np.ndarray:
+    """The device array of a mesh over several TPU slices (multi-slice): the slices split the
+    outermost axes first (the data axis by default, so that only the gradients' all-reduce
+    crosses the data-center network between slices); each slice's share is laid out on its
+    own chips by their topology. (jax.make_mesh lays out one slice only: it failed on an
+    assertion.) The sizes multiply to the device count, a multiple of num_slices, so the
+    slices always divide into them."""
+    from jax.experimental import mesh_utils
+    across, left = [], num_slices
+    for size in sizes:
+        across.append(math.gcd(left, size))
+        left //= across[-1]
+    within = [size // a for size, a in zip(sizes, across)]
+    return mesh_utils.create_hybrid_device_mesh(within, across, devices)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
