@@ -510,7 +510,8 @@ def test_compile_mode_starts_libtpu_without_a_page_of_errors(tmp_path):
     """The command as users type it (main, a relative --workdir), on a machine without TPU
     chips: the demo's train step compiled for v5e:2x2, its report written, and libtpu started
     without its TPU worker-hostname errors (a page of E0000 lines before the report; main
-    started JAX's backends, libtpu's among them, before the topology was built). With
+    started JAX's backends, libtpu's among them, before the topology was built) or its
+    "could not determine TPU accelerator type" warning. With
     JAX_COMPILATION_CACHE_DIR set, as many users keep it, the TPU program is not written to
     that cache: it could never be read back on this host (a warning on every later run), and
     on a TPU VM a read would be reported as the compile time."""
@@ -519,11 +520,12 @@ def test_compile_mode_starts_libtpu_without_a_page_of_errors(tmp_path):
     proc = _fresh_process_with_libtpu_without_a_tpu(
         ["-m", "udit_jax.main", f"--config={repo / 'configs' / 'demo.py'}", "--workdir=runs/c",
          "--mode=compile", "--config.compile.topology=v5e:2x2"],
-        unset=("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES"), cwd=tmp_path,
+        unset=("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES", "TPU_HOST_BOUNDS"), cwd=tmp_path,
         env_set={"JAX_COMPILATION_CACHE_DIR": str(xla_cache),
                  "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
     assert proc.returncode == 0 and "train step of U-DiT" in proc.stdout, proc.stderr[-2000:]
     assert "worker hostname" not in proc.stderr, proc.stderr[-2000:]
+    assert "accelerator type" not in proc.stderr, proc.stderr[-2000:]
     report = json.loads((tmp_path / "runs" / "c" / "compile" / "v5e:2x2.json").read_text())
     assert report["fits"] and report["chips"] == 4 and report["estimated_step_seconds"] > 0
     assert not [p.name for p in xla_cache.glob("*train_step*")]

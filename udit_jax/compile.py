@@ -120,8 +120,11 @@ def topology_devices(topology: Topology, num_slices: int = 1) -> list:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     if not parallel.on_cloud_tpu_vm():
         # Off a TPU VM libtpu finds no worker hostnames and prints a page of errors as it
-        # starts; compiling needs none.
+        # starts, and no host bounds (a "could not determine TPU accelerator type" warning);
+        # compiling needs neither: the topology comes from get_topology_desc below (reports
+        # for v5e-16, v5p-32 and 2 x v5p-16 are the same either way).
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
     try:
         import libtpu  # noqa: F401 - only to give a clear message when it is missing
     except ImportError as e:
