@@ -383,7 +383,8 @@ def format_report(r: dict[str, Any]) -> str:
     hbm = r["hbm_bytes_per_chip"]
     lines = [
         f"{r['what']} step of {r['model']} ({r['dtype']}{', remat' if r['remat'] else ''}) "
-        f"on {_slices(r)}{r['topology']} ({r['libtpu_topology']}, {r['chips']} x {r['device_kind']})",
+        f"on {_slices(r)}{r['topology']} ({r['libtpu_topology']}, "
+        f"{r['chips']} x {r['device_kind']})",
         f"  mesh {r['mesh']} rules {r['mesh_rules']}"
         f"{', update split over the data axes' if r.get('shard_update') else ''}; "
         f"global batch {r['global_batch']} "

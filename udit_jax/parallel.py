@@ -350,6 +350,7 @@ def without_compilation_cache() -> Iterator[None]:
         jax.config.update("jax_enable_compilation_cache", True)
         decide_again()
 
+
 def device_kind() -> str:
     d = jax.devices()[0]
     return getattr(d, "device_kind", d.platform)
