@@ -188,6 +188,23 @@ def test_rope_rotates_pairs_stored_deinterleaved():
     np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-4)
 
 
+def test_rope_rotates_in_the_compute_dtype():
+    """bfloat16 q, k are rotated in bfloat16 (XLA:TPU then keeps no float32 copy of them,
+    test_compile.py): within a few bfloat16 roundings of the float32 rotation of the same
+    values, and with the pairs' norms kept as closely."""
+    n, heads, hd = 64, 4, 24
+    angles = udit.rope2d_angles(n, hd)
+    x = jax.random.normal(jax.random.key(0), (2, n, heads, hd)).astype(jnp.bfloat16)
+    got = udit.apply_rope(x, angles)
+    want = np.asarray(udit.apply_rope(x.astype(jnp.float32), angles))
+    assert got.dtype == jnp.bfloat16
+    pair_norm = lambda a: np.hypot(a[..., :hd // 2], a[..., hd // 2:])  # noqa: E731
+    got32, x32 = np.asarray(got, np.float32), np.asarray(x, np.float32)
+    bound = 4 * 2.0 ** -8 * np.concatenate([pair_norm(want)] * 2, axis=-1)
+    np.testing.assert_array_less(np.abs(got32 - want), bound + 1e-6)
+    np.testing.assert_allclose(pair_norm(got32), pair_norm(x32), rtol=4 * 2.0 ** -8)
+
+
 @pytest.mark.parametrize("rope_heads", [None, 3])
 def test_qkv_is_the_official_linear_with_q_and_k_deinterleaved(rope_heads):
     """Params as dense(3d) (names, shapes, initial values); outputs x @ kernel + bias split

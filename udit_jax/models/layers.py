@@ -8,8 +8,8 @@ them to mesh axes). The vocabulary used here:
   'vocab'   label-table rows
   'freq'    sinusoidal-feature inputs
   'conv_h', 'conv_w'   convolution kernel taps (never sharded)
-Parameters are float32; `dtype` is the compute dtype. Norms, softmax, L2-normalisation and
-RoPE run in float32 whatever `dtype` is.
+Parameters are float32; `dtype` is the compute dtype. Norms, softmax and L2-normalisation
+run in float32 whatever `dtype` is; RoPE (models/udit.py apply_rope) in `dtype`.
 """
 
 from __future__ import annotations
