@@ -88,8 +88,11 @@ def install_commands(args) -> list[list[str]]:
         steps.append(_gcloud(args, "scp", "--recurse", "--worker=all", str(REPO_ROOT),
                              f"{args.tpu}:~/"))
         fetch = []
-    script = " && ".join(["python3 -m pip install -U pip", "python3 -m pip install -U 'jax[tpu]'",
-                          *fetch, f"python3 -m pip install -e {remote_dir(args)}"])
+    # The [tpu] extra pins jax[tpu] to the jax this release is tested with, and so the libtpu
+    # built for it; a bare `jax[tpu]` would install the newest jax on the workers instead.
+    project = shlex.quote(f"{remote_dir(args)}[tpu]")
+    script = " && ".join(["python3 -m pip install -U pip", *fetch,
+                          f"python3 -m pip install -e {project}"])
     return steps + [_on_all_workers(args, script)]
 
 

@@ -25,7 +25,10 @@ def test_tpu_pod_dry_run_creates_installs_and_runs_on_all_workers():
     assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "my-pod"]
     assert {"--zone=us-central2-b", "--accelerator-type=v4-32", "--spot"} <= set(create)
     assert copy[4:6] == ["scp", "--recurse"] and "--worker=all" in copy
-    assert install[4] == "ssh" and "--worker=all" in install and "jax[tpu]" in install[-1]
+    assert install[4] == "ssh" and "--worker=all" in install
+    # The project with its [tpu] extra: our jax and its libtpu, not the newest jax[tpu].
+    assert f"python3 -m pip install -e '{REPO.name}[tpu]'" in install[-1], install[-1]
+    assert "'jax[tpu]'" not in install[-1]
     assert run[4] == "ssh" and "--worker=all" in run
     remote = run[-1].removeprefix("--command=")
     assert ("python3 -m udit_jax.main --config=configs/udit_l.py --workdir=gs://bucket/udit_l "
@@ -38,6 +41,8 @@ def test_tpu_pod_reuses_a_vm_and_needs_a_bucket():
                   "--ref=v1", "--config=configs/demo.py", "--workdir=gs://b/w")
     assert " create " not in out and " scp " not in out
     assert "git clone https://example.org/u.git udit-jax" in out and "git checkout -q v1" in out
+    install = [shlex.split(line)[-1] for line in out.splitlines() if " ssh " in line][0]
+    assert "python3 -m pip install -e 'udit-jax[tpu]'" in install, install
     bad = subprocess.run([sys.executable, "launch/tpu_pod.py", "--tpu=p", "--zone=z",
                           "--config=configs/demo.py", "--workdir=/tmp/local", "--dry-run"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
