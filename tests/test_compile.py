@@ -592,31 +592,6 @@ def test_attention_writes_its_weights_only_in_bfloat16_on_tpus(libtpu):
     assert in_hbm == {"bf16"}, buffers
 
 
-def test_attention_backward_reads_its_output_in_bfloat16_on_tpus(libtpu):
-    """attention_recomputed in bfloat16 before a bfloat16 projection (as in every block),
-    forward and backward compiled for a TPU chip: the backward's g.o reads the bfloat16
-    output, so no float32 copy of the weighted sum [B, heads, hd, N] stays for it. Through
-    the cast, XLA took the float32 weighted sum and kept it for the backward."""
-    import re
-    from udit_jax.models import layers
-
-    b, n, heads, hd = 64, 256, 8, 24
-    chip = _one_v5e_chip()
-    spec = jax.ShapeDtypeStruct((b, n, heads, hd), jnp.bfloat16, sharding=chip)
-    w = jax.ShapeDtypeStruct((heads * hd, 128), jnp.bfloat16, sharding=chip)
-
-    def loss(q, k, v, w):
-        o = layers.attention_recomputed(q, k, v, 0.3).reshape(b, n, heads * hd)
-        return jnp.sum(jnp.dot(o, w).astype(jnp.float32) ** 2)
-
-    with jax.default_matmul_precision("default"):
-        grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-        text = grads.lower(spec, spec, spec, w).compile().as_text()
-    entry = text[text.index("ENTRY"):]
-    as_output = re.findall(rf"f32\[(?:{b},{heads},{hd},{n}|{b},{n},{heads},{hd})\]", entry)
-    assert not as_output, as_output
-
-
 def test_rope_leaves_no_float32_queries_or_keys_in_the_tpu_program(libtpu):
     """U-DiT's attention (RoPE, cosine normalisation) compiled for a TPU chip in bfloat16,
     forward and backward: no op of the program outputs the rotated queries or keys in

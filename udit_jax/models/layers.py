@@ -512,11 +512,8 @@ def _attention_recomputed_fwd(q, k, v, scale):
 def _attention_recomputed_bwd(scale, residuals, g):
     q, k, v, o, sums = residuals
     # A barrier, so that XLA recomputes the logits here instead of merging this q.k with the
-    # forward's and keeping its float32 result alive until the backward; and so that `delta`
-    # reads the output as the forward returned it (bfloat16, which the next layer keeps
-    # anyway): through the cast XLA took the float32 weighted sum instead and kept that in
-    # HBM too (U-DiT-L's decoder level-1 attention on v5p: 8.87 against 9.00 ms).
-    q, k, o = jax.lax.optimization_barrier((q, k, o))
+    # forward's and keeping its float32 result alive until the backward.
+    q, k = jax.lax.optimization_barrier((q, k))
     # The weights again (the same row maximum, recomputed in the fusion), in the compute
     # dtype: in bfloat16 they go through memory at half the bytes of float32 (the traffic
     # bounds this backward on TPUs), at the rounding (2^-9 relative) ds gets below anyway.
