@@ -27,20 +27,24 @@ release, each compiled alone on the host):
     v6e-8   32        unrolled  12.5 GiB (61%)     571 s    73.9          433         7.5%
 
 The unrolled step is the faster one everywhere, and the only one that fits v5e-8 without
-remat. The scanned step (this release, alone on the host) needs remat on v5e-8: 11.4 GiB (29%
-headroom), compile 280 s, 288 ms, 111 img/s per chip, 9.0%; on v6e-8 without remat: 26.1 GiB
+remat. The scanned step (previous release, alone on the host) needs remat on v5e-8: 11.4 GiB
+(29% headroom), compile 280 s, 288 ms, 111 img/s per chip, 9.0%; on v6e-8 without remat: 26.1 GiB
 (18% headroom), compile 451 s, 100 ms, 319 img/s per chip, 5.5% (with earlier releases, before
 the de-interleaved q and k: 11.5 GiB and 308 ms; 26.5 GiB and 108 ms).
 
 At 128 per chip (global batch 512 on v5p-8, scanned, remat, --config.mesh.shard_update=True;
-this release, alone on the host): 28.3 GiB per chip (70% headroom), compile 208 s, 255 ms per
-step, 503 img/s per chip, 17.5% estimated MFU (before the de-interleaved q and k: 276 ms,
+previous release, alone on the host): 28.3 GiB per chip (70% headroom), compile 208 s, 255 ms
+per step, 503 img/s per chip, 17.5% estimated MFU (before the de-interleaved q and k: 276 ms,
 16.1%); a larger global batch changes the recipe, so scale its learning rate yourself.
 
-Where the v5e-8 estimate goes (--mode=compile's "by kind", this release): matmuls and
+Where the v5e-8 estimate goes (--mode=compile's "by kind", the previous release): matmuls and
 convolutions 27% (at 54% of the chip's peak), elementwise work and reductions 68%, copies 5%:
 the step is bound by HBM bandwidth. The largest model parts are the first level's downsampled
 attentions (a softmax over [256 x 256] logits per head and group), 1.6% each.
+
+The previous release: before RoPE rotated bfloat16 queries and keys in bfloat16
+(models/udit.py apply_rope), which took 4-5% off U-DiT-L's v5p-8 estimates
+(configs/udit_l.py); compile again for this release's figures.
 """
 
 from udit_jax import config as config_lib

@@ -17,18 +17,22 @@ On a TPU pod: launch/tpu_pod.py; on a SLURM GPU cluster: launch/slurm.py.
 The blocks run unrolled and without remat (the ImageNet U-DiT default; why: configs/udit_l.py).
 The train step compiled for v5p-8 on a 2-core x86 host (--mode=compile, README "Before you
 rent a pod"; jax 0.10.2, libtpu 0.0.42.1; XLA's cost model, not a TPU; global batch 256, 64
-per chip, data parallel, bf16; this release, alone on the host): 64.3 GiB per chip of 95 (32%
-headroom), compile 372 s, 437 ms per step, 146 img/s per chip, 23.7% MFU (before the queries
+per chip, data parallel, bf16; previous release, alone on the host): 64.3 GiB per chip of 95
+(32% headroom), compile 372 s, 437 ms per step, 146 img/s per chip, 23.7% MFU (before the queries
 and keys left their projection de-interleaved for RoPE, models/udit.py DeinterleavedQKV: 62.8
 GiB, 466 ms, 137 img/s, 22.2%). Matmuls take 52% of the estimated time, at 45% of the chip's
 peak; the largest parts are the first level's downsampled attentions (1024 tokens per group),
 3.0-3.5% each forward and backward.
 
 Each stage's blocks as one scan (--config.model.scan_blocks=True) needs remat to fit
-(--config.model.remat=True; this release, alone on the host): 67.1 GiB per chip (29%
+(--config.model.remat=True; previous release, alone on the host): 67.1 GiB per chip (29%
 headroom), compile 227 s, 537 ms per step, 119 img/s per chip, 19.3% MFU (compiled with
 earlier releases, before the de-interleaved q and k and the attention that keeps its weights
 in bfloat16: 73.8 GiB, 318 s, 697 ms, 92 img/s, 14.9%).
+
+The previous release: before RoPE rotated bfloat16 queries and keys in bfloat16
+(models/udit.py apply_rope), which took 4-5% off U-DiT-L's v5p-8 estimates
+(configs/udit_l.py); compile again for this release's figures.
 """
 
 from udit_jax import config as config_lib

@@ -19,11 +19,12 @@ the data-parallel chips (mesh.shard_update: each chip keeps the float32 params w
 share of the rest). Before renting, compile the step for the pod on any host: --mode=compile
 with --config.compile.topology=v5p-8 (README, "Before you rent a pod"). Measured that way
 (2-core x86 host, jax 0.10.2, libtpu 0.0.42.1; XLA's cost model, not a TPU; the recipe's global
-batch 256, bf16; this release, each compiled alone on the host):
+batch 256, bf16; the first two rows this release, the others before its bfloat16 RoPE, which took
+4-5% off the first two; each compiled alone on the host, *: tests or part compiles beside it):
 
     chips    /chip  blocks    remat  mesh                     HBM per chip    compile  est. ms  img/s/chip  MFU
-    v5p-8    64     unrolled  no     data 4, split (default)  38.3 GiB (60%)  490 s    286      224         29.9%
-    v5p-8    64     unrolled  no     fsdp 4 (b)               35.8 GiB (62%)  364 s    267      240         32.0%
+    v5p-8    64     unrolled  no     data 4, split (default)  38.5 GiB (60%)  487 s*   274      234         31.2%
+    v5p-8    64     unrolled  no     fsdp 4 (b)               35.7 GiB (62%)  563 s*   254      252         33.6%
     v5p-8    64     unrolled  yes    data 4, split            21.2 GiB (78%)  490 s    327      196         26.1%
     v5p-8    64     unrolled  yes    fsdp 4 (b)               18.6 GiB (80%)  440 s    310      206         27.6%
     v5p-8    64     scanned   yes    data 4, split            34.3 GiB (64%)  279 s    340      188         25.1%
@@ -36,7 +37,9 @@ batch 256, bf16; this release, each compiled alone on the host):
 --config.mesh.shard_update=False. c: --config.batch_size=8192, weak scaling. Scanned:
 --config.model.scan_blocks=True, each stage's blocks as one scan over stacked params.) The
 queries and keys leave their projection with RoPE's pairs split in halves (models/udit.py
-DeinterleavedQKV), which took 5-10% off every estimate here (the default: 305 -> 286 ms);
+DeinterleavedQKV), which took 5-10% off every estimate here (the default: 305 -> 286 ms),
+and RoPE rotates them in bfloat16 (models/udit.py apply_rope: rotated in float32, XLA kept
+float32 copies of them for the backward; the default 286 -> 274 ms, FSDP 267 -> 254 ms);
 with FSDP its bias is gathered whole before that reordering, since reordering the split bias
 moved its pieces between chips (616 collective-permutes; 267.7 -> 266.8 ms, 31.9 -> 32.0%).
 FSDP is estimated 7% faster than the default and needs less memory, but the cost model's
@@ -121,11 +124,11 @@ other compiles): v6e-8 split 23.9 GiB / 302 ms / 7.1%, data 8 33.5 GiB (no fit),
 400 ms / 5.3%; v5e-8 11.1 GiB / 623 ms / 8.0%.
 
 Where the estimate goes (--mode=compile's "by kind", this release): in the default step
-matmuls and convolutions are 36% of the time, at 84% of the chip's peak; elementwise work and
-reductions 46%, copies and transposes 17%. The matmuls alone, at that rate, would give 84% MFU;
+matmuls and convolutions are 36% of the time, at 87% of the chip's peak; elementwise work and
+reductions 46%, copies and transposes 18%. The matmuls alone, at that rate, would give 87% MFU;
 55% needs the rest cut to under a third of what it is. (The shares weigh each op by the TPU
 backend's cycle count; the estimate itself is closer to a roofline of each op's bytes and
-FLOPs, and this step is bound by its 5.4e11 bytes per chip: rank candidates by bytes.) No part
+FLOPs, and this step is bound by its 5.1e11 bytes per chip: rank candidates by bytes.) No part
 stands out: the largest single model part is 1.6% of the default step's estimate, the
 attention's core (q.k, softmax, weighted sum) writes its [N, M] weights only in bfloat16
 (models/layers.py attention_recomputed), and the rest is hundreds of passes over the

@@ -19,7 +19,7 @@ one scan over stacked params (--config.model.scan_blocks=True; the same params, 
 a run resumes in the other layout) compile in about half the time but need more memory and run
 slower (configs/udit_l.py says why). The train step compiled for pods on any host
 (--mode=compile, README "Before you rent a pod"; 2-core x86 host, jax 0.10.2, libtpu 0.0.42.1;
-XLA's cost model, not a TPU; global batch 256, data parallel, no remat, bf16; this release,
+XLA's cost model, not a TPU; global batch 256, data parallel, no remat, bf16; the previous release,
 each compiled alone on the host):
 
     chips   per chip  blocks    HBM per chip      compile  est. ms/step  img/s/chip  est. MFU
@@ -29,7 +29,7 @@ each compiled alone on the host):
     v6e-8   32        unrolled  5.8 GiB (82%)     464 s    42.1          759         3.5%
 
 (The queries and keys leave their projection de-interleaved for RoPE, models/udit.py
-DeinterleavedQKV: 5-12% off the previous release's estimates, 84.7 ms unrolled and 89.2 ms
+DeinterleavedQKV: 5-12% off the release before's estimates, 84.7 ms unrolled and 89.2 ms
 scanned on v5p-8, 94.1 ms on v5e-8 and 44.3 ms on v6e-8. Compiled before it, and before the
 attention that keeps its weights in bfloat16, the scanned step took 14.3 GiB and 156 ms on
 v5e-8 and 14.2 GiB and 57.0 ms on v6e-8.)
@@ -39,6 +39,10 @@ downsampled attention streams its [256 x 256] weights per head and group through
 bfloat16; the matmuls themselves are small), and without remat the scans' stacking and
 reading of every block's residuals is 35% of the v5p-8 estimate (--mode=compile's "by
 kind": dynamic slices). v6e, with the most FLOPs per byte of HBM, gains least.
+
+The previous release: before RoPE rotated bfloat16 queries and keys in bfloat16
+(models/udit.py apply_rope), which took 4-5% off U-DiT-L's v5p-8 estimates
+(configs/udit_l.py); compile again for this release's figures.
 """
 
 from udit_jax import config as config_lib

@@ -105,7 +105,7 @@ def apply_rope(x: jax.Array, angles: np.ndarray) -> jax.Array:
     Computes in x's dtype, the tables rounded to it. In float32 that is the official
     arithmetic. Upstream rotates bfloat16 inputs in float32 and casts back; here bfloat16 q
     and k are rotated in bfloat16, within 2 bfloat16 roundings of that (one more than the
-    cast), before the float32 cosine normalisation and the cast to the attention's dtype.
+    cast), before the cosine normalisation ('v2') and the attention's bfloat16 matmuls.
     Rotating in float32 made XLA keep the rotated q and k in float32 through HBM for the
     backward (it drops the round trip through bfloat16): U-DiT-L's decoder level-1
     attention on v5p (64 images, forward and backward, XLA's cost model) takes 9.00 ms
