@@ -19,8 +19,9 @@ the data-parallel chips (mesh.shard_update: each chip keeps the float32 params w
 share of the rest). Before renting, compile the step for the pod on any host: --mode=compile
 with --config.compile.topology=v5p-8 (README, "Before you rent a pod"). Measured that way
 (2-core x86 host, jax 0.10.2, libtpu 0.0.42.1; XLA's cost model, not a TPU; the recipe's global
-batch 256, bf16; the first two rows this release, the others before its bfloat16 RoPE, which took
-4-5% off the first two; each compiled alone on the host, *: tests or part compiles beside it):
+batch 256, bf16; the first two rows and v5e-8 this release, the others before its bfloat16 RoPE,
+which took 4-5% off those (v5e-8: 600 -> 576 ms); each compiled alone on the host, *: tests or
+other compiles beside it):
 
     chips    /chip  blocks    remat  mesh                     HBM per chip    compile  est. ms  img/s/chip  MFU
     v5p-8    64     unrolled  no     data 4, split (default)  38.5 GiB (60%)  487 s*   274      234         31.2%
@@ -31,7 +32,7 @@ batch 256, bf16; the first two rows this release, the others before its bfloat16
     v5p-8    64     scanned   no     data 4, split            92.7 GiB (2%)   254 s    328      195         26.1%
     v5p-256  64     unrolled  no     data 128, split (c)      36.0 GiB (62%)  518 s    268      239         31.9%
     v6e-8    32     unrolled  no     data 8, split            22.6 GiB (30%)  656 s    189      169         11.3%
-    v5e-8    32     unrolled  yes    data 8, split            13.6 GiB (15%)  604 s    565      57          17.6%
+    v5e-8    32     unrolled  yes    data 8, split            13.7 GiB (14%)  1221 s*  576      55          17.3%
 
 (b: --config.mesh.rules=fsdp --config.mesh.fsdp=4 --config.mesh.data=-1
 --config.mesh.shard_update=False. c: --config.batch_size=8192, weak scaling. Scanned:
