@@ -19,18 +19,19 @@ the data-parallel chips (mesh.shard_update: each chip keeps the float32 params w
 share of the rest). Before renting, compile the step for the pod on any host: --mode=compile
 with --config.compile.topology=v5p-8 (README, "Before you rent a pod"). Measured that way
 (2-core x86 host, jax 0.10.2, libtpu 0.0.42.1; XLA's cost model, not a TPU; the recipe's global
-batch 256, bf16; the first two rows and v5e-8 this release, the others before its bfloat16 RoPE,
-which took 4-5% off those (v5e-8: 600 -> 576 ms); each compiled alone on the host, *: tests or
-other compiles beside it):
+batch 256, bf16; the scanned rows and v6e-8 before this release's bfloat16 RoPE, which took
+4-5% off the others (v5e-8: 600 -> 576 ms); each compiled alone on the host unless marked, *:
+tests or other compiles beside it, wall time inflated; the remat rows' compiles took 864 and
+774 CPU-seconds, the default's 644):
 
     chips    /chip  blocks    remat  mesh                     HBM per chip    compile  est. ms  img/s/chip  MFU
     v5p-8    64     unrolled  no     data 4, split (default)  38.5 GiB (60%)  487 s*   274      234         31.2%
     v5p-8    64     unrolled  no     fsdp 4 (b)               35.7 GiB (62%)  563 s*   254      252         33.6%
-    v5p-8    64     unrolled  yes    data 4, split            21.2 GiB (78%)  490 s    327      196         26.1%
-    v5p-8    64     unrolled  yes    fsdp 4 (b)               18.6 GiB (80%)  440 s    310      206         27.6%
+    v5p-8    64     unrolled  yes    data 4, split            22.0 GiB (77%)  2060 s*  310      206         27.5%
+    v5p-8    64     unrolled  yes    fsdp 4 (b)               18.6 GiB (80%)  984 s*   291      220         29.4%
     v5p-8    64     scanned   yes    data 4, split            34.3 GiB (64%)  279 s    340      188         25.1%
     v5p-8    64     scanned   no     data 4, split            92.7 GiB (2%)   254 s    328      195         26.1%
-    v5p-256  64     unrolled  no     data 128, split (c)      36.0 GiB (62%)  518 s    268      239         31.9%
+    v5p-256  64     unrolled  no     data 128, split (c)      36.2 GiB (62%)  476 s    255      251         33.5%
     v6e-8    32     unrolled  no     data 8, split            22.6 GiB (30%)  656 s    189      169         11.3%
     v5e-8    32     unrolled  yes    data 8, split            13.7 GiB (14%)  1221 s*  576      55          17.3%
 
