@@ -23,7 +23,7 @@ batch 256 on 8 (v5p: 4 chips), 8192 on v5p-256, i.e. 64 per v5p chip, 32 per v5e
 bf16):
 
     chips     mesh               remat  HBM per chip     compile  est. ms  img/s/chip  est. MFU
-    v5p-8     fsdp 4 (b)         no     21.7 GiB (77%)   82 s     165      387         60.0%
+    v5p-8     fsdp 4 (b)         no     21.7 GiB (77%)   74 s     165      387         60.0%
     v5p-8     data 4             no     29.4 GiB (69%)   112 s    176      363         56.4%
     v5p-8     data 2 x fsdp 2    no     26.5 GiB (72%)   98 s     176      364         56.4%
     v5p-8     data 4, split (a)  no     23.5 GiB (75%)   83 s     183      350         54.3%
@@ -33,7 +33,7 @@ bf16):
     v6e-8     fsdp 8             no     12.5 GiB (61%)   127 s    124      259         20.1%
     v5e-8     fsdp 8 (b)         no     13.2 GiB (18%)   127 s    353      91          32.8%
     v5e-8     data 8, split (a)  no     13.4 GiB (16%)   106 s    416      77          27.8%
-    v5e-8     fsdp 8             yes    10.2 GiB (36%)   132 s    730      44          15.8%
+    v5e-8     fsdp 8             yes    7.9 GiB (51%)    117 s    693      46          16.7%
 
 (a: --config.mesh.shard_update=True. b: --config.mesh.rules=fsdp --config.mesh.fsdp=<4 or 8>
 --config.mesh.data=-1; "data 32 x fsdp 4" is the same flags on 128 chips. This release, each
@@ -48,7 +48,11 @@ the summed per-op cycles on every chip (v5p-8 0.2%, v5e-8 1.4%, with remat 3.7%)
 estimate follows on v5p and v6e (v5p-8 fsdp 4: 165.51 -> 165.34 ms, 59.97% -> 60.03%
 unrounded; v5p-256 60.6% as before; v6e-8 fsdp 8: 125 -> 124 ms) but not on v5e, where XLA prices the
 rescheduled collectives higher (fsdp 8: 344 -> 353 ms, 33.6% -> 32.8%; with remat 681 -> 730
-ms); as above, its collective prices are the weak part of the estimate.
+ms); as above, its collective prices are the weak part of the estimate. The train step now
+traces only the TPU's forms of the layers (models/layers.py forms_for): with remat the
+one-matmul q/k/v of other platforms had left a zero-filled [B, N, 3D] residual per block in
+the TPU program (v5e-8 fsdp 8 with remat: 10.2 -> 7.9 GiB, 730 -> 693 ms); without remat XLA
+had removed it (v5p-8 fsdp 4 unchanged, compiled in 74 s instead of 82).
 
 The best mesh per chip family, by this estimate: on v5p FSDP over each 4 chips (b; data
 parallel across the groups on larger slices); on v5e FSDP over 8 chips without remat; on v6e

@@ -20,20 +20,19 @@ share of the rest). Before renting, compile the step for the pod on any host: --
 with --config.compile.topology=v5p-8 (README, "Before you rent a pod"). Measured that way
 (2-core x86 host, jax 0.10.2, libtpu 0.0.42.1; XLA's cost model, not a TPU; the recipe's global
 batch 256, bf16; the scanned rows and v6e-8 before this release's bfloat16 RoPE, which took
-4-5% off the others (v5e-8: 600 -> 576 ms); each compiled alone on the host unless marked, *:
-tests or other compiles beside it, wall time inflated; the remat rows' compiles took 864 and
-774 CPU-seconds, the default's 644):
+4-5% off the others; each compiled alone on the host unless marked, *: tests or other compiles
+beside it part of the time, wall time inflated):
 
     chips    /chip  blocks    remat  mesh                     HBM per chip    compile  est. ms  img/s/chip  MFU
-    v5p-8    64     unrolled  no     data 4, split (default)  38.5 GiB (60%)  487 s*   274      234         31.2%
-    v5p-8    64     unrolled  no     fsdp 4 (b)               35.7 GiB (62%)  563 s*   254      252         33.6%
-    v5p-8    64     unrolled  yes    data 4, split            22.0 GiB (77%)  2060 s*  310      206         27.5%
-    v5p-8    64     unrolled  yes    fsdp 4 (b)               18.6 GiB (80%)  984 s*   291      220         29.4%
+    v5p-8    64     unrolled  no     data 4, split (default)  38.5 GiB (60%)  357 s    274      234         31.2%
+    v5p-8    64     unrolled  no     fsdp 4 (b)               35.7 GiB (62%)  329 s    254      252         33.6%
+    v5p-8    64     unrolled  yes    data 4, split            22.0 GiB (77%)  395 s    310      206         27.5%
+    v5p-8    64     unrolled  yes    fsdp 4 (b)               18.6 GiB (80%)  415 s    291      220         29.4%
     v5p-8    64     scanned   yes    data 4, split            34.3 GiB (64%)  279 s    340      188         25.1%
     v5p-8    64     scanned   no     data 4, split            92.7 GiB (2%)   254 s    328      195         26.1%
     v5p-256  64     unrolled  no     data 128, split (c)      36.2 GiB (62%)  476 s    255      251         33.5%
     v6e-8    32     unrolled  no     data 8, split            22.6 GiB (30%)  656 s    189      169         11.3%
-    v5e-8    32     unrolled  yes    data 8, split            13.7 GiB (14%)  1221 s*  576      55          17.3%
+    v5e-8    32     unrolled  yes    data 8, split            13.7 GiB (15%)  498 s*   548      58          18.2%
 
 (b: --config.mesh.rules=fsdp --config.mesh.fsdp=4 --config.mesh.data=-1
 --config.mesh.shard_update=False. c: --config.batch_size=8192, weak scaling. Scanned:
@@ -44,6 +43,10 @@ and RoPE rotates them in bfloat16 (models/udit.py apply_rope: rotated in float32
 float32 copies of them for the backward; the default 286 -> 274 ms, FSDP 267 -> 254 ms);
 with FSDP its bias is gathered whole before that reordering, since reordering the split bias
 moved its pieces between chips (616 collective-permutes; 267.7 -> 266.8 ms, 31.9 -> 32.0%).
+The train step traces only the mesh's platform's forms of the layers (models/layers.py
+forms_for): lax.platform_dependent had left the CPU forms' residuals in the TPU program as
+zeros, which remat carried through HBM (v5e-8: 576 -> 548 ms; the v5p estimates unchanged),
+and every platform's branches to compile (the default 487 -> 357 s, lowering 24 -> 13 s).
 FSDP is estimated 7% faster than the default and needs less memory, but the cost model's
 output does not show how it prices the collectives (below), so the default stays data
 parallel with shard_update until FSDP is measured on a pod. The scanned step compiles in

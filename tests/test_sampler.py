@@ -330,3 +330,20 @@ def _worker(job: dict | None) -> None:
 
 if __name__ == "__main__":
     _worker(json.loads(sys.argv[1]) if len(sys.argv) > 1 else None)
+
+
+def test_sampling_traces_only_its_platforms_forms():
+    """The sampler traces the models' forms for its mesh's platform only (models.forms_for),
+    as the train step does: no platform switch is left in its program."""
+    import jax
+    import jax.numpy as jnp
+    from udit_jax import diffusion, models, parallel, sampler
+    model = models.build_model("DiT", input_size=8, in_channels=3, num_classes=3, patch_size=4,
+                               hidden_size=16, depth=1, num_heads=2)
+    params = random_params(model)
+    labels = jnp.zeros((2,), jnp.int32)
+    for mesh in (None, parallel.make_mesh()):
+        fn = sampler.make_batch_sampler(model, diffusion.create_diffusion("3"), cfg_scale=2.0,
+                                        mesh=mesh)
+        jaxpr = str(fn.trace(params, None, sampler.noise_key(0), jnp.arange(2), labels).jaxpr)
+        assert "dot_general" in jaxpr and "platform_index" not in jaxpr

@@ -294,6 +294,26 @@ def test_initial_state_does_not_depend_on_its_compile_options():
     assert moments and not any(np.asarray(m).any() for m in moments)
 
 
+@pytest.mark.parametrize("family", ["U-DiT", "DiT"])
+def test_train_step_traces_only_its_platforms_forms(family):
+    """The train step traces the models' forms for its mesh's platform only
+    (models.forms_for), with no platform switch left in its program. Under
+    lax.platform_dependent, autodiff gives the forward the residuals of every platform's form
+    (other platforms' as zeros), and remat's optimisation barrier kept those zeros in HBM:
+    U-DiT-L's v5e-8 remat step by XLA's cost model, 548 ms with this, 576 without."""
+    from udit_jax import train
+    model = ({"model.name": "U-DiT", "model.kwargs": dict(
+        hidden_size=16, depth=(1, 0, 0, 0, 0), num_heads=1, mlp_ratio=2)} if family == "U-DiT"
+        else {})
+    config = make_config({**model, "model.remat": True, "model.dtype": "bfloat16"})
+    trainer = train.make_trainer(config)
+    local = next(train.SyntheticBatches(config, 0, 1))
+    text = trainer.jit_step(local).lower(trainer.restore_target(),
+                                         trainer.global_batch(local)).as_text()
+    assert "stablehlo.optimization_barrier" in text    # remat'd
+    assert "stablehlo.case" not in text
+
+
 def test_bfloat16_compute_keeps_float32_state(tmp_path):
     from udit_jax import train
     config = make_config({"model.dtype": "bfloat16", "model.remat": True, "total_steps": 2,

@@ -583,6 +583,26 @@ def test_matmul_values_gradients_and_lowering():
     assert contractions("cpu", layers.matmul) != contractions("cpu", plain)
 
 
+def test_per_platform_traces_one_form_inside_forms_for():
+    """layers.per_platform lowers a form per platform; inside models.forms_for(platform) it
+    traces that platform's form alone (gpu: the cuda/rocm form; else the default)."""
+    f = lambda x: layers.per_platform(x, cpu=lambda x: x + 1.0, tpu=lambda x: x + 2.0,  # noqa: E731
+                                      cuda=lambda x: x + 3.0, default=lambda x: x + 4.0)
+    x = jnp.zeros((3,))
+    for platform, want in (("cpu", 1.0), ("tpu", 2.0), ("gpu", 3.0), ("rocm", 4.0)):
+        with models.forms_for(platform):
+            # A new function each time: jit's trace cache does not see forms_for.
+            assert "cond" not in str(jax.jit(lambda x: f(x)).trace(x).jaxpr)
+            assert float(f(x)[0]) == want        # run here on the CPU, whichever form
+    assert "cond" in str(jax.jit(lambda x: f(x)).trace(x).jaxpr) and float(f(x)[0]) == 1.0
+    lowered = lambda platform: jax.jit(f).trace(x).lower(  # noqa: E731
+        lowering_platforms=(platform,)).as_text()
+    assert "stablehlo.case" in lowered("tpu") and "stablehlo.case" in lowered("cpu")
+    with pytest.raises(ValueError, match="forms_for\\('TPU'\\)"):
+        with models.forms_for("TPU"):
+            pass
+
+
 def _bf16(a) -> np.ndarray:
     """a rounded to bfloat16, as float64."""
     return np.asarray(jnp.asarray(a).astype(jnp.bfloat16), np.float64)

@@ -9,9 +9,10 @@
 from udit_jax.models.registry import (DIT_CONFIGS, UDIT_CONFIGS, build_model, model_family,
                                       model_names)
 from udit_jax.models.info import model_info, init_params, logical_axes
+from udit_jax.models.layers import forms_for
 
 __all__ = ["DIT_CONFIGS", "UDIT_CONFIGS", "build_model", "model_family", "model_names",
-           "model_info", "init_params", "logical_axes", "build_vae"]
+           "model_info", "init_params", "logical_axes", "build_vae", "forms_for"]
 
 
 def build_vae(**overrides):

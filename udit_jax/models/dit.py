@@ -129,8 +129,7 @@ class QKVProjection(nn.Module):
         d = self.dim
         kernel, bias = layers.fused_qkv_params(self, x.shape[-1], d)
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        return jax.lax.platform_dependent(x, kernel, bias, tpu=qkv_three_matmuls,
-                                          default=qkv_one_matmul)
+        return layers.per_platform(x, kernel, bias, tpu=qkv_three_matmuls, default=qkv_one_matmul)
 
 
 def qkv_one_matmul(x: jax.Array, kernel: jax.Array, bias: jax.Array):

@@ -15,6 +15,7 @@ run in float32 whatever `dtype` is; RoPE (models/udit.py apply_rope) in `dtype`.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import math
 from typing import Any, Callable, Sequence
@@ -90,6 +91,47 @@ def pointwise(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, dtype: Dt
     None -> [..., out]."""
     y = matmul(x.astype(dtype), kernel[0, 0].astype(dtype))
     return y if bias is None else y + bias.astype(dtype)
+
+
+# The platform whose forms `per_platform` traces, fixed by `forms_for`; None: all of them.
+_FORMS_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("forms", default=None)
+# A device's platform -> the lax.platform_dependent branch names that serve it.
+_BRANCHES_OF = {"cpu": ("cpu",), "tpu": ("tpu",), "gpu": ("cuda", "rocm"), "cuda": ("cuda",),
+                "rocm": ("rocm",)}
+
+
+@contextlib.contextmanager
+def forms_for(platform: str | None):
+    """Within it, `per_platform` traces only `platform`'s form ('cpu', 'tpu', 'gpu', as
+    jax.Device.platform names them; None: every form, chosen when lowering).
+
+    For programs that are differentiated: JAX's partial evaluation of lax.platform_dependent
+    (a cond) gives the forward the residuals of every platform's form, the other platforms'
+    filled with zeros, and under remat those zeros pass jax.checkpoint's optimization barrier,
+    so XLA writes them to HBM and reads them back (by XLA's cost model, U-DiT-L's v5e-8 remat
+    step 576 -> 548 ms; DiT-XL/2's v5e-8 FSDP remat step 10.2 -> 7.9 GiB per chip, 730 -> 693
+    ms). The other forms also cost lowering and compile time (U-DiT-L's v5p-8 step: 487 ->
+    357 s). The train step and the sampler trace under their mesh's platform. jax.jit's trace
+    cache does not see this setting: trace a jitted function always inside it or always
+    outside."""
+    if platform is not None and platform not in _BRANCHES_OF:
+        raise ValueError(f"forms_for({platform!r}): use one of {sorted(_BRANCHES_OF)} or None")
+    token = _FORMS_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _FORMS_PLATFORM.reset(token)
+
+
+def per_platform(*args, default: Callable, **branches: Callable):
+    """lax.platform_dependent(*args, default=..., cpu=/tpu=/cuda=/rocm=...), or, inside
+    `forms_for(platform)`, that platform's branch (else `default`) called directly: the one
+    way the models pick a form per platform."""
+    platform = _FORMS_PLATFORM.get()
+    if platform is None:
+        return jax.lax.platform_dependent(*args, default=default, **branches)
+    chosen = next((branches[b] for b in _BRANCHES_OF[platform] if b in branches), default)
+    return chosen(*args)
 
 
 def _contract_last(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -178,8 +220,7 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     are unchanged).
     """
     bf16 = one_bf16_pass()
-    return jax.lax.platform_dependent(x, w, cpu=lambda x, w: _matmul_own_vjp(x, w, bf16),
-                                      default=_contract_last)
+    return per_platform(x, w, cpu=lambda x, w: _matmul_own_vjp(x, w, bf16), default=_contract_last)
 
 
 def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
@@ -247,7 +288,7 @@ def _grouped(x: jax.Array, kernel: jax.Array) -> jax.Array:
 def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """Depthwise 'SAME' convolution, x: [B, H, W, C], kernel: [k, k, 1, C] -> [B, H, W, C].
 
-    Lowered per platform (lax.platform_dependent, so a TPU program compiled on a CPU host gets
+    Per platform (`per_platform`, so a TPU program compiled on a CPU host gets
     the TPU form): `depthwise_taps` on CPUs and TPUs, lax's grouped convolution on GPUs
     (cuDNN's depthwise kernels). On a TPU, at U-DiT-L's FFN (768 channels, 32x32, 16 images,
     bf16, v5p), XLA's cost model gives the taps forward 0.07 ms against 0.14 ms for the
@@ -255,8 +296,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     14 s against 21 s (benchmarks/bench_compile_parts.py).
     """
     kernel = kernel.astype(x.dtype)
-    return jax.lax.platform_dependent(x, kernel, cuda=_grouped, rocm=_grouped,
-                                      default=depthwise_taps)
+    return per_platform(x, kernel, cuda=_grouped, rocm=_grouped, default=depthwise_taps)
 
 
 def _shifted_sum(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -341,7 +381,7 @@ def _depthwise_taps_bwd(residuals, g):
     x, kernel = residuals
     k = kernel.shape[0]
     grad_x = _shifted_sum(g, kernel[::-1, ::-1])
-    grad_kernel = jax.lax.platform_dependent(
+    grad_kernel = per_platform(
         x, g.astype(x.dtype), cpu=lambda x, g: _taps_kernel_grad(x, g, k),
         default=lambda x, g: _grouped_kernel_grad(x, g, k))
     return grad_x.astype(x.dtype), grad_kernel.astype(kernel.dtype)
@@ -650,4 +690,4 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None,
         # attention at stage 1 on v5p: cost model 2.95 ms against 3.32 ms heads-major).
         return attention_recomputed(q, k, v, scale)
 
-    return jax.lax.platform_dependent(q, k, v, cpu=heads_major, default=in_place)
+    return per_platform(q, k, v, cpu=heads_major, default=in_place)

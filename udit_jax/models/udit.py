@@ -265,7 +265,7 @@ class RepFeedForward(nn.Module):
             first = _PointwiseParams(widths[1], axes[0], name=f"{name}_0")(widths[0])
             second = _PointwiseParams(widths[2], axes[1], name=f"{name}_1")(widths[1])
             run = lambda composed: lambda x, *p: pointwise_pair(x, *p, self.dtype, composed)  # noqa: E731
-            return jax.lax.platform_dependent(x, first, second, cpu=run(False), default=run(compose))
+            return layers.per_platform(x, first, second, cpu=run(False), default=run(compose))
 
         a = layers.gelu_exact(pair(x, "project_in", (self.dim, h // 2, h),
                                    (("embed", "mlp"), ("mlp", "mlp"))))
