@@ -19,20 +19,23 @@ the data-parallel chips (mesh.shard_update: each chip keeps the float32 params w
 share of the rest). Before renting, compile the step for the pod on any host: --mode=compile
 with --config.compile.topology=v5p-8 (README, "Before you rent a pod"). Measured that way
 (2-core x86 host, jax 0.10.2, libtpu 0.0.42.1; XLA's cost model, not a TPU; the recipe's global
-batch 256, bf16; the scanned rows and v6e-8 before this release's bfloat16 RoPE, which took
-4-5% off the others; each compiled alone on the host unless marked, *: tests or other compiles
-beside it part of the time, wall time inflated):
+batch 256, bf16; each compiled at this release but v5p-256, compiled at the previous one, whose
+v5p estimates were the same (below, forms_for); alone on the host unless marked, *: tests
+beside it part of the time, wall time inflated). The default and v5e-8 rows are with q, k and
+v from three matmuls on TPUs (models/layers.py qkv_projection); the others with one matmul
+split in three, as before (three took the default from 273.9 to 268.1 ms, 357 s to compile
+alone, and v5e-8 from 547.8 to 533.6 ms):
 
     chips    /chip  blocks    remat  mesh                     HBM per chip    compile  est. ms  img/s/chip  MFU
-    v5p-8    64     unrolled  no     data 4, split (default)  38.5 GiB (60%)  357 s    274      234         31.2%
+    v5p-8    64     unrolled  no     data 4, split (default)  38.8 GiB (59%)  549 s*   268      239         31.9%
     v5p-8    64     unrolled  no     fsdp 4 (b)               35.7 GiB (62%)  329 s    254      252         33.6%
     v5p-8    64     unrolled  yes    data 4, split            22.0 GiB (77%)  395 s    310      206         27.5%
     v5p-8    64     unrolled  yes    fsdp 4 (b)               18.6 GiB (80%)  415 s    291      220         29.4%
-    v5p-8    64     scanned   yes    data 4, split            34.3 GiB (64%)  279 s    340      188         25.1%
-    v5p-8    64     scanned   no     data 4, split            92.7 GiB (2%)   254 s    328      195         26.1%
+    v5p-8    64     scanned   yes    data 4, split            36.3 GiB (62%)  225 s    331      194         25.8%
+    v5p-8    64     scanned   no     data 4, split            92.7 GiB (2%)   219 s    329      195         26.0%
     v5p-256  64     unrolled  no     data 128, split (c)      36.2 GiB (62%)  476 s    255      251         33.5%
-    v6e-8    32     unrolled  no     data 8, split            22.6 GiB (30%)  656 s    189      169         11.3%
-    v5e-8    32     unrolled  yes    data 8, split            13.7 GiB (15%)  498 s*   548      58          18.2%
+    v6e-8    32     unrolled  no     data 8, split            22.5 GiB (30%)  520 s    171      187         12.5%
+    v5e-8    32     unrolled  yes    data 8, split            13.7 GiB (15%)  512 s*   534      60          18.7%
 
 (b: --config.mesh.rules=fsdp --config.mesh.fsdp=4 --config.mesh.data=-1
 --config.mesh.shard_update=False. c: --config.batch_size=8192, weak scaling. Scanned:
@@ -50,7 +53,7 @@ and every platform's branches to compile (the default 487 -> 357 s, lowering 24 
 FSDP is estimated 7% faster than the default and needs less memory, but the cost model's
 output does not show how it prices the collectives (below), so the default stays data
 parallel with shard_update until FSDP is measured on a pod. The scanned step compiles in
-about 5 minutes instead of 8 but needs far more memory (without remat it fits by 2%, too close
+about 4 minutes instead of 6 but needs far more memory (without remat it fits by 2%, too close
 to rely on) and runs slower: a scan keeps each
 block's residuals, as jax's autodiff chose them, in stacked buffers that it zero-fills before
 the loop and writes and reads by dynamic slices, while the unrolled program leaves them to
@@ -58,7 +61,7 @@ XLA. The same params in either layout: a run may switch on resume (its checkpoin
 converted, checkpoints.Relayout), and --mode=compile with
 --config.compile.save_executable=True writes the executable, which training on that topology
 then loads instead of compiling. On v5e-8 (16 GiB per chip) the step needs remat: without it the
-default cannot fit (on v6e it needs 22.6 GiB per chip), and FSDP over the 8 chips without remat
+default cannot fit (on v6e it needs 22.5 GiB per chip), and FSDP over the 8 chips without remat
 just fit in the previous release (15.7 GiB, 1.8% headroom), too close to rely on.
 
 Compiled with earlier releases (before the de-interleaved q and k, and some before the

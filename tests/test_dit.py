@@ -13,7 +13,7 @@ import pytest
 from conftest import FIXTURES, assert_close_rel, load_npz
 from udit_jax.convert import dit as convert_dit
 from udit_jax.convert.common import ConversionError, check_state_dict
-from udit_jax.models import dit, registry
+from udit_jax.models import dit, layers, registry
 from udit_jax.models.dit import (BLOCK_TYPES, AdaLNBlock, Attention, DiT, FinalLayer, Mlp,
                                  sincos_pos_embed_2d)
 from udit_jax.models.info import abstract_params, count_params
@@ -347,8 +347,8 @@ def test_qkv_three_matmuls_equal_the_fused_one():
     kx, kw, kb, kg = jax.random.split(jax.random.key(3), 4)
     x = jax.random.normal(kx, (2, 16, 24))
     kernel, bias = jax.random.normal(kw, (24, 3 * 32)), jax.random.normal(kb, (3 * 32,))
-    one = dit.qkv_one_matmul(x, kernel, bias)
-    three = dit.qkv_three_matmuls(x, kernel, bias)
+    one = layers.qkv_one_matmul(x, kernel, bias)
+    three = layers.qkv_three_matmuls(x, kernel, bias)
     assert [a.shape for a in three] == [(2, 16, 32)] * 3
     for a, b in zip(one, three):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
@@ -356,8 +356,8 @@ def test_qkv_three_matmuls_equal_the_fused_one():
 
     def loss(f):
         return lambda *a: sum(jnp.sum(o * gi) for o, gi in zip(f(*a), g))
-    for a, b in zip(jax.grad(loss(dit.qkv_one_matmul), (0, 1, 2))(x, kernel, bias),
-                    jax.grad(loss(dit.qkv_three_matmuls), (0, 1, 2))(x, kernel, bias)):
+    for a, b in zip(jax.grad(loss(layers.qkv_one_matmul), (0, 1, 2))(x, kernel, bias),
+                    jax.grad(loss(layers.qkv_three_matmuls), (0, 1, 2))(x, kernel, bias)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 

@@ -222,11 +222,16 @@ def test_qkv_is_the_official_linear_with_q_and_k_deinterleaved(rope_heads):
     full = np.asarray(x @ params["kernel"] + params["bias"])
     order = np.arange(d) if rope_heads is None else (
         np.arange(rope_heads)[:, None] * hd + np.r_[0:hd:2, 1:hd:2]).reshape(-1)
-    q, k, v = proj.apply({"params": params}, x)
     want_q, want_k, want_v = np.split(full, 3, axis=-1)
-    np.testing.assert_allclose(q, want_q[..., order], atol=1e-5)
-    np.testing.assert_allclose(k, want_k[..., order], atol=1e-5)
-    np.testing.assert_allclose(v, want_v, atol=1e-5)   # v keeps the official order
+    for platform in ("cpu", "tpu"):       # one matmul; three (layers.qkv_projection)
+        with models.forms_for(platform):
+            q, k, v = proj.apply({"params": params}, x)
+        np.testing.assert_allclose(q, want_q[..., order], atol=1e-5)
+        np.testing.assert_allclose(k, want_k[..., order], atol=1e-5)
+        np.testing.assert_allclose(v, want_v, atol=1e-5)   # v keeps the official order
+    dots = lambda platform: jax.jit(lambda p, x: proj.apply({"params": p}, x)).trace(  # noqa: E731
+        params, x).lower(lowering_platforms=(platform,)).as_text().count("stablehlo.dot_general")
+    assert (dots("cpu"), dots("tpu")) == (1, 3)
 
 
 def test_attention_slices_no_query_or_key_with_a_stride():

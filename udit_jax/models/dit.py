@@ -113,12 +113,8 @@ class QKVProjection(nn.Module):
     as `dense(3 * D, ("embed", "mlp"))`):
     x [..., D_in] -> (q, k, v), each [..., D].
 
-    On TPUs as three matmuls: XLA:TPU copied one matmul's [..., 3D] output whole into
-    attention's layout, and its split and the backward's stack were copies too (9% of
-    DiT-XL/2's estimated step on v5p; with three matmuls 4.5% of copies are left, MFU 52.3 ->
-    53.1%). Elsewhere one matmul, split (the form before, bit for bit; GPUs unmeasured).
-    U-DiT keeps one matmul everywhere: its downsampled attention measured 1-6% slower the
-    three-matmul way (bench_compile_parts, v5e). The params are `layers.fused_qkv_params`.
+    Computed by `layers.qkv_projection` (three matmuls on TPUs). The params are
+    `layers.fused_qkv_params`.
     """
 
     dim: int
@@ -129,19 +125,7 @@ class QKVProjection(nn.Module):
         d = self.dim
         kernel, bias = layers.fused_qkv_params(self, x.shape[-1], d)
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        return layers.per_platform(x, kernel, bias, tpu=qkv_three_matmuls, default=qkv_one_matmul)
-
-
-def qkv_one_matmul(x: jax.Array, kernel: jax.Array, bias: jax.Array):
-    """x [..., D_in] @ kernel [D_in, 3D] + bias, split into (q, k, v) [..., D]."""
-    return tuple(jnp.split(layers.matmul(x, kernel) + bias, 3, axis=-1))
-
-
-def qkv_three_matmuls(x: jax.Array, kernel: jax.Array, bias: jax.Array):
-    """`qkv_one_matmul` as one matmul per output (column blocks of kernel and bias)."""
-    d = kernel.shape[1] // 3
-    cols = [slice(i * d, (i + 1) * d) for i in range(3)]
-    return tuple(layers.matmul(x, kernel[:, c]) + bias[c] for c in cols)
+        return layers.qkv_projection(x, kernel, bias)
 
 
 class CrossAttention(nn.Module):

@@ -133,7 +133,8 @@ class DeinterleavedQKV(nn.Module):
     With `rope_heads` (RoPE2D follows), q's and k's channels come out in each head's
     `apply_rope` order: the weight's columns are permuted (a [d, 3d] transpose per step), not
     the activations. v keeps the official order. (U-DiT-L's level-1 attention on v5p, forward
-    and backward by XLA's cost model: 9.69 ms against 10.67 ms with strided slices.)
+    and backward by XLA's cost model: 9.69 ms against 10.67 ms with strided slices.) Computed
+    by `layers.qkv_projection` (three matmuls on TPUs).
     """
 
     dim: int
@@ -154,8 +155,8 @@ class DeinterleavedQKV(nn.Module):
                         for a in (q, k))
                 return jnp.concatenate([q, k, v], axis=-1)
             kernel, bias = order(kernel), order(bias)
-        y = layers.matmul(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
-        return tuple(jnp.split(y, 3, axis=-1))
+        return layers.qkv_projection(x.astype(self.dtype), kernel.astype(self.dtype),
+                                     bias.astype(self.dtype))
 
 
 class DownsampledAttention(nn.Module):
