@@ -67,8 +67,9 @@ def qkv_projection(x: jax.Array, kernel: jax.Array, bias: jax.Array):
     On TPUs as three matmuls (column blocks of kernel and bias): XLA:TPU copied one matmul's
     [..., 3D] output whole into attention's layout, and its split and the backward's stack
     were copies too. By XLA's cost model: DiT-XL/2's v5p-8 step 52.3 -> 53.1% MFU (9% of it
-    was such copies before, 4.5% after); U-DiT-L's v5p-8 step 273.9 -> 268.1 ms, its v5e-8
-    remat step 547.8 -> 533.6 ms. Elsewhere one matmul, split (GPUs unmeasured)."""
+    was such copies before, 4.5% after); U-DiT-L's v5p-8 step 273.9 -> 268.1 ms (FSDP 254.4 ->
+    248.8 ms), its v5e-8 remat step 547.8 -> 533.6 ms, but its v6e-8 step 171.3 -> 173.5 ms.
+    Elsewhere one matmul, split (GPUs unmeasured)."""
     return per_platform(x, kernel, bias, tpu=qkv_three_matmuls, default=qkv_one_matmul)
 
 
