@@ -351,6 +351,12 @@ def without_compilation_cache() -> Iterator[None]:
         decide_again()
 
 
+def platform(mesh: Mesh | None) -> str:
+    """The platform of a mesh's devices ('cpu', 'tpu', 'gpu'; a TPU topology's on a CPU host:
+    'tpu'), or of JAX's default backend when mesh is None."""
+    return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+
+
 def device_kind() -> str:
     d = jax.devices()[0]
     return getattr(d, "device_kind", d.platform)

@@ -246,13 +246,11 @@ def make_batch_sampler(model, process, *, sampler: str = "ddpm", cfg_scale: floa
         return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, salt), sample_shape,
                                                     jnp.float32))(keys)
 
-    platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
-
     def sample(params, vae_params, key, indices, labels):
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
         model_fn = guided_model_fn(model, to_inference(params), cfg_scale, guidance_interval,
                                    noise_level)
-        with forms_for(platform):      # the models' forms for this platform only, as training
+        with forms_for(parallel.platform(mesh)):   # this platform's forms only, as training
             x = loop.run(process, model_fn, per_image_normal(keys, 0),
                          lambda t: per_image_normal(keys, t + 1), clip, {"y": labels})
         return x if vae is None else decode_latents(vae, vae_params, x)

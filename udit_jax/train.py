@@ -251,7 +251,7 @@ def make_train_step(model, objective, tx, schedule, config, mesh):
         draw_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
         # The models' forms for the mesh's platform only, forward and backward
         # (models.forms_for: other platforms' residuals would cost HBM traffic under remat).
-        with models.forms_for(mesh.devices.flat[0].platform):
+        with models.forms_for(parallel.platform(mesh)):
             grads, metrics = grads_and_metrics(state.params, draw(batch, draw_key), dropout_key)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
