@@ -118,7 +118,8 @@ def compile_part(name: str, module, b: int, side: int, d: int, device) -> dict:
     put = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)  # noqa: E731
     fn = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args) + 1))))
     t0, c0 = time.perf_counter(), time.process_time()
-    lowered = fn.lower(jax.tree.map(put, params), *map(put, args))
+    with layers.forms_for(device.platform, device.device_kind):   # the chip's forms, as training
+        lowered = fn.lower(jax.tree.map(put, params), *map(put, args))
     lower_s = time.perf_counter() - t0
     with parallel.without_compilation_cache():   # a compile, not a cache read
         compiled = lowered.compile()

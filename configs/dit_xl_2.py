@@ -23,12 +23,12 @@ batch 256 on 8 (v5p: 4 chips), 8192 on v5p-256, i.e. 64 per v5p chip, 32 per v5e
 bf16):
 
     chips     mesh               remat  HBM per chip     compile  est. ms  img/s/chip  est. MFU
-    v5p-8     fsdp 4 (b)         no     21.7 GiB (77%)   74 s     165      387         60.0%
-    v5p-8     data 4             no     29.4 GiB (69%)   112 s    176      363         56.4%
-    v5p-8     data 2 x fsdp 2    no     26.5 GiB (72%)   98 s     176      364         56.4%
-    v5p-8     data 4, split (a)  no     23.5 GiB (75%)   83 s     183      350         54.3%
-    v5p-256   data 32 x fsdp 4   no     21.3 GiB (78%)   84 s     164      391         60.6%
-    v5p-256   data 128           no     29.3 GiB (69%)   116 s    176      363         56.4%
+    v5p-8     fsdp 4 (b)         no     24.2 GiB (75%)   81 s     163      394         61.0%
+    v5p-8     data 4             no     31.8 GiB (67%)   109 s    173      369         57.2%
+    v5p-8     data 2 x fsdp 2    no     26.4 GiB (72%)   101 s    170      377         58.5%
+    v5p-8     data 4, split (a)  no     24.0 GiB (75%)   110 s    176      363         56.3%
+    v5p-256   data 32 x fsdp 4   no     23.8 GiB (75%)   83 s     161      399         61.8%
+    v5p-256   data 128           no     31.7 GiB (67%)   99 s     173      369         57.2%
     v6e-8     data 8             no     20.1 GiB (37%)   148 s    96.2     333         25.8%
     v6e-8     fsdp 8             no     12.5 GiB (61%)   127 s    124      259         20.1%
     v5e-8     fsdp 8 (b)         no     13.2 GiB (18%)   127 s    353      91          32.8%
@@ -52,7 +52,13 @@ ms); as above, its collective prices are the weak part of the estimate. The trai
 traces only the TPU's forms of the layers (models/layers.py forms_for): with remat the
 one-matmul q/k/v of other platforms had left a zero-filled [B, N, 3D] residual per block in
 the TPU program (v5e-8 fsdp 8 with remat: 10.2 -> 7.9 GiB, 730 -> 693 ms); without remat XLA
-had removed it (v5p-8 fsdp 4 unchanged, compiled in 74 s instead of 82).
+had removed it (v5p-8 fsdp 4 unchanged, compiled in 74 s instead of 82). On v5p the q, k and
+v matmuls write their outputs with the tokens minor, the layout attention reads them in
+(models/layers.py qkv_projection, a v5p form): XLA had copied each into it, three
+[64, 256, 1152] copies per block. That took the v5p rows from 165 / 176 / 176 / 183 / 164 /
+176 ms (60.0 / 56.4 / 56.4 / 54.3 / 60.6 / 56.4%) to the table's, with 0-2.5 GiB more per
+chip; on v5e the same form was slower (fsdp 8: 353 -> 364 ms; split 416 -> 422 ms, 15.1 GiB),
+so v5e and v6e keep the plain three matmuls (their rows are the same programs as before).
 
 The best mesh per chip family, by this estimate: on v5p FSDP over each 4 chips (b; data
 parallel across the groups on larger slices); on v5e FSDP over 8 chips without remat; on v6e

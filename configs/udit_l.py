@@ -21,12 +21,12 @@ with --config.compile.topology=v5p-8 (README, "Before you rent a pod"). Measured
 (2-core x86 host, jax 0.10.2, libtpu 0.0.42.1; XLA's cost model, not a TPU; the recipe's global
 batch 256, bf16; each compiled at this release but v5p-256, compiled at the previous one, whose
 v5p estimates were the same (below, forms_for); alone on the host unless marked, *: tests
-beside it part of the time, wall time inflated). The default, FSDP, remat split, v6e-8 and
-v5e-8 rows are with q, k and v from three matmuls on TPUs (models/layers.py qkv_projection);
-the others with one matmul split in three, as before. Three took the default from 273.9 to
-268.1 ms (357 s to compile alone), FSDP from 254.4 to 248.8 ms, remat split from 310.2 to
-306.0 ms and v5e-8 from 547.8 to 533.6 ms, but v6e-8 from 171.3 to 173.5 ms (22.5 -> 23.2
-GiB); the switch is per platform, not per chip generation:
+beside it part of the time, wall time inflated). The default, FSDP, remat split and v5e-8
+rows are with q, k and v from three matmuls on v5p and v5e (models/layers.py qkv_projection);
+the others with one matmul split in three, as before, and so is v6e. Three took the default
+from 273.9 to 268.1 ms (357 s to compile alone), FSDP from 254.4 to 248.8 ms, remat split
+from 310.2 to 306.0 ms and v5e-8 from 547.8 to 533.6 ms, but v6e-8 from 171.3 to 173.5 ms
+(22.5 -> 23.2 GiB), so v6e keeps one (its row: the same program as one matmul's release):
 
     chips    /chip  blocks    remat  mesh                     HBM per chip    compile  est. ms  img/s/chip  MFU
     v5p-8    64     unrolled  no     data 4, split (default)  38.8 GiB (59%)  549 s*   268      239         31.9%
@@ -36,7 +36,7 @@ GiB); the switch is per platform, not per chip generation:
     v5p-8    64     scanned   yes    data 4, split            36.3 GiB (62%)  225 s    331      194         25.8%
     v5p-8    64     scanned   no     data 4, split            92.7 GiB (2%)   219 s    329      195         26.0%
     v5p-256  64     unrolled  no     data 128, split (c)      36.2 GiB (62%)  476 s    255      251         33.5%
-    v6e-8    32     unrolled  no     data 8, split            23.2 GiB (28%)  852 s*   174      184         12.3%
+    v6e-8    32     unrolled  no     data 8, split            22.5 GiB (30%)  520 s    171      187         12.5%
     v5e-8    32     unrolled  yes    data 8, split            13.7 GiB (15%)  512 s*   534      60          18.7%
 
 (b: --config.mesh.rules=fsdp --config.mesh.fsdp=4 --config.mesh.data=-1

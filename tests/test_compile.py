@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from udit_jax import compile as compile_lib
-from udit_jax import hlo_cost, memory_fit
+from udit_jax import hlo_cost, memory_fit, parallel
 from udit_jax import config as config_lib
 
 
@@ -568,6 +568,23 @@ def test_has_loops_on_compiled_programs():
     assert hlo_cost.has_loops(looped.lower(x).compile().as_text())
     assert not hlo_cost.has_loops(plain.lower(x).compile().as_text())
     assert hlo_cost.has_loops(_HLO_WITH_LOOPS)
+
+
+def test_train_step_takes_its_tpu_chips_forms(libtpu):
+    """The train step for a topology traces the forms of its chip generation
+    (models.forms_for with the devices' device_kind): DiT's q, k and v projected tokens-minor
+    ([D, B, N]: the tiny DiT's 32 channels, 16 images, 64 tokens) on v5p only
+    (layers.qkv_projection; on v5e that form was slower)."""
+    def lowered(topology):
+        config = tiny_config("DiT", topology)
+        devices = compile_lib.topology_devices(compile_lib.parse_topology(topology))
+        mesh = parallel.mesh_from_config(config.mesh, devices)
+        assert parallel.forms_device(mesh) == ("tpu", devices[0].device_kind)
+        fn, args, *_ = compile_lib._train_program(config, config_lib.build_model(config), mesh)
+        return fn.lower(*args).as_text()
+    tokens_minor = re.compile(r"stablehlo.dot_general .*-> tensor<32x16x64x")
+    assert tokens_minor.search(lowered("v5p:2x2x1"))
+    assert not tokens_minor.search(lowered("v5e:2x2"))
 
 
 def test_attention_writes_its_weights_only_in_bfloat16_on_tpus(libtpu):

@@ -13,6 +13,7 @@ import pytest
 from conftest import FIXTURES, assert_close_rel, load_npz
 from udit_jax.convert import dit as convert_dit
 from udit_jax.convert.common import ConversionError, check_state_dict
+from udit_jax import models
 from udit_jax.models import dit, layers, registry
 from udit_jax.models.dit import (BLOCK_TYPES, AdaLNBlock, Attention, DiT, FinalLayer, Mlp,
                                  sincos_pos_embed_2d)
@@ -341,24 +342,38 @@ def test_remat_and_bfloat16(reduced, io):
     assert_close_rel(nchw(bf16), io["out"], 3e-2, "bfloat16 forward")
 
 
-def test_qkv_three_matmuls_equal_the_fused_one():
-    """TPUs project q, k, v with three matmuls (XLA:TPU copied the fused output whole into
-    attention's layouts), other platforms with one: the same values and gradients (float32)."""
+def test_qkv_projection_forms_agree_with_the_fused_linear():
+    """Each platform's and chip's q/k/v form (one matmul; three on TPUs; tokens-minor on v5p,
+    see layers.qkv_projection) gives x @ kernel + bias split into q, k, v and heads: the same
+    values and gradients (float32). The v5p form's matmuls write [B, D, N] (tokens minor)."""
     kx, kw, kb, kg = jax.random.split(jax.random.key(3), 4)
     x = jax.random.normal(kx, (2, 16, 24))
     kernel, bias = jax.random.normal(kw, (24, 3 * 32)), jax.random.normal(kb, (3 * 32,))
-    one = layers.qkv_one_matmul(x, kernel, bias)
-    three = layers.qkv_three_matmuls(x, kernel, bias)
-    assert [a.shape for a in three] == [(2, 16, 32)] * 3
-    for a, b in zip(one, three):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
-    g = [jax.random.normal(k, (2, 16, 32)) for k in jax.random.split(kg, 3)]
+    heads = 4
+    want = [a.reshape(2, 16, heads, 8) for a in np.split(np.asarray(x @ kernel + bias), 3, -1)]
+    g = [jax.random.normal(k, (2, 16, heads, 8)) for k in jax.random.split(kg, 3)]
 
-    def loss(f):
-        return lambda *a: sum(jnp.sum(o * gi) for o, gi in zip(f(*a), g))
-    for a, b in zip(jax.grad(loss(layers.qkv_one_matmul), (0, 1, 2))(x, kernel, bias),
-                    jax.grad(loss(layers.qkv_three_matmuls), (0, 1, 2))(x, kernel, bias)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+    def loss(x, kernel, bias):
+        return sum(jnp.sum(o * gi) for o, gi in zip(layers.qkv_projection(x, kernel, bias, heads), g))
+
+    def grads_x_kernel_bias():
+        # dq = g: dx = sum_s g_s @ kernel_s.T, dkernel_s = x.T @ g_s, dbias_s = sum g_s.
+        gs = [np.asarray(a).reshape(2, 16, 32) for a in g]
+        ks = np.split(np.asarray(kernel), 3, axis=1)
+        return (sum(gi @ k.T for gi, k in zip(gs, ks)),
+                np.concatenate([np.einsum("bnc,bne->ce", x, gi) for gi in gs], axis=1),
+                np.concatenate([gi.sum((0, 1)) for gi in gs]))
+    want_grads = grads_x_kernel_bias()
+    forms = (("cpu", None), ("tpu", None), ("tpu", "TPU v5"), ("tpu", "TPU v5 lite"))
+    for form in forms:
+        with models.forms_for(*form):
+            for a, b in zip(layers.qkv_projection(x, kernel, bias, heads), want):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4, err_msg=str(form))
+            for a, b in zip(jax.grad(loss, (0, 1, 2))(x, kernel, bias), want_grads):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4, err_msg=str(form))
+            jaxpr = str(jax.make_jaxpr(lambda *a: layers.qkv_projection(*a, heads))(x, kernel, bias))
+        tokens_minor = re.search(r"f32\[[\d,]+,16\] = dot_general", jaxpr) is not None
+        assert tokens_minor == (form == ("tpu", "TPU v5")), form
 
 
 def test_label_dropout_rate():

@@ -223,15 +223,21 @@ def test_qkv_is_the_official_linear_with_q_and_k_deinterleaved(rope_heads):
     order = np.arange(d) if rope_heads is None else (
         np.arange(rope_heads)[:, None] * hd + np.r_[0:hd:2, 1:hd:2]).reshape(-1)
     want_q, want_k, want_v = np.split(full, 3, axis=-1)
-    for platform in ("cpu", "tpu"):       # one matmul; three (layers.qkv_projection)
-        with models.forms_for(platform):
+    # One matmul; three (layers.qkv_projection: TPUs); one again (v6e).
+    forms = (("cpu", None), ("tpu", None), ("tpu", "TPU v6 lite"))
+    for form in forms:
+        with models.forms_for(*form):
             q, k, v = proj.apply({"params": params}, x)
         np.testing.assert_allclose(q, want_q[..., order], atol=1e-5)
         np.testing.assert_allclose(k, want_k[..., order], atol=1e-5)
         np.testing.assert_allclose(v, want_v, atol=1e-5)   # v keeps the official order
-    dots = lambda platform: jax.jit(lambda p, x: proj.apply({"params": p}, x)).trace(  # noqa: E731
-        params, x).lower(lowering_platforms=(platform,)).as_text().count("stablehlo.dot_general")
-    assert (dots("cpu"), dots("tpu")) == (1, 3)
+
+    def dots(platform, kind):
+        with models.forms_for(platform, kind):
+            lowered = jax.jit(lambda p, x: proj.apply({"params": p}, x)).trace(params, x).lower(
+                lowering_platforms=(platform,))
+        return lowered.as_text().count("stablehlo.dot_general")
+    assert [dots(*form) for form in forms] == [1, 3, 1]
 
 
 def test_attention_slices_no_query_or_key_with_a_stride():
@@ -606,6 +612,24 @@ def test_per_platform_traces_one_form_inside_forms_for():
     with pytest.raises(ValueError, match="forms_for\\('TPU'\\)"):
         with models.forms_for("TPU"):
             pass
+
+
+def test_per_platform_takes_a_tpu_chips_form_only_for_that_chip():
+    """A chip's branch (tpu_v5p=...) serves that TPU generation inside forms_for with its
+    device_kind; other TPUs, a TPU of unknown kind and lowering outside forms_for take tpu=."""
+    f = lambda x: layers.per_platform(x, tpu=lambda x: x + 2.0, tpu_v5p=lambda x: x + 5.0,  # noqa: E731
+                                      tpu_v6e=lambda x: x + 6.0, default=lambda x: x + 4.0)
+    x = jnp.zeros((3,))
+    for kind, want in (("TPU v5", 5.0), ("TPU v5p", 5.0), ("TPU v5 lite", 2.0),
+                       ("TPU v6 lite", 6.0), ("TPU v4", 2.0), ("TPU v7x", 2.0), (None, 2.0)):
+        with models.forms_for("tpu", kind):
+            assert float(f(x)[0]) == want, kind
+    with models.forms_for("cpu", "TPU v5"):       # a chip's form is a TPU's only
+        assert float(f(x)[0]) == 4.0
+    lowered = jax.jit(f).trace(x).lower(lowering_platforms=("tpu",)).as_text()
+    assert "2.000000e+00" in lowered and "5.000000e+00" not in lowered
+    with pytest.raises(ValueError, match="unknown branches \\['tpu_v9'\\]"):
+        layers.per_platform(x, tpu_v9=lambda x: x, default=lambda x: x)
 
 
 def _bf16(a) -> np.ndarray:

@@ -351,15 +351,16 @@ def without_compilation_cache() -> Iterator[None]:
         decide_again()
 
 
-def platform(mesh: Mesh | None) -> str:
-    """The platform of a mesh's devices ('cpu', 'tpu', 'gpu'; a TPU topology's on a CPU host:
-    'tpu'), or of JAX's default backend when mesh is None."""
-    return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+def forms_device(mesh: Mesh | None) -> tuple[str, str]:
+    """(platform, device_kind) of a mesh's devices ('tpu', 'TPU v5 lite'; a TPU topology's on
+    a CPU host too), or of JAX's default backend's when mesh is None: what models.forms_for
+    takes."""
+    d = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
+    return d.platform, getattr(d, "device_kind", d.platform)
 
 
 def device_kind() -> str:
-    d = jax.devices()[0]
-    return getattr(d, "device_kind", d.platform)
+    return forms_device(None)[1]
 
 
 def device_facts(kind: str) -> tuple[float, int | None] | None:

@@ -250,7 +250,7 @@ def make_batch_sampler(model, process, *, sampler: str = "ddpm", cfg_scale: floa
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
         model_fn = guided_model_fn(model, to_inference(params), cfg_scale, guidance_interval,
                                    noise_level)
-        with forms_for(parallel.platform(mesh)):   # this platform's forms only, as training
+        with forms_for(*parallel.forms_device(mesh)):   # this platform's (chip's) forms, as training
             x = loop.run(process, model_fn, per_image_normal(keys, 0),
                          lambda t: per_image_normal(keys, t + 1), clip, {"y": labels})
         return x if vae is None else decode_latents(vae, vae_params, x)

@@ -249,9 +249,10 @@ def make_train_step(model, objective, tx, schedule, config, mesh):
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         draw_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
-        # The models' forms for the mesh's platform only, forward and backward
-        # (models.forms_for: other platforms' residuals would cost HBM traffic under remat).
-        with models.forms_for(parallel.platform(mesh)):
+        # The models' forms for the mesh's platform (and TPU generation) only, forward and
+        # backward (models.forms_for: other platforms' residuals would cost HBM traffic
+        # under remat).
+        with models.forms_for(*parallel.forms_device(mesh)):
             grads, metrics = grads_and_metrics(state.params, draw(batch, draw_key), dropout_key)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -102,30 +102,29 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
         hd = d // self.num_heads
-        q, k, v = (a.reshape(b, n, self.num_heads, hd)
-                   for a in QKVProjection(d, self.dtype, name="qkv")(x))
+        q, k, v = QKVProjection(d, self.num_heads, self.dtype, name="qkv")(x)
         o = layers.attention(q, k, v, scale=hd ** -0.5, implementation=self.attention_impl)
         return dense(d, ("mlp", "embed"), name="proj", dtype=self.dtype)(o.reshape(b, n, d))
 
 
 class QKVProjection(nn.Module):
     """timm's fused qkv Linear (params 'kernel' [D_in, 3D], 'bias' [3D], named and initialised
-    as `dense(3 * D, ("embed", "mlp"))`):
-    x [..., D_in] -> (q, k, v), each [..., D].
+    as `dense(3 * D, ("embed", "mlp"))`), split into heads:
+    x [..., N, D_in] -> (q, k, v), each [..., N, heads, D / heads].
 
-    Computed by `layers.qkv_projection` (three matmuls on TPUs). The params are
-    `layers.fused_qkv_params`.
+    Computed by `layers.qkv_projection` (three matmuls on TPUs, tokens-minor on v5p). The
+    params are `layers.fused_qkv_params`.
     """
 
     dim: int
+    heads: int
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        d = self.dim
-        kernel, bias = layers.fused_qkv_params(self, x.shape[-1], d)
+        kernel, bias = layers.fused_qkv_params(self, x.shape[-1], self.dim)
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        return layers.qkv_projection(x, kernel, bias)
+        return layers.qkv_projection(x, kernel, bias, self.heads)
 
 
 class CrossAttention(nn.Module):

@@ -61,16 +61,32 @@ def fused_qkv_params(module: nn.Module, d_in: int, d: int) -> tuple[jax.Array, j
     return kernel, nn.with_logical_constraint(bias, (None,))
 
 
-def qkv_projection(x: jax.Array, kernel: jax.Array, bias: jax.Array):
-    """x [..., D_in] @ kernel [D_in, 3D] + bias [3D] -> (q, k, v), each [..., D].
+def qkv_projection(x: jax.Array, kernel: jax.Array, bias: jax.Array, heads: int | None = None):
+    """x [..., N, D_in] @ kernel [D_in, 3D] + bias [3D] -> (q, k, v), each [..., N, D], or
+    [..., N, heads, D / heads] with `heads`.
 
-    On TPUs as three matmuls (column blocks of kernel and bias): XLA:TPU copied one matmul's
-    [..., 3D] output whole into attention's layout, and its split and the backward's stack
-    were copies too. By XLA's cost model: DiT-XL/2's v5p-8 step 52.3 -> 53.1% MFU (9% of it
-    was such copies before, 4.5% after); U-DiT-L's v5p-8 step 273.9 -> 268.1 ms (FSDP 254.4 ->
-    248.8 ms), its v5e-8 remat step 547.8 -> 533.6 ms, but its v6e-8 step 171.3 -> 173.5 ms.
-    Elsewhere one matmul, split (GPUs unmeasured)."""
-    return per_platform(x, kernel, bias, tpu=qkv_three_matmuls, default=qkv_one_matmul)
+    Its forms, chosen by XLA's cost model on whole train steps (U-DiT-L's calls it without
+    heads, DiT-XL/2's with):
+    - TPUs: three matmuls (column blocks of kernel and bias). XLA:TPU copied one matmul's
+      [..., 3D] output whole into attention's layout, and its split and the backward's stack
+      were copies too: DiT-XL/2 52.3 -> 53.1% MFU, U-DiT-L 273.9 -> 268.1 ms (FSDP 254.4 ->
+      248.8 ms, v5e-8 remat 547.8 -> 533.6 ms).
+    - v6e without heads: one matmul (U-DiT-L three: 171.3 -> 173.5 ms); with heads three
+      (DiT-XL/2 one: 96.2 -> 100.2 ms).
+    - v5p with heads: each of the three projected tokens-minor (`qkv_tokens_minor`), the layout
+      attention reads them in; XLA had copied the three outputs into it (DiT-XL/2 165.3 ->
+      162.6 ms, 60.0 -> 61.0%). On v5e that form was slower (353 -> 364 ms), on v6e equal.
+    - Elsewhere one matmul, split (GPUs unmeasured)."""
+    if heads is None:
+        return per_platform(x, kernel, bias, tpu=qkv_three_matmuls, tpu_v6e=qkv_one_matmul,
+                            default=qkv_one_matmul)
+
+    def split_heads(form):
+        return lambda *a: tuple(t.reshape(*t.shape[:-1], heads, -1) for t in form(*a))
+
+    return per_platform(x, kernel, bias, tpu=split_heads(qkv_three_matmuls),
+                        tpu_v5p=functools.partial(qkv_tokens_minor, heads=heads),
+                        default=split_heads(qkv_one_matmul))
 
 
 def qkv_one_matmul(x: jax.Array, kernel: jax.Array, bias: jax.Array):
@@ -83,6 +99,21 @@ def qkv_three_matmuls(x: jax.Array, kernel: jax.Array, bias: jax.Array):
     d = kernel.shape[1] // 3
     cols = [slice(i * d, (i + 1) * d) for i in range(3)]
     return tuple(matmul(x, kernel[:, c]) + bias[c] for c in cols)
+
+
+def qkv_tokens_minor(x: jax.Array, kernel: jax.Array, bias: jax.Array, heads: int):
+    """`qkv_three_matmuls` split into heads, each output computed as [..., D, N] and split
+    there into [..., heads, D / heads, N] before the tokens move back: x [..., N, D_in] ->
+    (q, k, v) [..., N, heads, D / heads]. The same values; XLA:TPU lays the results out with
+    the tokens minor, as attention's matmuls read them. (Moved back before the heads split,
+    XLA undoes the transpose and copies as before.)"""
+    d = kernel.shape[1] // 3
+
+    def project(cols):
+        y = jnp.einsum("...nc,ce->...en", x, kernel[:, cols]) + bias[cols, None]   # [..., D, N]
+        return jnp.moveaxis(y.reshape(*y.shape[:-2], heads, d // heads, y.shape[-1]), -1, -3)
+
+    return tuple(project(slice(i * d, (i + 1) * d)) for i in range(3))
 
 
 def conv(features: int, kernel: int, axes: tuple[str | None, str | None], *, name: str | None,
@@ -117,17 +148,34 @@ def pointwise(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, dtype: Dt
     return y if bias is None else y + bias.astype(dtype)
 
 
-# The platform whose forms `per_platform` traces, fixed by `forms_for`; None: all of them.
-_FORMS_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("forms", default=None)
+# The platform whose forms `per_platform` traces and its chip's branch name (None: unknown),
+# fixed by `forms_for`; (None, None): every platform's forms.
+_FORMS: contextvars.ContextVar[tuple[str | None, str | None]] = contextvars.ContextVar(
+    "forms", default=(None, None))
 # A device's platform -> the lax.platform_dependent branch names that serve it.
 _BRANCHES_OF = {"cpu": ("cpu",), "tpu": ("tpu",), "gpu": ("cuda", "rocm"), "cuda": ("cuda",),
                 "rocm": ("rocm",)}
+# TPU generations by jax.Device.device_kind prefix (first match wins: "TPU v5 lite" before
+# "TPU v5", which is v5p) -> the per_platform branch name of that chip.
+_TPU_CHIPS = (("TPU v5 lite", "tpu_v5e"), ("TPU v5e", "tpu_v5e"), ("TPU v5p", "tpu_v5p"),
+              ("TPU v5", "tpu_v5p"), ("TPU v6 lite", "tpu_v6e"), ("TPU v6e", "tpu_v6e"),
+              ("TPU v4", "tpu_v4"))
+CHIP_BRANCHES = tuple(dict.fromkeys(name for _, name in _TPU_CHIPS))
+
+
+def chip_branch(device_kind: str | None) -> str | None:
+    """The per_platform branch name of a TPU's device_kind ('TPU v5 lite' -> 'tpu_v5e');
+    None for other devices and unknown TPUs."""
+    return next((name for prefix, name in _TPU_CHIPS if (device_kind or "").startswith(prefix)),
+                None)
 
 
 @contextlib.contextmanager
-def forms_for(platform: str | None):
+def forms_for(platform: str | None, device_kind: str | None = None):
     """Within it, `per_platform` traces only `platform`'s form ('cpu', 'tpu', 'gpu', as
-    jax.Device.platform names them; None: every form, chosen when lowering).
+    jax.Device.platform names them; None: every form, chosen when lowering), and on a TPU
+    whose `device_kind` (jax.Device.device_kind) is known, that chip's form where a layer
+    has one.
 
     For programs that are differentiated: JAX's partial evaluation of lax.platform_dependent
     (a cond) gives the forward the residuals of every platform's form, the other platforms'
@@ -135,26 +183,36 @@ def forms_for(platform: str | None):
     so XLA writes them to HBM and reads them back (by XLA's cost model, U-DiT-L's v5e-8 remat
     step 576 -> 548 ms; DiT-XL/2's v5e-8 FSDP remat step 10.2 -> 7.9 GiB per chip, 730 -> 693
     ms). The other forms also cost lowering and compile time (U-DiT-L's v5p-8 step: 487 ->
-    357 s). The train step and the sampler trace under their mesh's platform. jax.jit's trace
+    357 s). The train step and the sampler trace under their mesh's devices. jax.jit's trace
     cache does not see this setting: trace a jitted function always inside it or always
     outside."""
     if platform is not None and platform not in _BRANCHES_OF:
         raise ValueError(f"forms_for({platform!r}): use one of {sorted(_BRANCHES_OF)} or None")
-    token = _FORMS_PLATFORM.set(platform)
+    token = _FORMS.set((platform, chip_branch(device_kind) if platform == "tpu" else None))
     try:
         yield
     finally:
-        _FORMS_PLATFORM.reset(token)
+        _FORMS.reset(token)
 
 
 def per_platform(*args, default: Callable, **branches: Callable):
     """lax.platform_dependent(*args, default=..., cpu=/tpu=/cuda=/rocm=...), or, inside
     `forms_for(platform)`, that platform's branch (else `default`) called directly: the one
-    way the models pick a form per platform."""
-    platform = _FORMS_PLATFORM.get()
+    way the models pick a form per platform.
+
+    A TPU chip's own form (`tpu_v5p=`, `tpu_v5e=`, `tpu_v6e=`, `tpu_v4=`; XLA:TPU's best
+    layout differs between generations) is taken only inside `forms_for` with that chip's
+    device_kind; elsewhere a TPU takes `tpu=` (else `default`)."""
+    unknown = set(branches) - set(CHIP_BRANCHES) - {b for bs in _BRANCHES_OF.values() for b in bs}
+    if unknown:
+        raise ValueError(f"per_platform: unknown branches {sorted(unknown)}; use platform names "
+                         f"{sorted(_BRANCHES_OF)} or TPU chips {list(CHIP_BRANCHES)}")
+    platform, chip = _FORMS.get()
     if platform is None:
-        return jax.lax.platform_dependent(*args, default=default, **branches)
-    chosen = next((branches[b] for b in _BRANCHES_OF[platform] if b in branches), default)
+        return jax.lax.platform_dependent(
+            *args, default=default, **{b: f for b, f in branches.items() if b not in CHIP_BRANCHES})
+    names = ((chip,) if chip else ()) + _BRANCHES_OF[platform]
+    chosen = next((branches[b] for b in names if b in branches), default)
     return chosen(*args)
 
 
