@@ -10,6 +10,16 @@ same command; JAX finds the other workers itself (multi-host initialisation is a
 TPU VMs), and the workdir must be a gs:// bucket all workers can reach. Rerunning the same
 command after a preemption resumes from the latest checkpoint (--create recreates a
 deleted spot/preemptible VM).
+
+Multi-slice (--num_slices=N > 1): N slices of --accelerator_type joined over the data-center
+network, requested as one queued resource named --tpu (its slices are the nodes <tpu>-0 ..
+<tpu>-(N-1)). --create queues the request and waits until it is ACTIVE; the same program then
+runs on every worker of every slice, and the train step's mesh puts the slices on its data
+axis (compile it first with --mode=compile --config.compile.num_slices=N).
+
+    python launch/tpu_pod.py --tpu=udit-2x-v5p-256 --zone=us-east5-a --accelerator_type=v5p-256 \
+        --num_slices=2 --create --config=configs/udit_l.py --workdir=gs://BUCKET/udit_l \
+        -- --config.batch_size=16384
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import pathlib
 import shlex
 import subprocess
 import sys
+import time
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -29,7 +40,10 @@ def parse_args(argv):
     parser.add_argument("--tpu", required=True, help="TPU VM name")
     parser.add_argument("--zone", required=True)
     parser.add_argument("--project", default=None, help="GCP project (default: gcloud's)")
-    parser.add_argument("--accelerator_type", default="v4-8", help="e.g. v4-32, v5p-64, v6e-16")
+    parser.add_argument("--accelerator_type", default="v4-8",
+                        help="e.g. v4-32, v5p-64, v6e-16 (each slice's, with --num_slices)")
+    parser.add_argument("--num_slices", type=int, default=1,
+                        help="slices of --accelerator_type, as one queued resource when > 1")
     parser.add_argument("--runtime_version", default="tpu-ubuntu2204-base")
     parser.add_argument("--create", action="store_true", help="create the TPU VM if it is missing")
     parser.add_argument("--spot", action="store_true", help="create it as a spot VM")
@@ -47,14 +61,23 @@ def parse_args(argv):
     if {"--dry-run", "--dry_run"} & set(args.main_args):
         parser.error("--dry-run came after `--`, where it would be passed to udit_jax.main; "
                      "put it before `--`")
+    if args.num_slices < 1:
+        parser.error(f"--num_slices={args.num_slices}: use 1 (one TPU VM) or more (multi-slice)")
     if not args.workdir.startswith("gs://"):
         parser.error(f"--workdir={args.workdir} must be a gs:// path: every worker writes its "
                      "shards of each checkpoint there")
     return args
 
 
+def multi_slice(args) -> bool:
+    return args.num_slices > 1
+
+
 def _gcloud(args, *words: str) -> list[str]:
-    cmd = ["gcloud", "compute", "tpus", "tpu-vm", *words, f"--zone={args.zone}"]
+    """A gcloud TPU command: on the TPU VM (`tpu-vm`), or on the queued resource that holds the
+    slices (`queued-resources`) when multi-slice."""
+    group = "queued-resources" if multi_slice(args) else "tpu-vm"
+    cmd = ["gcloud", "compute", "tpus", group, *words, f"--zone={args.zone}"]
     if args.project:
         cmd.append(f"--project={args.project}")
     return cmd
@@ -64,10 +87,23 @@ def describe_command(args) -> list[str]:
     return _gcloud(args, "describe", args.tpu)
 
 
+def state_command(args) -> list[str]:
+    """Prints the queued resource's state (WAITING_FOR_RESOURCES, PROVISIONING, ACTIVE, ...)."""
+    return describe_command(args) + ["--format=value(state.state)"]
+
+
 def create_command(args) -> list[str]:
     cmd = _gcloud(args, "create", args.tpu) + [f"--accelerator-type={args.accelerator_type}",
+                                                f"--runtime-version={args.runtime_version}"
+                                                if multi_slice(args) else
                                                 f"--version={args.runtime_version}"]
+    if multi_slice(args):
+        cmd += [f"--node-count={args.num_slices}", f"--node-prefix={args.tpu}"]
     return cmd + (["--spot"] if args.spot else [])
+
+
+def _all_workers(args) -> list[str]:
+    return (["--node=all"] if multi_slice(args) else []) + ["--worker=all"]
 
 
 def remote_dir(args) -> str:
@@ -75,7 +111,7 @@ def remote_dir(args) -> str:
 
 
 def _on_all_workers(args, script: str) -> list[str]:
-    return _gcloud(args, "ssh", args.tpu) + ["--worker=all", f"--command={script}"]
+    return _gcloud(args, "ssh", args.tpu) + _all_workers(args) + [f"--command={script}"]
 
 
 def install_commands(args) -> list[list[str]]:
@@ -85,7 +121,7 @@ def install_commands(args) -> list[list[str]]:
                  f"(cd udit-jax && git fetch -q origin && git checkout -q {shlex.quote(args.ref)})"]
     else:
         # Copied into ~/ under its own name (copying onto an existing dir refreshes it).
-        steps.append(_gcloud(args, "scp", "--recurse", "--worker=all", str(REPO_ROOT),
+        steps.append(_gcloud(args, "scp", "--recurse", *_all_workers(args), str(REPO_ROOT),
                              f"{args.tpu}:~/"))
         fetch = []
     # The [tpu] extra pins jax[tpu] to the jax this release is tested with, and so the libtpu
@@ -117,21 +153,45 @@ def plan(args, tpu_exists: bool) -> list[list[str]]:
     return steps
 
 
+# States of a queued resource that will not become ACTIVE without the user.
+_QUEUED_DEAD_ENDS = ("FAILED", "SUSPENDED", "SUSPENDING")
+
+
+def wait_until_active(args, poll_seconds: float = 60.0) -> int:
+    """Polls a queued resource until it is ACTIVE (0) or can no longer become so (1)."""
+    while True:
+        result = subprocess.run(state_command(args), capture_output=True, text=True)
+        state = result.stdout.strip() if result.returncode == 0 else "unknown (describe failed)"
+        if state == "ACTIVE":
+            return 0
+        if state in _QUEUED_DEAD_ENDS:
+            print(f"queued resource {args.tpu} is {state}; see `{shlex.join(describe_command(args))}`",
+                  file=sys.stderr)
+            return 1
+        print(f"queued resource {args.tpu}: {state}; waiting", flush=True)
+        time.sleep(poll_seconds)
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    what = "queued resource" if multi_slice(args) else "TPU VM"
     if args.dry_run:
-        print("# " + shlex.join(describe_command(args)) + "   (checks whether the TPU VM exists)")
+        print("# " + shlex.join(describe_command(args)) + f"   (checks whether the {what} exists)")
         for cmd in plan(args, tpu_exists=not args.create):
             print(shlex.join(cmd))
+            if cmd[4] == "create" and multi_slice(args):
+                print("# " + shlex.join(state_command(args)) + "   (every minute, until ACTIVE)")
         return 0
     exists = subprocess.run(describe_command(args), capture_output=True).returncode == 0
     if not exists and not args.create:
-        print(f"TPU VM {args.tpu} does not exist in {args.zone}; pass --create to create it",
+        print(f"{what} {args.tpu} does not exist in {args.zone}; pass --create to create it",
               file=sys.stderr)
         return 1
     for cmd in plan(args, exists):
         print("+ " + shlex.join(cmd), flush=True)
         rc = subprocess.run(cmd).returncode
+        if not rc and cmd[4] == "create" and multi_slice(args):
+            rc = wait_until_active(args)
         if rc:
             return rc
     return 0

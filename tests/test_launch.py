@@ -49,6 +49,51 @@ def test_tpu_pod_reuses_a_vm_and_needs_a_bucket():
     assert bad.returncode != 0 and "must be a gs:// path" in bad.stderr
 
 
+def test_tpu_pod_multi_slice_queues_the_slices_and_runs_on_every_worker_of_each():
+    out = dry_run("tpu_pod.py", "--tpu=two", "--zone=us-east5-a", "--accelerator_type=v5p-256",
+                  "--num_slices=2", "--create", "--spot", "--config=configs/udit_l.py",
+                  "--workdir=gs://bucket/udit_l", "--", "--config.batch_size=16384")
+    lines = out.splitlines()
+    commands = [shlex.split(line) for line in lines if not line.startswith("#")]
+    create, copy, install, run = commands
+    assert all(c[:4] == ["gcloud", "compute", "tpus", "queued-resources"] for c in commands)
+    assert create[4:6] == ["create", "two"]
+    assert {"--accelerator-type=v5p-256", "--node-count=2", "--node-prefix=two", "--spot",
+            "--zone=us-east5-a"} <= set(create)
+    # It waits for the queued resource before copying to its nodes.
+    wait = lines.index(shlex.join(create)) + 1
+    assert lines[wait].startswith("# gcloud compute tpus queued-resources describe two")
+    assert "value(state.state)" in lines[wait] and "until ACTIVE" in lines[wait]
+    for c in (copy, install, run):
+        assert {"--node=all", "--worker=all"} <= set(c), c
+    assert run[4:6] == ["ssh", "two"]
+    assert ("python3 -m udit_jax.main --config=configs/udit_l.py --workdir=gs://bucket/udit_l "
+            "--mode=train --config.batch_size=16384") in run[-1]
+    bad = subprocess.run([sys.executable, "launch/tpu_pod.py", "--tpu=p", "--zone=z",
+                          "--num_slices=0", "--config=configs/demo.py", "--workdir=gs://b/w",
+                          "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--num_slices=0" in bad.stderr
+
+
+def test_tpu_pod_waits_for_its_queued_resource(monkeypatch, capsys):
+    """--create on multi-slice polls the queued resource's state until ACTIVE, and stops with
+    a message when it fails."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("tpu_pod", REPO / "launch" / "tpu_pod.py")
+    tpu_pod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tpu_pod)
+    args = tpu_pod.parse_args(["--tpu=q", "--zone=z", "--num_slices=2", "--config=c.py",
+                               "--workdir=gs://b/w"])
+    for states, want in ((["WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"], 0),
+                         (["WAITING_FOR_RESOURCES", "FAILED"], 1)):
+        replies = iter(states)
+        monkeypatch.setattr(tpu_pod.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+            cmd, 0, stdout=next(replies) + "\n", stderr=""))
+        assert tpu_pod.wait_until_active(args, poll_seconds=0) == want
+        assert next(replies, None) is None           # polled until the answer, no further
+    assert "queued resource q is FAILED" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("script, args", [("tpu_pod.py", ["--tpu=p", "--zone=z"]), ("slurm.py", [])])
 def test_dry_run_after_the_separator_is_refused(script, args):
     # Otherwise it would reach udit_jax.main and the launcher would really run.
