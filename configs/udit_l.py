@@ -19,23 +19,22 @@ the data-parallel chips (mesh.shard_update: each chip keeps the float32 params w
 share of the rest). Before renting, compile the step for the pod on any host: --mode=compile
 with --config.compile.topology=v5p-8 (README, "Before you rent a pod"). Measured that way
 (2-core x86 host, jax 0.10.2, libtpu 0.0.42.1; XLA's cost model, not a TPU; the recipe's global
-batch 256, bf16; each compiled at this release but v5p-256, compiled at the previous one, whose
-v5p estimates were the same (below, forms_for); alone on the host unless marked, *: tests
-beside it part of the time, wall time inflated). The default, FSDP, remat split and v5e-8
-rows are with q, k and v from three matmuls on v5p and v5e (models/layers.py qkv_projection);
-the others with one matmul split in three, as before, and so is v6e. Three took the default
-from 273.9 to 268.1 ms (357 s to compile alone), FSDP from 254.4 to 248.8 ms, remat split
-from 310.2 to 306.0 ms and v5e-8 from 547.8 to 533.6 ms, but v6e-8 from 171.3 to 173.5 ms
-(22.5 -> 23.2 GiB), so v6e keeps one (its row: the same program as one matmul's release):
+batch 256, bf16; each compiled at this release, alone on the host unless marked, *: tests
+beside it part of the time, wall time inflated). On v5p and v5e q, k and v come from three
+matmuls (models/layers.py qkv_projection), which took the default from 273.9 to 268.1 ms (357
+s to compile alone), FSDP from 254.4 to 248.8 ms, remat split from 310.2 to 306.0 ms, remat
+FSDP from 290.9 to 287.4 ms, scanned with remat from 330.6 to 320.9 ms, scanned from 328.9 to
+311.7 ms, v5p-256 from 255.1 to 248.3 ms and v5e-8 from 547.8 to 533.6 ms; on v6e-8 three
+took 171.3 to 173.5 ms (22.5 -> 23.2 GiB), so v6e keeps one matmul split in three:
 
     chips    /chip  blocks    remat  mesh                     HBM per chip    compile  est. ms  img/s/chip  MFU
     v5p-8    64     unrolled  no     data 4, split (default)  38.8 GiB (59%)  549 s*   268      239         31.9%
     v5p-8    64     unrolled  no     fsdp 4 (b)               35.9 GiB (62%)  736 s*   249      257         34.3%
     v5p-8    64     unrolled  yes    data 4, split            21.4 GiB (77%)  408 s*   306      209         27.9%
-    v5p-8    64     unrolled  yes    fsdp 4 (b)               18.6 GiB (80%)  415 s    291      220         29.4%
-    v5p-8    64     scanned   yes    data 4, split            36.3 GiB (62%)  225 s    331      194         25.8%
-    v5p-8    64     scanned   no     data 4, split            92.7 GiB (2%)   219 s    329      195         26.0%
-    v5p-256  64     unrolled  no     data 128, split (c)      36.2 GiB (62%)  476 s    255      251         33.5%
+    v5p-8    64     unrolled  yes    fsdp 4 (b)               18.2 GiB (81%)  558 s*   287      223         29.7%
+    v5p-8    64     scanned   yes    data 4, split            36.2 GiB (62%)  225 s    321      199         26.6%
+    v5p-8    64     scanned   no     data 4, split            93.0 GiB (2%)   214 s    312      205         27.4%
+    v5p-256  64     unrolled  no     data 128, split (c)      36.4 GiB (62%)  369 s    248      258         34.4%
     v6e-8    32     unrolled  no     data 8, split            22.5 GiB (30%)  520 s    171      187         12.5%
     v5e-8    32     unrolled  yes    data 8, split            13.7 GiB (15%)  512 s*   534      60          18.7%
 
