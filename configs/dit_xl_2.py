@@ -69,8 +69,8 @@ of the weights (1.8 GiB per step on v5p-8) and reduces the weight gradients. XLA
 collective about as a copy of its bytes through HBM (an all-gather of 512 MiB onto 4 v5p
 chips: 0.74 ms, the local copy of the same bytes 0.46 ms), not over the chips' links, so
 check FSDP's step time on the pod before relying on it; the default stays data parallel,
-which needs no per-family choice. On v5p-8 the matmuls take 84% of the FSDP step's estimate,
-at 71% of the chip's peak (82% and 69% data parallel).
+which needs no per-family choice. On v5p-8 the matmuls take 89% of the FSDP step's estimate,
+at 69% of the chip's peak (86% and 66% data parallel).
 
 On v5e (16 GiB per chip) the float32 params, EMA and Adam moments alone take 10.8 GB, so the
 data-parallel step does not fit; FSDP without remat fits with 17% headroom and is the fastest
@@ -81,19 +81,21 @@ trip counts. On v5p-8, shard_update saves 5.9 GiB per chip but costs 4% of the s
 copies the float32 params as they come in and again as the all-gather that rebuilds them
 goes out (about 11 GB of traffic per chip per step).
 
-Per chip the step gets more efficient as its batch grows (v5p-8, split (a), no remat; idle
-host; the larger batches change the recipe's global batch, so scale its learning rate yourself):
+Per chip the step gets more efficient as its batch grows (v5p-8, split (a), no remat; *: another
+compile beside it; the larger batches change the recipe's global batch, so scale its learning
+rate yourself):
 
     per chip  global  HBM per chip     compile  est. ms  img/s/chip  est. MFU  matmul share
-    32        128     13.9 GiB (85%)   84 s     110      291         45.1%     77%
-    64        256     23.5 GiB (75%)   83 s     183      350         54.3%     83%
-    128       512     43.3 GiB (54%)   84 s     314      407         63.1%     83%
-    192       768     62.3 GiB (34%)   83 s     457      420         65.1%     84%
+    32        128     14.3 GiB (85%)   140 s*   109      295         45.8%     82%
+    64        256     24.0 GiB (75%)   110 s    176      363         56.3%     87%
+    128       512     43.1 GiB (55%)   114 s*   309      414         64.2%     88%
+    192       768     62.1 GiB (35%)   89 s     449      428         66.3%     88%
 
 (--config.batch_size=<global> --config.mesh.shard_update=True.) The matmuls themselves run at
-59% of the chip's peak at 32 per chip and 76% at 128: bigger per-chip batches make longer
-matmul rows, which the cost model prices closer to peak. (Before the bfloat16 attention
-weights: 42.4%, 52.3%, 60.8%, 62.7%.)
+56% of the chip's peak at 32 per chip and 73% at 128: bigger per-chip batches make longer
+matmul rows, which the cost model prices closer to peak. (Before q, k and v were projected
+tokens-minor on v5p: 45.1%, 54.3%, 63.1%, 65.1%; before the bfloat16 attention weights:
+42.4%, 52.3%, 60.8%, 62.7%.)
 On v6e-8 the larger batches do not pay (compiled before the bfloat16 attention weights):
 64 per chip (split, no remat) 27.4 GiB (14% headroom), 242 ms, 264 img/s per chip, 20.5%; 128
 per chip (split, remat) 27.6 GiB (14%), 432 ms, 297 img/s per chip, 23.0%; keep the 32 per chip
