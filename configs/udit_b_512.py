@@ -17,12 +17,13 @@ On a TPU pod: launch/tpu_pod.py; on a SLURM GPU cluster: launch/slurm.py.
 The blocks run unrolled and without remat (the ImageNet U-DiT default; why: configs/udit_l.py).
 The train step compiled for v5p-8 on a 2-core x86 host (--mode=compile, README "Before you
 rent a pod"; jax 0.10.2, libtpu 0.0.42.1; XLA's cost model, not a TPU; global batch 256, 64
-per chip, data parallel, bf16; previous release, alone on the host): 64.3 GiB per chip of 95
-(32% headroom), compile 372 s, 437 ms per step, 146 img/s per chip, 23.7% MFU (before the queries
-and keys left their projection de-interleaved for RoPE, models/udit.py DeinterleavedQKV: 62.8
-GiB, 466 ms, 137 img/s, 22.2%). Matmuls take 52% of the estimated time, at 45% of the chip's
-peak; the largest parts are the first level's downsampled attentions (1024 tokens per group),
-3.0-3.5% each forward and backward.
+per chip, data parallel, bf16; this release, alone on the host): 63.3 GiB per chip of 95
+(33% headroom), compile 319 s, 404 ms per step, 158 img/s per chip, 25.7% MFU (the previous
+release, before RoPE rotated in bfloat16 and q, k and v came from three matmuls on v5p: 64.3
+GiB, 437 ms, 146 img/s, 23.7%; before the queries and keys left their projection
+de-interleaved for RoPE, models/udit.py DeinterleavedQKV: 62.8 GiB, 466 ms, 137 img/s, 22.2%).
+Matmuls take 55% of the estimated time, at 46% of the chip's peak; the largest parts are the
+first level's downsampled attentions (1024 tokens per group), 3.1-3.3% each backward.
 
 Each stage's blocks as one scan (--config.model.scan_blocks=True) needs remat to fit
 (--config.model.remat=True; previous release, alone on the host): 67.1 GiB per chip (29%
@@ -30,9 +31,9 @@ headroom), compile 227 s, 537 ms per step, 119 img/s per chip, 19.3% MFU (compil
 earlier releases, before the de-interleaved q and k and the attention that keeps its weights
 in bfloat16: 73.8 GiB, 318 s, 697 ms, 92 img/s, 14.9%).
 
-The previous release: before RoPE rotated bfloat16 queries and keys in bfloat16
-(models/udit.py apply_rope), which took 4-5% off U-DiT-L's v5p-8 estimates
-(configs/udit_l.py); compile again for this release's figures.
+The scanned figures are the previous release's, before RoPE rotated bfloat16 queries and keys
+in bfloat16 (models/udit.py apply_rope) and q, k and v came from three matmuls on v5p (the
+unrolled step: 437 -> 404 ms); compile again for this release's.
 """
 
 from udit_jax import config as config_lib

@@ -19,20 +19,23 @@ one scan over stacked params (--config.model.scan_blocks=True; the same params, 
 a run resumes in the other layout) compile in about half the time but need more memory and run
 slower (configs/udit_l.py says why). The train step compiled for pods on any host
 (--mode=compile, README "Before you rent a pod"; 2-core x86 host, jax 0.10.2, libtpu 0.0.42.1;
-XLA's cost model, not a TPU; global batch 256, data parallel, no remat, bf16; the previous release,
-each compiled alone on the host):
+XLA's cost model, not a TPU; global batch 256, data parallel, no remat, bf16; the unrolled rows
+compiled at this release, *: tests beside it part of the time, the scanned row at the previous
+one, each alone on the host unless marked):
 
     chips   per chip  blocks    HBM per chip      compile  est. ms/step  img/s/chip  est. MFU
-    v5p-8   64        unrolled  10.2 GiB (89%)    320 s    74.4          861         8.0%
+    v5p-8   64        unrolled  10.3 GiB (89%)    283 s    73.5          870         8.1%
     v5p-8   64        scanned   26.9 GiB (72%)    186 s    83.9          763         7.1%
-    v5e-8   32        unrolled  6.2 GiB (61%)     298 s    86.9          368         8.0%
-    v6e-8   32        unrolled  5.8 GiB (82%)     464 s    42.1          759         3.5%
+    v5e-8   32        unrolled  6.2 GiB (61%)     457 s*   79.8          401         8.7%
+    v6e-8   32        unrolled  5.8 GiB (82%)     395 s    40.1          798         3.7%
 
-(The queries and keys leave their projection de-interleaved for RoPE, models/udit.py
-DeinterleavedQKV: 5-12% off the release before's estimates, 84.7 ms unrolled and 89.2 ms
-scanned on v5p-8, 94.1 ms on v5e-8 and 44.3 ms on v6e-8. Compiled before it, and before the
-attention that keeps its weights in bfloat16, the scanned step took 14.3 GiB and 156 ms on
-v5e-8 and 14.2 GiB and 57.0 ms on v6e-8.)
+(The previous release, before RoPE rotated bfloat16 queries and keys in bfloat16 and q, k and
+v came from three matmuls on v5p and v5e: unrolled 74.4 ms on v5p-8, 86.9 ms on v5e-8, 42.1
+ms on v6e-8. The queries and keys leave their projection de-interleaved for RoPE,
+models/udit.py DeinterleavedQKV: 5-12% off the release before's estimates, 84.7 ms unrolled
+and 89.2 ms scanned on v5p-8, 94.1 ms on v5e-8 and 44.3 ms on v6e-8. Compiled before it, and
+before the attention that keeps its weights in bfloat16, the scanned step took 14.3 GiB and
+156 ms on v5e-8 and 14.2 GiB and 57.0 ms on v6e-8.)
 
 The estimate is bound by HBM bandwidth, not the MXU: at 96 channels and 24-wide heads the
 downsampled attention streams its [256 x 256] weights per head and group through HBM (now in
@@ -40,9 +43,9 @@ bfloat16; the matmuls themselves are small), and without remat the scans' stacki
 reading of every block's residuals is 35% of the v5p-8 estimate (--mode=compile's "by
 kind": dynamic slices). v6e, with the most FLOPs per byte of HBM, gains least.
 
-The previous release: before RoPE rotated bfloat16 queries and keys in bfloat16
-(models/udit.py apply_rope), which took 4-5% off U-DiT-L's v5p-8 estimates
-(configs/udit_l.py); compile again for this release's figures.
+The scanned row is the previous release's, before RoPE in bfloat16 (models/udit.py apply_rope)
+and the three q/k/v matmuls (models/layers.py qkv_projection); compile again for this
+release's.
 """
 
 from udit_jax import config as config_lib
