@@ -79,7 +79,6 @@ def libtpu():
 def _no_persistent_cache():
     """The TPU programs compiled here stay out of the tests' persistent compilation cache: no
     CPU host can read them back (each read is a warning)."""
-    from udit_jax import parallel
     with parallel.without_compilation_cache():
         yield
 
@@ -131,7 +130,6 @@ def test_multi_slice_compiles_with_the_slices_on_the_data_axis(libtpu, tmp_path)
     slice and failed on an assertion), the slices split the data axis, and the step gets an
     estimate (XLA prices the program's SliceId op at -1 s, like ConcatBitcast)."""
     import numpy as np
-    from udit_jax import parallel
     config = tiny_config("DiT", "v5e:2x2")
     config.compile.num_slices = 2
     report = compile_lib.compile_from_config(config, str(tmp_path))
@@ -482,7 +480,6 @@ def _fresh_process_with_libtpu_without_a_tpu(args: list[str], unset: tuple[str, 
     import os
     import subprocess
     import sys
-    from udit_jax import parallel
     if importlib.util.find_spec("libtpu") is None or parallel.on_cloud_tpu_vm():
         pytest.skip("needs libtpu installed on a machine without TPU chips")
     repo = pathlib.Path(__file__).resolve().parents[1]
@@ -537,7 +534,6 @@ def test_timed_compiles_bypass_the_persistent_cache_and_leave_it_as_it_was(libtp
     compiles): a program compiled inside is not written to JAX's persistent cache although
     this process uses one, and the next compile after it is written again."""
     from jax.experimental.compilation_cache import compilation_cache
-    from udit_jax import parallel
     saved = {k: getattr(jax.config, k) for k in (
         "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
         "jax_enable_compilation_cache")}
