@@ -17,18 +17,18 @@ On a TPU pod: launch/tpu_pod.py; on a SLURM GPU cluster: launch/slurm.py.
 The blocks run unrolled (the default; each stage's blocks as one scan with
 --config.model.scan_blocks=True: configs/udit_s.py). The train step compiled for pods on any
 host (--mode=compile, README "Before you rent a pod"; 2-core x86 host, jax 0.10.2, libtpu
-0.0.42.1; XLA's cost model, not a TPU; global batch 256, data parallel, no remat, bf16; the
-unrolled rows compiled at this release, *: tests beside it part of the time, the scanned row
-at the previous one):
+0.0.42.1; XLA's cost model, not a TPU; global batch 256, data parallel, no remat, bf16; this
+release, each compiled alone on the host unless marked, *: tests beside it part of the time):
 
     chips   per chip  blocks    HBM per chip       compile  est. ms/step  img/s/chip  est. MFU
     v5p-8   64        unrolled  20.4 GiB (79%)     474 s*   131.0         489         17.0%
-    v5p-8   64        scanned   47.6 GiB (50%)     240 s    154           415         14.4%
+    v5p-8   64        scanned   47.7 GiB (50%)     192 s    150.3         426         14.8%
     v5e-8   32        unrolled  12.7 GiB (21%)     651 s*   167.6         191         15.4%
     v6e-8   32        unrolled  12.5 GiB (61%)     472 s    69.6          460         8.0%
 
 (The previous release, before RoPE rotated bfloat16 queries and keys in bfloat16 and q, k and
-v came from three matmuls on v5p and v5e: v5p-8 137.6 ms, v5e-8 177 ms, v6e-8 73.9 ms.)
+v came from three matmuls on v5p and v5e: v5p-8 137.6 ms (scanned 154 ms), v5e-8 177 ms,
+v6e-8 73.9 ms.)
 
 The unrolled step is the faster one everywhere, and the only one that fits v5e-8 without
 remat. The scanned step (previous release, alone on the host) needs remat on v5e-8: 11.4 GiB
@@ -46,7 +46,7 @@ convolutions 27% (at 54% of the chip's peak), elementwise work and reductions 68
 the step is bound by HBM bandwidth. The largest model parts are the first level's downsampled
 attentions (a softmax over [256 x 256] logits per head and group), 1.6% each.
 
-The previous release's figures (the scanned row and the paragraphs above) predate RoPE in
+The previous release's figures (the paragraphs above) predate RoPE in
 bfloat16 (models/udit.py apply_rope) and the three q/k/v matmuls (models/layers.py
 qkv_projection), which took 5-6% off the unrolled estimates; compile again for this release's.
 """

@@ -26,14 +26,11 @@ Matmuls take 55% of the estimated time, at 46% of the chip's peak; the largest p
 first level's downsampled attentions (1024 tokens per group), 3.1-3.3% each backward.
 
 Each stage's blocks as one scan (--config.model.scan_blocks=True) needs remat to fit
-(--config.model.remat=True; previous release, alone on the host): 67.1 GiB per chip (29%
-headroom), compile 227 s, 537 ms per step, 119 img/s per chip, 19.3% MFU (compiled with
-earlier releases, before the de-interleaved q and k and the attention that keeps its weights
-in bfloat16: 73.8 GiB, 318 s, 697 ms, 92 img/s, 14.9%).
-
-The scanned figures are the previous release's, before RoPE rotated bfloat16 queries and keys
-in bfloat16 (models/udit.py apply_rope) and q, k and v came from three matmuls on v5p (the
-unrolled step: 437 -> 404 ms); compile again for this release's.
+(--config.model.remat=True; this release, alone on the host): 59.1 GiB per chip (38%
+headroom), compile 202 s, 491 ms per step, 130 img/s per chip, 21.1% MFU (the previous
+release: 67.1 GiB, 537 ms, 119 img/s, 19.3%; earlier releases, before the de-interleaved q
+and k and the attention that keeps its weights in bfloat16: 73.8 GiB, 318 s, 697 ms, 92
+img/s, 14.9%).
 """
 
 from udit_jax import config as config_lib
