@@ -74,8 +74,9 @@ Scanned without remat, with gradient accumulation in remat's place
 then store every block's activations, and writing and reading them is 30% of its estimate).
 
 The scanned step (--config.model.scan_blocks=True) at the recipe's global batch 256 on larger
-slices (fewer images per chip; shard_update), compiled again at this release, alone on the host
-(with earlier releases: 212, 227 and 154 ms):
+slices (fewer images per chip; shard_update), compiled alone on the host before RoPE rotated in
+bfloat16 and q, k and v came from three matmuls (which took 5-6% off the v5p-8 scanned rows
+above; with releases before that: 212, 227 and 154 ms):
 
     chips    per chip  remat  HBM per chip      compile  est. ms/step  img/s/chip  est. MFU
     v5p-16   32        no     49.3 GiB (48%)    237 s    207           154         20.6%
@@ -110,8 +111,8 @@ model's output does not show how it prices the collectives (FSDP on v5p-256: 264
 hence the default stays data parallel with shard_update.
 
 v5e and v6e (16 and 32 GiB per chip), remat, scanned, global batch 256 unless stated; compiled
-before this release's attention (bfloat16 weights, models/layers.py attention_recomputed; on
-v5p it took 1-3% off the step and 0.5-3 GiB per chip), each alone on the host (a short CPU
+before the attention that keeps its weights in bfloat16 (models/layers.py attention_recomputed;
+on v5p it took 1-3% off the step and 0.5-3 GiB per chip), each alone on the host (a short CPU
 profile ran beside the first at its start):
 
     chips   per chip  mesh                 HBM per chip       compile  est. ms  img/s/chip  MFU
