@@ -112,7 +112,8 @@ class QKVProjection(nn.Module):
     as `dense(3 * D, ("embed", "mlp"))`), split into heads:
     x [..., N, D_in] -> (q, k, v), each [..., N, heads, D / heads].
 
-    Computed by `layers.qkv_projection` (three matmuls on TPUs, tokens-minor on v5p). The
+    Computed by `layers.qkv_projection` (three matmuls on TPUs, projected tokens-minor on
+    v5p). The
     params are `layers.fused_qkv_params`.
     """
 

@@ -134,7 +134,7 @@ class DeinterleavedQKV(nn.Module):
     `apply_rope` order: the weight's columns are permuted (a [d, 3d] transpose per step), not
     the activations. v keeps the official order. (U-DiT-L's level-1 attention on v5p, forward
     and backward by XLA's cost model: 9.69 ms against 10.67 ms with strided slices.) Computed
-    by `layers.qkv_projection` (three matmuls on TPUs).
+    by `layers.qkv_projection` (three matmuls on v4, v5e and v5p TPUs, one elsewhere).
     """
 
     dim: int
