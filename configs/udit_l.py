@@ -65,90 +65,78 @@ then loads instead of compiling. On v5e-8 (16 GiB per chip) the step needs remat
 default cannot fit (on v6e it needs 22.5 GiB per chip), and FSDP over the 8 chips without remat
 just fit in the previous release (15.7 GiB, 1.8% headroom), too close to rely on.
 
-Compiled with earlier releases (before the de-interleaved q and k, and some before the
-attention that keeps its weights in bfloat16, models/layers.py attention_recomputed, 1-3% on
-v5p; the comparisons between rows of one table hold):
+The scanned step's other settings, compiled at this release too (alone on the host; the
+recipe's global batch 256 unless stated; shard_update unless stated):
 
-Scanned without remat, with gradient accumulation in remat's place
-(--config.optimizer.grad_accum_steps=2): 68.6 GiB per chip (28%), 407 ms, 21.0% (the scans
-then store every block's activations, and writing and reading them is 30% of its estimate).
+    chips    per chip  remat  mesh, notes                    HBM per chip    compile  est. ms  img/s/chip  MFU
+    v5p-8    64        no     grad_accum_steps=2 (d)         55.1 GiB (42%)  213 s    383      167         22.3%
+    v5p-8    128       yes    global batch 512               56.8 GiB (40%)  213 s    539      237         31.7%
+    v5p-16   32        no                                    49.5 GiB (48%)  234 s    203      158         21.1%
+    v5p-16   32        yes                                   21.2 GiB (78%)  244 s    212      151         20.1%
+    v5p-32   16        yes                                   13.1 GiB (86%)  214 s    147      109         14.5%
 
-The scanned step (--config.model.scan_blocks=True) at the recipe's global batch 256 on larger
-slices (fewer images per chip; shard_update), compiled alone on the host before RoPE rotated in
-bfloat16 and q, k and v came from three matmuls (which took 5-6% off the v5p-8 scanned rows
-above; with releases before that: 212, 227 and 154 ms):
+(d: --config.optimizer.grad_accum_steps=2 in remat's place: the scans then store every block's
+activations, and writing and reading them costs more than remat's recomputation.) Per chip the
+scanned step gets less efficient as its batch shrinks (199 img/s at 64, 158 at 32, 109 at 16),
+so keep 64 per chip where the recipe allows (v5p-8, or a larger global batch). At 128 per chip
+(--config.batch_size=512 on v5p-8) it runs at the unrolled default's rate per chip (237 against
+239 img/s) and compiles in under 4 minutes; a larger global batch changes the recipe, so scale
+its learning rate yourself.
 
-    chips    per chip  remat  HBM per chip      compile  est. ms/step  img/s/chip  est. MFU
-    v5p-16   32        no     49.3 GiB (48%)    237 s    207           154         20.6%
-    v5p-16   32        yes    20.6 GiB (78%)    255 s    221           145         19.4%
-    v5p-32   16        yes    12.9 GiB (86%)    230 s    149           107         14.3%
-
-Per chip the step gets less efficient as its batch shrinks (178 img/s at 64 with an earlier
-release, 154 at 32, 107 at 16), so keep 64 per chip where the recipe allows (v5p-8, or a larger
-global batch). At 32 per chip the scanned step fits without remat and is then estimated 6%
-faster; at 64 it then fit without it only by 2%.
-At 128 per chip (global batch 512 on v5p-8, remat, shard_update) it is a little more
-efficient again: 59.4 GiB per chip (37% headroom), compile 212 s, 623 ms per step, 206 img/s
-per chip, 27.4% estimated MFU; a larger global batch changes the recipe, so scale its
-learning rate yourself.
-
-Pods, 64 images per chip (weak scaling), remat, without shard_update
-(--config.mesh.shard_update=False):
+Pods, 64 images per chip (weak scaling), scanned, remat, without shard_update
+(--config.mesh.shard_update=False), compiled at this release alone on the host:
 
     chips     mesh                HBM per chip     compile  est. ms/step  img/s/chip  est. MFU
-    v5p-8     data 4              44.4 GiB (53%)   241 s    363           177         23.6%
-    v5p-8     fsdp 4              30.4 GiB (68%)   229 s    331           193         25.8%
-    v5p-256   data 128            44.4 GiB (53%)   254 s    363           177         23.6%
-    v5p-256   data 16 x fsdp 8    27.4 GiB (71%)   227 s    327           196         26.1%
+    v5p-8     data 4              44.6 GiB (53%)   244 s    323           198         26.5%
+    v5p-8     fsdp 4              28.5 GiB (70%)   239 s    290           221         29.5%
+    v5p-256   data 128            44.6 GiB (53%)   236 s    323           198         26.5%
+    v5p-256   data 16 x fsdp 8    26.2 GiB (72%)   213 s    285           225         30.0%
 
-(--config.mesh.rules=fsdp --config.mesh.fsdp=<4 or 8> --config.mesh.data=-1 for the fsdp rows;
-these and the v5e/v6e fsdp rows below were compiled before the bias gather above, which took
-0.3% off the first table's fsdp row.)
-Per chip, v5p-256 estimates the same step as v5p-8 (100%) with data parallelism; FSDP is estimated
-8-10% faster (each chip then updates a fraction of the params and optimizer state). The cost
-model's output does not show how it prices the collectives (FSDP on v5p-256: 264 all-gathers,
-727 MiB per step; on v5p-8: 733, 613 MiB), so measure FSDP on the pod before relying on it;
-hence the default stays data parallel with shard_update.
+(--config.mesh.rules=fsdp --config.mesh.fsdp=<4 or 8> --config.mesh.data=-1 for the fsdp rows.)
+Per chip, v5p-256 estimates the same step as v5p-8 (100%) with data parallelism; FSDP is
+estimated 11-14% faster (each chip then updates a fraction of the params and optimizer state).
+The cost model's output does not show how it prices the collectives (FSDP on v5p-256: 304
+all-gathers, 727 MiB per step; on v5p-8: 773, 613 MiB), so measure FSDP on the pod before
+relying on it; hence the default stays data parallel with shard_update.
 
 v5e and v6e (16 and 32 GiB per chip), remat, scanned, global batch 256 unless stated; compiled
-before the attention that keeps its weights in bfloat16 (models/layers.py attention_recomputed;
-on v5p it took 1-3% off the step and 0.5-3 GiB per chip), each alone on the host (a short CPU
-profile ran beside the first at its start):
+at this release, each alone on the host:
 
     chips   per chip  mesh                 HBM per chip       compile  est. ms  img/s/chip  MFU
-    v6e-8   32        data 8, split (a)    21.3 GiB (34%)     577 s    283      113         7.6%
-    v6e-8   32        data 8               30.3 GiB (5%)      571 s    253      126         8.4%
-    v6e-8   32        fsdp 8               17.7 GiB (45%)     508 s    356      90          6.0%
-    v5e-8   16        fsdp 8 (global 128)  9.9 GiB (38%)      399 s    560      29          8.9%
+    v6e-8   32        data 8, split (a)    20.3 GiB (37%)     397 s    267      120         8.0%
+    v6e-8   32        data 8               30.1 GiB (6%)      482 s    237      135         9.0%
+    v6e-8   32        fsdp 8               17.4 GiB (46%)     368 s    327      98          6.5%
+    v5e-8   16        fsdp 8 (global 128)  9.8 GiB (39%)      266 s    524      31          9.5%
 
 (a: mesh.shard_update, the default; False for the others.) On v6e-8 the replicated params, EMA
-and Adam moments alone take 13.7 GiB of the 30.3; with shard_update each chip keeps the float32
-params whole and an eighth of the EMA and moments (4.7 GiB of arguments): 34% headroom,
-estimated 1.26x FSDP's throughput. Without shard_update the step now fits too, estimated 12%
-faster, but with 5% headroom, too little to rely on before a run has shown it on the chip (try
+and Adam moments alone take 13.7 GiB of the 30.1; with shard_update each chip keeps the float32
+params whole and an eighth of the EMA and moments (4.7 GiB of arguments): 37% headroom,
+estimated 1.22x FSDP's throughput. Without shard_update the step fits too, estimated 13%
+faster, but with 6% headroom, too little to rely on before a run has shown it on the chip (try
 --config.mesh.shard_update=False there). v6e's FLOPs outrun its HBM bandwidth on this
 memory-bound step (matmuls 27% of the estimated time), hence the low MFU. The v5e-8 row is FSDP
 at 16 images per chip (--config.batch_size=128 --config.mesh.rules=fsdp --config.mesh.fsdp=8
---config.mesh.data=-1). The previous release (four 1x1 convs per rep FFN, compiled beside
-other compiles): v6e-8 split 23.9 GiB / 302 ms / 7.1%, data 8 33.5 GiB (no fit), fsdp 20.4 GiB /
-400 ms / 5.3%; v5e-8 11.1 GiB / 623 ms / 8.0%.
+--config.mesh.data=-1).
 
 Where the estimate goes (--mode=compile's "by kind", this release): in the default step
-matmuls and convolutions are 36% of the time, at 87% of the chip's peak; elementwise work and
-reductions 46%, copies and transposes 18%. The matmuls alone, at that rate, would give 87% MFU;
-55% needs the rest cut to under a third of what it is. (The shares weigh each op by the TPU
+matmuls and convolutions are 38% of the time, at 84% of the chip's peak; elementwise work and
+reductions 44%, copies and transposes 17%. The matmuls alone, at that rate, would give 84% MFU;
+55% needs the rest cut to under a third of what it is. The fusions that compute the 5x5
+depthwise convolutions' taps (the rep FFN's and the downsampler's, forward and input gradient:
+25 shifted multiply-adds each on the vector units, with what XLA fused into them) take 27% of
+the cycles by themselves. (The shares weigh each op by the TPU
 backend's cycle count; the estimate itself is closer to a roofline of each op's bytes and
 FLOPs, and this step is bound by its 5.1e11 bytes per chip: rank candidates by bytes.) No part
-stands out: the largest single model part is 1.6% of the default step's estimate, the
+stands out: the largest single model part is 1.3% of the default step's estimate, the
 attention's core (q.k, softmax, weighted sum) writes its [N, M] weights only in bfloat16
 (models/layers.py attention_recomputed), and the rest is hundreds of passes over the
 activations (norms, RoPE, layouts, the depthwise convolutions) that XLA's fusion of this
 graph does not merge.
 
 With remat, it keeps the projection and attention outputs (model.remat_keeps="outputs", the
-default); scanned: 363 ms against 368 ms keeping only the attention outputs ("attention", 27.3 GiB per chip) and
-375 ms keeping only the block inputs ("inputs", 23.1 GiB; v5p-8, data 4, without shard_update,
-44.4 GiB with "outputs").
+default); scanned (v5p-8, data 4, without shard_update, this release): 323 ms and 44.6 GiB per
+chip, against 327 ms and 26.5 GiB keeping only the attention outputs ("attention") and 334 ms
+and 23.3 GiB keeping only the block inputs ("inputs").
 """
 
 from udit_jax import config as config_lib
