@@ -31,24 +31,21 @@ v came from three matmuls on v5p and v5e: v5p-8 137.6 ms (scanned 154 ms), v5e-8
 v6e-8 73.9 ms.)
 
 The unrolled step is the faster one everywhere, and the only one that fits v5e-8 without
-remat. The scanned step (previous release, alone on the host) needs remat on v5e-8: 11.4 GiB
-(29% headroom), compile 280 s, 288 ms, 111 img/s per chip, 9.0%; on v6e-8 without remat: 26.1 GiB
-(18% headroom), compile 451 s, 100 ms, 319 img/s per chip, 5.5% (with earlier releases, before
-the de-interleaved q and k: 11.5 GiB and 308 ms; 26.5 GiB and 108 ms).
+remat. The scanned step (this release, alone on the host) needs remat on v5e-8: 11.5 GiB
+(28% headroom), compile 314 s, 274 ms, 117 img/s per chip, 9.4%; on v6e-8 without remat:
+26.1 GiB (18% headroom), compile 473 s, 102 ms, 314 img/s per chip, 5.5% (the previous release:
+11.4 GiB and 288 ms; 26.1 GiB and 100 ms, which is 2% faster than this release on v6e).
 
 At 128 per chip (global batch 512 on v5p-8, scanned, remat, --config.mesh.shard_update=True;
-previous release, alone on the host): 28.3 GiB per chip (70% headroom), compile 208 s, 255 ms
-per step, 503 img/s per chip, 17.5% estimated MFU (before the de-interleaved q and k: 276 ms,
-16.1%); a larger global batch changes the recipe, so scale its learning rate yourself.
+this release, alone on the host): 27.0 GiB per chip (72% headroom), compile 219 s, 233 ms per
+step, 549 img/s per chip, 19.1% estimated MFU (the previous release: 255 ms, 17.5%); a larger
+global batch changes the recipe, so scale its learning rate yourself.
 
-Where the v5e-8 estimate goes (--mode=compile's "by kind", the previous release): matmuls and
-convolutions 27% (at 54% of the chip's peak), elementwise work and reductions 68%, copies 5%:
-the step is bound by HBM bandwidth. The largest model parts are the first level's downsampled
-attentions (a softmax over [256 x 256] logits per head and group), 1.6% each.
-
-The previous release's figures (the paragraphs above) predate RoPE in
-bfloat16 (models/udit.py apply_rope) and the three q/k/v matmuls (models/layers.py
-qkv_projection), which took 5-6% off the unrolled estimates; compile again for this release's.
+Where the v5e-8 estimate goes (--mode=compile's "by kind", this release's unrolled row):
+matmuls and convolutions 29% (at 53% of the chip's peak), elementwise work and reductions 66%,
+copies 5%: the step is bound by HBM bandwidth. The largest parts are the update's adds
+(3.1%), then the first level's blocks and downsampled attentions (a softmax over [256 x 256]
+logits per head and group), 1.5% each.
 """
 
 from udit_jax import config as config_lib
