@@ -113,8 +113,7 @@ class QKVProjection(nn.Module):
     x [..., N, D_in] -> (q, k, v), each [..., N, heads, D / heads].
 
     Computed by `layers.qkv_projection` (three matmuls on TPUs, projected tokens-minor on
-    v5p). The
-    params are `layers.fused_qkv_params`.
+    v5p). The params are `layers.fused_qkv_params`.
     """
 
     dim: int
