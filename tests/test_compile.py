@@ -67,7 +67,29 @@ REQUIRED = ("topology", "chips", "device_kind", "global_batch", "mesh", "hbm_byt
             "hbm_capacity_bytes", "fits", "headroom", "compile_seconds", "xla_flops_per_chip",
             "model_flops_per_chip", "estimated_step_seconds",
             "estimated_images_per_second_per_chip", "estimated_mfu", "collectives", "versions",
-            "compiler_flags")
+            "compiler_flags", "host_allocator")
+
+
+JEMALLOC_MAPS = "7f12-7f13 r-xp 00000000 08:01 123 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n"
+
+
+@pytest.mark.parametrize("preload, maps, allocator", [
+    ("libjemalloc.so.2", JEMALLOC_MAPS, "jemalloc"),
+    ("/opt/lib/libtcmalloc_minimal.so.4", "... /opt/lib/libtcmalloc_minimal.so.4\n", "tcmalloc"),
+    ("", JEMALLOC_MAPS, "glibc"),                      # loaded by a library, not malloc's owner
+    ("libjemalloc.so.2", "... /usr/lib/libc.so.6\n", "glibc"),   # preload named, not loaded
+    ("", "... /usr/lib/libc.so.6\n", "glibc")])
+def test_host_allocator_is_the_preloaded_malloc(preload, maps, allocator):
+    assert compile_lib.host_allocator(preload, maps) == allocator
+
+
+def test_compile_line_names_the_malloc_and_what_a_glibc_host_can_do(monkeypatch):
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert compile_lib.host_allocator() == "glibc"   # this process, as the tests run it
+    line = lambda a: compile_lib._allocator_note(a)  # noqa: E731
+    assert line("glibc") == "glibc malloc; with jemalloc preloaded it compiles faster, see the README"
+    assert line("jemalloc") == "jemalloc malloc"
+    assert line(None) == "unknown malloc"   # a report written before the field existed
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +118,7 @@ def test_tiny_models_compile_with_a_full_report(libtpu, family, topology, chips,
     assert (report["chips"], report["device_kind"], report["global_batch"]) == (chips, kind, 16)
     assert report["versions"]["libtpu"] and report["versions"]["jax"] == jax.__version__
     assert f"  compiler       jax {jax.__version__}, " in compile_lib.format_report(report)
+    assert f"CPU-s; {report['host_allocator']} malloc" in compile_lib.format_report(report)
     assert report["mesh"] == {"data": 4, "fsdp": 1}
     hbm = report["hbm_bytes_per_chip"]
     assert set(hbm) >= {"arguments", "outputs", "temporaries", "total"}
