@@ -2,6 +2,7 @@
 
 import functools
 import json
+import os
 import pathlib
 import re
 
@@ -67,7 +68,7 @@ REQUIRED = ("topology", "chips", "device_kind", "global_batch", "mesh", "hbm_byt
             "hbm_capacity_bytes", "fits", "headroom", "compile_seconds", "xla_flops_per_chip",
             "model_flops_per_chip", "estimated_step_seconds",
             "estimated_images_per_second_per_chip", "estimated_mfu", "collectives", "versions",
-            "compiler_flags", "host_allocator")
+            "compiler_flags", "host_allocator", "host_cpu_cores")
 
 
 JEMALLOC_MAPS = "7f12-7f13 r-xp 00000000 08:01 123 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n"
@@ -90,6 +91,10 @@ def test_compile_line_names_the_malloc_and_what_a_glibc_host_can_do(monkeypatch)
     assert line("glibc") == "glibc malloc; with jemalloc preloaded it compiles faster, see the README"
     assert line("jemalloc") == "jemalloc malloc"
     assert line(None) == "unknown malloc"   # a report written before the field existed
+    # The cores the compile ran on: its time means little without them.
+    assert compile_lib._cores({"host_cpu_cores": 2}) == " on 2 cores"
+    assert compile_lib._cores({"host_cpu_cores": 1}) == " on 1 core"
+    assert compile_lib._cores({}) == ""
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +123,10 @@ def test_tiny_models_compile_with_a_full_report(libtpu, family, topology, chips,
     assert (report["chips"], report["device_kind"], report["global_batch"]) == (chips, kind, 16)
     assert report["versions"]["libtpu"] and report["versions"]["jax"] == jax.__version__
     assert f"  compiler       jax {jax.__version__}, " in compile_lib.format_report(report)
-    assert f"CPU-s; {report['host_allocator']} malloc" in compile_lib.format_report(report)
+    cores = len(os.sched_getaffinity(0))
+    assert report["host_cpu_cores"] == cores
+    assert (f"CPU-s on {cores} core{'s' if cores > 1 else ''}; {report['host_allocator']} malloc"
+            in compile_lib.format_report(report))
     assert report["mesh"] == {"data": 4, "fsdp": 1}
     hbm = report["hbm_bytes_per_chip"]
     assert set(hbm) >= {"arguments", "outputs", "temporaries", "total"}
@@ -500,7 +508,6 @@ def _fresh_process_with_libtpu_without_a_tpu(args: list[str], unset: tuple[str, 
     starts once per process) without the environment variables `unset` and with `env_set`;
     skips unless libtpu is installed on a machine without TPU chips."""
     import importlib.util
-    import os
     import subprocess
     import sys
     if importlib.util.find_spec("libtpu") is None or parallel.on_cloud_tpu_vm():
@@ -544,6 +551,10 @@ def test_compile_mode_starts_libtpu_without_a_page_of_errors(tmp_path):
         env_set={"JAX_COMPILATION_CACHE_DIR": str(xla_cache),
                  "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
     assert proc.returncode == 0 and "train step of U-DiT" in proc.stdout, proc.stderr[-2000:]
+    # Before the silent minutes of a large model's compile: what is compiling, where.
+    assert "lowering the train step of U-DiT for v5e:2x2 (4 x TPU v5 lite), mesh" in proc.stderr
+    assert re.search(r"compiling the train step of U-DiT for v5e:2x2 \(4 x TPU v5 lite\) on \d+ "
+                     r"cores? \((glibc|jemalloc|tcmalloc|unknown) malloc\)", proc.stderr)
     assert "worker hostname" not in proc.stderr, proc.stderr[-2000:]
     assert "accelerator type" not in proc.stderr, proc.stderr[-2000:]
     report = json.loads((tmp_path / "runs" / "c" / "compile" / "v5e:2x2.json").read_text())

@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from etils import epath
 
 from udit_jax import config as config_lib
@@ -272,15 +273,21 @@ def compile_report(config, executable_path=None) -> dict[str, Any]:
         "shard_update": bool(config.mesh.shard_update),
         # What made the estimate: another compiler or other flags compile another program.
         "versions": executables.versions(), "compiler_flags": executables.compiler_flags(),
-        "host_allocator": host_allocator(),
+        "host_allocator": host_allocator(), "host_cpu_cores": parallel.host_cores(),
     }
     build = _train_program if c.what == "train" else _sample_program
+    what = f"the {c.what} step of {config.model.name} for {c.topology} ({chips} x {kind})"
+    # The compile is silent for minutes on a small host (U-DiT-L's v5p-8 step: 5-9 on 2 cores):
+    # say what is running, and on what, before it starts.
+    logging.info("lowering %s, mesh %s...", what, dict(mesh.shape))
     start, cpu_start = time.perf_counter(), time.process_time()
     fn, args, images, model_flops, steps = build(config, model, mesh)
     report["global_batch"] = images
     report["steps_per_call"] = steps
     lowered = fn.lower(*args)
     report["lowering_seconds"] = time.perf_counter() - start
+    logging.info("compiling %s%s (%s malloc): minutes for an ImageNet-size model on a small "
+                 "host...", what, _cores(report), report["host_allocator"])
     try:
         with parallel.without_compilation_cache():   # the compile time is the result
             compiled = lowered.compile()
@@ -413,7 +420,8 @@ def format_report(r: dict[str, Any]) -> str:
         + (("fits" if r["fits"] else "DOES NOT FIT")
            + ("" if r["headroom"] is None else f", headroom {100 * r['headroom']:.1f}%")),
         f"  compile        {r['compile_seconds']:.1f} s (lowering {r['lowering_seconds']:.1f} s, "
-        f"{r['compile_cpu_seconds']:.1f} CPU-s; {_allocator_note(r.get('host_allocator'))})",
+        f"{r['compile_cpu_seconds']:.1f} CPU-s{_cores(r)}; "
+        f"{_allocator_note(r.get('host_allocator'))})",
         "  compiler       " + ", ".join(f"{k} {v}" for k, v in r["versions"].items() if v)
         + "".join(f"; {k}={' '.join(v)}" for k, v in r["compiler_flags"].items()),
         f"  model FLOPs    {r['model_flops_per_chip']:.3e} per chip per step",
@@ -424,6 +432,11 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"  executable     {r['executable']} (a training run with this --workdir "
                      "on this topology loads it instead of compiling)")
     return "\n".join(lines)
+
+
+def _cores(r: dict[str, Any]) -> str:
+    n = r.get("host_cpu_cores")   # absent from reports written before the field
+    return f" on {n} core{'s' if n != 1 else ''}" if n else ""
 
 
 def _allocator_note(allocator: str | None) -> str:

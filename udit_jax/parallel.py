@@ -27,6 +27,11 @@ from udit_jax import paths
 DATA_AXES = ("data", "fsdp")   # mesh axes the batch is split over (when the mesh has them)
 
 
+def host_cores() -> int:
+    """The CPU cores this process may run on (its affinity: taskset, a container's cpuset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def set_cpu_devices(count: int) -> None:
     """Splits the host CPU into `count` XLA devices (-1: one per core; 0: leave JAX's default
     of one). Only the CPU backend reads it, and only when it starts: call before anything
@@ -35,7 +40,7 @@ def set_cpu_devices(count: int) -> None:
         return
     if count < -1:
         raise ValueError(f"mesh.cpu_devices={count}; use -1 (one per core), 0 (default) or N > 0")
-    count = len(os.sched_getaffinity(0)) if count == -1 else count
+    count = host_cores() if count == -1 else count
     if jax.config.jax_num_cpu_devices == count:
         return
     try:
