@@ -24,7 +24,7 @@ import time
 
 from benchmarks.common import MODEL_CONFIGS as CONFIGS, load_config, print_table
 from udit_jax import compile as compile_lib
-from udit_jax import hlo_cost
+from udit_jax import hlo_cost, parallel
 
 RULES = ("data_parallel", "shard_update", "fsdp")
 SUBSET = [  # (model, topology, rules, remat, per-chip batch)
@@ -93,7 +93,8 @@ def main():
     rows = []
     for case in cases:
         rows.append(run_case(*case))
-        print_table(rows[-1:], "" if len(rows) > 1 else "TPU train steps compiled on this host")
+        print_table(rows[-1:], "" if len(rows) > 1 else "TPU train steps compiled on this host "
+                    f"({parallel.host_cores()} cores, {compile_lib.host_allocator()} malloc)")
     print_table(rows, "all cases")
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(f"process CPU: {usage.ru_utime + usage.ru_stime:.0f} s (user+sys); peak RSS "
