@@ -22,7 +22,7 @@ import time
 
 import jax
 
-from benchmarks.common import load_config, print_table
+from benchmarks.common import load_config, print_table, run_steps
 
 
 def cpu_seconds() -> float:
@@ -67,8 +67,7 @@ def bench(config, steps: int) -> list[dict]:
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     clock.lap()
-    for _ in range(steps):
-        state, metrics = compiled(state, batch)
+    state, metrics = run_steps(compiled, state, batch, steps)
     jax.block_until_ready(metrics)
     row(f"train step (mean of {steps})", clock, steps)
     step_cpu = rows[-1]["cpu_s"]

@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from benchmarks.common import peak_memory_gib, print_table
+from benchmarks.common import peak_memory_gib, print_table, run_steps
 from udit_jax import hlo_cost, models, parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file")
@@ -64,8 +64,7 @@ def bench(config, steps: int, warmup: int) -> dict:
     rounds = []
     for n in _rounds(steps):
         t0 = time.perf_counter()
-        for _ in range(n):
-            state, metrics = step(state, batch)
+        state, metrics = run_steps(step, state, batch, n)
         jax.block_until_ready(metrics)
         rounds.append((time.perf_counter() - t0) / n)
         progress(f"{n} steps: {1e3 * rounds[-1]:.1f} ms each")

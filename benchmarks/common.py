@@ -30,6 +30,23 @@ def time_fn(fn: Callable[[], object], warmup: int = 2, iters: int = 10) -> float
     return times[len(times) // 2]
 
 
+def run_steps(step: Callable, state, batch, n: int):
+    """n calls of state, metrics = step(state, batch), at most two in flight (as the train loop).
+
+    Unbounded asynchronous dispatch of a program with collectives over several XLA CPU devices
+    can deadlock XLA's CPU runtime (its all-reduce rendezvous then aborts the process after 40 s;
+    seen with 100-150 steps queued on two devices); waiting for step k - 1 while step k runs keeps
+    the overlap of dispatch and compute. Returns (state, metrics of the last step), not blocked on.
+    """
+    metrics = None
+    for _ in range(n):
+        previous = metrics
+        state, metrics = step(state, batch)
+        if previous is not None:
+            jax.block_until_ready(previous)
+    return state, metrics
+
+
 def peak_memory_gib() -> float | None:
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")

@@ -70,3 +70,29 @@ def test_gpu_table_cases_and_roofline():
                                  devices=1).model.scan_blocks
     from udit_jax import config as config_lib
     config_lib.check_values(config)   # what validate would refuse on a GPU too
+
+
+def test_run_steps_keeps_at_most_two_steps_in_flight():
+    """Unbounded async dispatch over several XLA CPU devices can deadlock XLA's collectives
+    (benchmarks.common.run_steps): each step may start only once the step before last is done."""
+    from benchmarks.common import run_steps
+
+    class Pending:   # a step's metrics, "done" only once someone blocks on them
+        def __init__(self, log):
+            self.log, self.done = log, False
+
+        def block_until_ready(self):
+            self.done = True
+            return self
+
+    issued = []
+
+    def step(state, batch):
+        in_flight = sum(not m.done for m in issued)
+        assert in_flight <= 1, f"step {len(issued)} dispatched with {in_flight} steps in flight"
+        issued.append(Pending(issued))
+        return state + 1, issued[-1]
+
+    state, last = run_steps(step, 0, None, 50)
+    assert state == 50 and last is issued[-1] and len(issued) == 50
+    assert all(m.done for m in issued[:-1]) and not last.done   # the last one is the caller's
