@@ -55,8 +55,8 @@ FSDP is estimated 7% faster than the default and needs less memory, but the cost
 output does not show how it prices the collectives (below), so the default stays data
 parallel with shard_update until FSDP is measured on a pod. The scanned step compiles in
 about 4 minutes instead of 6 (on a many-core host, by the README's estimate from one and two
-cores, about 1 instead of 2.5-3.5: far less of its compile is serial) but needs far more memory (without remat it fits by 2%, too close
-to rely on) and runs slower: a scan keeps each
+cores, about 1 instead of 2.5-3.5: far less of its compile is serial) but needs far more
+memory (without remat it fits by 2%, too close to rely on) and runs slower: a scan keeps each
 block's residuals, as jax's autodiff chose them, in stacked buffers that it zero-fills before
 the loop and writes and reads by dynamic slices, while the unrolled program leaves them to
 XLA. The same params in either layout: a run may switch on resume (its checkpoints are

@@ -78,8 +78,7 @@ def test_run_steps_keeps_at_most_two_steps_in_flight():
     from benchmarks.common import run_steps
 
     class Pending:   # a step's metrics, "done" only once someone blocks on them
-        def __init__(self, log):
-            self.log, self.done = log, False
+        done = False
 
         def block_until_ready(self):
             self.done = True
@@ -90,7 +89,7 @@ def test_run_steps_keeps_at_most_two_steps_in_flight():
     def step(state, batch):
         in_flight = sum(not m.done for m in issued)
         assert in_flight <= 1, f"step {len(issued)} dispatched with {in_flight} steps in flight"
-        issued.append(Pending(issued))
+        issued.append(Pending())
         return state + 1, issued[-1]
 
     state, last = run_steps(step, 0, None, 50)
