@@ -151,8 +151,12 @@ def _check_p_sample(io, g, clip, model_fn, d):
     x = jnp.asarray(nhwc(io[f"{g}.x"]))
     out = d.p_mean_variance(model_fn, x, t, clip_denoised=clip, model_kwargs={"y": jnp.asarray(io["y"])})
     prefix = f"{g}_clip" if clip else g
+    # x0 = x / sqrt(abar) - sqrt(1 / abar - 1) * eps multiplies the model's float32 rounding by
+    # up to ~157 (t = 999); clipping keeps |x0| <= 1, so judge x0 on that gain's scale.
+    gain = max(1.0, float(np.max(d.sqrt_recipm1_alphas_cumprod[np.asarray(io[f"{g}.t"])])))
     for name in ("mean", "variance", "log_variance", "pred_xstart"):
-        assert_close_rel(out[name], nhwc(io[f"{prefix}.{name}"]), 1e-5, f"{prefix}.{name}")
+        rel = 1e-5 * gain if name == "pred_xstart" else 1e-5
+        assert_close_rel(out[name], nhwc(io[f"{prefix}.{name}"]), rel, f"{prefix}.{name}")
     step = d.p_sample(model_fn, x, t, noise=jnp.asarray(nhwc(io[f"{g}.noise"])), clip_denoised=clip,
                       model_kwargs={"y": jnp.asarray(io["y"])})
     assert_close_rel(step["sample"], nhwc(io[f"{prefix}.sample"]), 1e-5, f"{prefix}.sample")

@@ -330,12 +330,16 @@ def test_paper_numbers_at_512():
 
 def test_wrong_model_state_dict_lists_keys(reduced):
     _, state_dict, _, _ = reduced
-    other = models.build_model("U-DiT", input_size=16, hidden_size=32, depth=(1, 2, 2, 2, 2), num_heads=2,
-                               num_classes=10, mlp_ratio=2, attn_type="v2", posemb_type="rope2d",
-                               downsampler="dwconv5", down_shortcut=1)
-    with pytest.raises(convert.ConversionError, match=r"unexpected keys: encoder_level_1\.1\."):
+    config = json.loads((FIXTURES / "manifest.json").read_text())["udit_reduced"]["config"]
+    # The fixture's model with the last block of its first non-empty stage left out.
+    stages = ("encoder_level_1", "encoder_level_2", "latent", "decoder_level_2", "decoder_level_1")
+    depth = list(config["depth"])
+    stage = next(i for i, d in enumerate(depth) if d > 0)
+    depth[stage] -= 1
+    other = models.build_model("U-DiT", **{**config, "depth": tuple(depth)})
+    with pytest.raises(convert.ConversionError, match=rf"unexpected keys: {stages[stage]}\.{depth[stage]}\."):
         convert.params_from_torch(other, state_dict)
-    wider = other.clone(depth=(2, 2, 2, 2, 2), hidden_size=64, num_heads=4)
+    wider = other.clone(depth=tuple(config["depth"]), hidden_size=2 * config["hidden_size"])
     with pytest.raises(convert.ConversionError, match="wrong shape"):
         convert.params_from_torch(wider, state_dict)
 

@@ -119,7 +119,7 @@ class MidBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Zero pad (top 0, bottom 1, left 0, right 1), then 3x3 stride-2 VALID conv: [B,H,W,C] -> [B,ceil(H/2),ceil(W/2),C]."""
+    """Zero pad (top 0, bottom 1, left 0, right 1), then 3x3 stride-2 VALID conv: [B,H,W,C] -> [B,floor(H/2),floor(W/2),C]."""
 
     dtype: Dtype = jnp.float32
 
@@ -272,7 +272,7 @@ class AutoencoderKL(nn.Module):
         """Posterior parameters of images.
 
         x: [B, H, W, in_channels] in [-1, 1] -> (mean, logvar), each [B, H/f, W/f, latent_channels]
-        float32 with f = 2**(len(block_out_channels) - 1) (rounded up), logvar clamped to [-30, 20].
+        float32 with f = 2**(len(block_out_channels) - 1) (rounded down at each halving), logvar clamped to [-30, 20].
         """
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(f"encode expects images [B, H, W, {self.in_channels}] (NHWC), got shape "
