@@ -24,9 +24,11 @@ from test_train import REPO, _env, _free_port, flat_state, make_config  # noqa: 
 
 
 def snapshot(root: pathlib.Path) -> dict[str, str]:
-    """{relative path: sha256} of every file under root."""
+    """{relative path: sha256} of every file under root but the run lock (which names the
+    process holding the workdir, so each run writes its own)."""
+    from udit_jax.paths import RUN_LOCK_FILE
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != RUN_LOCK_FILE}
 
 
 def flip_bit(path: pathlib.Path, offset: int | None = None, mask: int = 0x10) -> None:

@@ -138,12 +138,53 @@ def test_evaluate_defaults_to_the_papers_protocol(tmp_path, monkeypatch):
     monkeypatch.setattr(sample, "run_sampling_job",
                         lambda *a, **kw: jobs.append(kw) or {"npz": str(tmp_path / "s.npz")})
     monkeypatch.setattr(evaluate, "evaluate_npz", lambda *a, **kw: scored.append(a) or {})
-    # No export is needed: only its objective record is read before the (stubbed) job.
-    monkeypatch.setattr(evaluate.export, "read_info", lambda d: {"objective": {"name": "ddpm"}})
+    monkeypatch.setattr(evaluate, "Evaluator", lambda *a, **kw: None)
+    # No export is needed: only its objective and size are read before the (stubbed) job.
+    monkeypatch.setattr(evaluate.export, "read_info",
+                        lambda d: {"objective": {"name": "ddpm"}, "data": {"image_size": 256}})
     evaluate.evaluate_from_config(config, tmp_path)
     job = jobs[0]
     assert (job["num_images"], job["sampler"], job["steps"], job["cfg_scale"], job["dtype"],
             job["guide_all_channels"]) == (50_000, "ddpm", "250", 1.0, "float32", False)
+
+
+def test_evaluate_checks_everything_before_sampling(tmp_path, monkeypatch):
+    """Sampling 50,000 images takes hours: a reference of another resolution, a bad scoring
+    setting, or a result file holding another sample file's scores stop the command first."""
+    from udit_jax import sample
+    from udit_jax.evaluation import evaluate
+    from tests.test_sample import write_pixel_export
+    work = tmp_path / "work"
+    write_pixel_export(work / "export")                  # 8x8 images
+    np.savez(tmp_path / "ref16.npz", arr_0=np.zeros((12, 16, 16, 3), np.uint8))
+    (tmp_path / "inception.pth").write_bytes(b"x")
+    jobs = []
+    monkeypatch.setattr(sample, "run_sampling_job", lambda *a, **kw: jobs.append(kw))
+
+    def run(**eval_fields):
+        config = config_lib.base_config()
+        config.eval.update(dict(dict(reference_npz=str(tmp_path / "ref16.npz"), num_samples=12,
+                                     inception_weights=str(tmp_path / "inception.pth")),
+                                **eval_fields))
+        return evaluate.evaluate_from_config(config, work)
+
+    with pytest.raises(ValueError, match="samples are 8x8 but the reference .*ref16.npz is 16x16"):
+        run()
+    with pytest.raises(ValueError, match="config.eval.fid_method='bogus'"):
+        run(fid_method="bogus")
+    with pytest.raises(ValueError, match="config.eval.is_split_size=0"):
+        run(is_split_size=0)
+    assert jobs == []
+    # Two sampling jobs' files are both samples.npz: the job's folder names the result, and a
+    # result of another file is never replaced.
+    job = tmp_path / "ddpm250-job"
+    job.mkdir()
+    (job / "job.json").write_text("{}")
+    np.savez(job / "samples.npz", arr_0=np.zeros((12, 8, 8, 3), np.uint8))
+    (work / "eval").mkdir()
+    (work / "eval" / "ddpm250-job.json").write_text(json.dumps({"sample_path": "/other/samples.npz"}))
+    with pytest.raises(FileExistsError, match="holds the scores of /other/samples.npz"):
+        run(sample_npz=str(job / "samples.npz"))
 
 
 def test_metric_names_carry_the_sample_count():
@@ -225,6 +266,12 @@ def test_in_loop_evaluation_requirements_fail_at_start(tmp_path):
     ("model.kwargs.num_heads", 0, "positive integer"),
     ("model.remat_keeps", "everything", "use one of"),
     ("model.matmul_precision", "half", "use one of"),
+    # keep=0 made orbax delete every checkpoint of the workdir at the next save.
+    ("checkpoint.keep", 0, "positive integer"),
+    ("checkpoint.keep_every", -1, "non-negative integer"),
+    ("sample_every_steps", -1, "non-negative integer"),
+    ("eval_every_steps", -1, "non-negative integer"),
+    ("eval.quality", "foo", "use 'fashion_mnist' or ''"),   # before the workdir records it
 ])
 def test_bad_values_fail_before_compiling(field, value, message, tmp_path):
     from udit_jax import train
@@ -393,14 +440,21 @@ def bad_inputs(tmp: pathlib.Path) -> list[tuple[list[str], str]]:
         (demo + ["--config.data.num_classes=0"], "data.num_classes=0"),
         (demo + ["--config.seed=-1"], "seed=-1"),
         (demo + ["--config.model.kwargs.foo=1"], "no field 'foo'"),
+        # Only the misspelt flag is named, with ml_collections' suggestion.
+        (demo + ["--config.totl_steps=5", "--config.total_steps=20"],
+         "error: --config.totl_steps: the config has no field 'totl_steps'. Did you mean "
+         '"total_steps"'),
+        (demo + ["--config.checkpoint.keep=0"], "checkpoint.keep=0 must be a positive integer"),
         (demo + ["--config.model.kwargs.num_heads=0"], "model.kwargs.num_heads=0"),
         (demo + ["--config.model.name=Nope"], "unknown model name 'Nope'"),
         (demo + ["--config.sample.classes=a,b"], "sample.classes"),
         (demo + ["--config.data.num_classes=5"], "sample.classes [5, 6, 7, 8, 9] are outside"),
         (demo + [f"--config.data.dir={tmp / 'fmnist'}"], "train-images-idx3-ubyte.gz is corrupt"),
         (demo + ["--config.data.source=folder", f"--config.data.dir={folders}",
-                 "--config.data.num_classes=2", "--config.sample.classes=0,1"],
-         "data source has 3 classes"),
+                 "--config.data.num_classes=2", "--config.sample.classes=0,1",
+                 "--config.eval.quality="], "data source has 3 classes"),
+        (demo + ["--config.data.source=folder", f"--config.data.dir={folders}"],
+         "eval.quality='fashion_mnist' scores Fashion-MNIST pixel samples"),
         (demo + ["--config.eval_every_steps=10"], "needs config.eval.reference_npz"),
         (demo + ["--config.data.channels=3"], "data.channels=3 but the images of "
                                               "data.source='fashion_mnist' have 1 channel(s)"),
@@ -442,3 +496,46 @@ def test_main_reports_every_expected_error_in_one_line(tmp_path):
         assert result["rc"] == 1 and "Traceback" not in err, (argv, err[-2000:])
         assert len(errors) == 1 and message in errors[0], (argv, err[-2000:])
         assert "FATAL" not in err and "Pass --helpshort" not in err, (argv, err[-2000:])
+
+
+def test_export_round_trip_keeps_the_objective_and_diffusion(tmp_path, capsys):
+    """--from_export rebuilds the export it reads: a flow-matching model stays one (sampled as
+    an eps model it would give wrong images without an error), its schedule stays its own, and
+    flags that disagree with the export, or an export without torch weights, are one line."""
+    from udit_jax import export, models
+    from tests.test_sample import UDIT, random_params
+    model = models.build_model("U-DiT", input_size=8, in_channels=1, **UDIT, cfg_channels=None)
+    objective = {"name": "transport", "transport": {"path_type": "Linear", "prediction": "velocity",
+                                                    "loss_weight": None, "train_eps": 0.0,
+                                                    "sample_eps": 0.0}}
+    diffusion = {"noise_schedule": "squaredcos_cap_v2", "diffusion_steps": 500, "learn_sigma": True}
+    data = {"space": "pixel", "image_size": 8, "channels": 1, "num_classes": 3, "latent_scale": 0.5}
+    for name, weights in (("src", True), ("no_weights", False)):
+        export.write_export(tmp_path / name, model, random_params(model, 0), diffusion=diffusion,
+                            objective=objective, data=data, vae=None, metadata={},
+                            torch_weights=weights)
+    assert export.main([f"--from_export={tmp_path / 'src'}", f"--out={tmp_path / 'again'}"]) == 0
+    before, after = (json.loads((tmp_path / d / "export.json").read_text()) for d in ("src", "again"))
+    for section in ("model", "diffusion", "objective", "data", "vae"):
+        assert after[section] == before[section], section
+    capsys.readouterr()
+    assert export.main([f"--from_export={tmp_path / 'src'}", "--image_size=16", "--space=pixel",
+                        f"--out={tmp_path / 'x'}"]) == 1
+    assert "--image_size=16 (the export has 8)" in capsys.readouterr().err
+    assert export.main([f"--from_export={tmp_path / 'src'}", "--channels=3",
+                        f"--out={tmp_path / 'x'}"]) == 1
+    assert "--channels=3 (the export has 1)" in capsys.readouterr().err
+    assert export.main([f"--from_export={tmp_path / 'no_weights'}", f"--out={tmp_path / 'y'}"]) == 1
+    assert "--config.export.torch_weights=True" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_convert_inception_errors_are_one_line(tmp_path, capsys):
+    from udit_jax.evaluation import convert_inception
+    assert convert_inception.main([str(tmp_path / "missing.pth"), str(tmp_path / "out.npz")]) == 1
+    np.savez(tmp_path / "other.npz", w=np.zeros(3, np.float32))
+    assert convert_inception.main([str(tmp_path / "other.npz"), str(tmp_path / "out.npz")]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: ") for line in lines), lines
+    assert "missing.pth" in lines[0] and "does not fit pytorch-fid's FID InceptionV3" in lines[1]
+    assert not (tmp_path / "out.npz").exists()

@@ -126,9 +126,10 @@ def test_export_writes_ema_params_of_latest_or_given_step(trained, tmp_path):
     config.export.step = 5
     with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 5 .*\[3, 6\]"):
         export.export_from_config(config, str(workdir))
-    # An existing directory that is not an export (here: the training run) is never replaced.
+    # An existing directory that is not an export (here: the training run) is never replaced,
+    # and is refused before the checkpoint is read.
     config.export.step, config.export.dir = 0, str(workdir)
-    with pytest.raises(FileExistsError, match="not an export directory"):
+    with pytest.raises(ValueError, match=r"^export.dir: .* is a non-empty directory of something else"):
         export.export_from_config(config, str(workdir))
     assert (workdir / "checkpoints" / str(STEPS[-1])).exists()
 
@@ -282,3 +283,17 @@ def test_pt_with_code_in_its_pickle_is_refused_and_never_runs(layout, tmp_path):
         export.import_official(path, None, tmp_path / "out")
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
+
+
+def test_official_train_checkpoint_with_its_args_is_read(tmp_path):
+    """The official train.py saves {"model", "ema", "opt", "args": argparse.Namespace}: the
+    Namespace is plain data and is allowed; the EMA weights are taken."""
+    import argparse
+    torch = pytest.importorskip("torch")
+    from udit_jax import convert
+    ema, raw = {"w": torch.ones(2, 3)}, {"w": torch.zeros(2, 3)}
+    path = tmp_path / "0400000.pt"
+    torch.save({"model": raw, "ema": ema, "opt": {"state": {}, "param_groups": []},
+                "args": argparse.Namespace(model="U-DiT-B", global_batch_size=256)}, path)
+    state_dict = convert.load_state_dict(path)
+    np.testing.assert_array_equal(state_dict["w"], np.ones((2, 3), np.float32))

@@ -5,6 +5,7 @@ $UDIT_JAX_CACHE from conftest.py), so only the first session pays its training (
 of CPU).
 """
 
+import json
 import pathlib
 
 import jax
@@ -144,3 +145,6 @@ def test_evaluate_mode_prints_the_table_for_a_sample_npz(classifier, train_split
     assert result["recognised"] == classifier.score(images, labels).recognised
     table = capsys.readouterr().out
     assert "Ankle boot" in table and "classifier test accuracy" in table
+    # Written like the ADM scores: <workdir>/eval/<sample stem>.json.
+    written = json.loads((tmp_path / "eval" / "samples.json").read_text())
+    assert written == result and written["sample_path"] == str(tmp_path / "samples.npz")

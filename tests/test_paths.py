@@ -128,3 +128,54 @@ def test_main_refuses_a_file_as_workdir_before_any_job(in_tmp):
     assert f"--workdir: {in_tmp / 'run.log'} is a file, not a directory" in result.stderr
     assert "JAX process" not in result.stderr   # stopped before the job started
     assert sorted(p.name for p in in_tmp.iterdir()) == ["run.log"]
+
+
+def test_config_file_under_home_is_found_as_typed(in_tmp):
+    """`--config=~/x.py`: the shell leaves the `~` after `=` alone, as for --workdir."""
+    import shutil
+    import subprocess
+    import sys
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    (in_tmp / "home" / "cfg").mkdir(parents=True)
+    shutil.copy(repo / "configs" / "demo.py", in_tmp / "home" / "cfg" / "demo.py")
+    result = subprocess.run(
+        [sys.executable, "-m", "udit_jax.main", "--config=~/cfg/demo.py", "--workdir=runs/x",
+         "--config.total_steps=-1"], cwd=in_tmp, text=True, capture_output=True, timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(repo), HOME=str(in_tmp / "home"), JAX_PLATFORMS="cpu"))
+    assert result.returncode == 1
+    assert "error: total_steps=-1 must be positive" in result.stderr, result.stderr[-2000:]
+
+
+def test_a_workdir_holds_one_run_at_a_time(in_tmp):
+    """Two runs on one workdir saved and deleted the same steps, and the second set aside the
+    first one's save in progress: the second is refused, naming the first; the lock goes with
+    the run, and a fresh workdir holding only the lock file still counts as empty."""
+    workdir = in_tmp / "runs" / "demo"
+    workdir.mkdir(parents=True)
+    with paths.exclusive_run(workdir):
+        with pytest.raises(ValueError, match=rf"--workdir: {workdir} is in use by another run "
+                                             rf"\(pid {os.getpid()} on .*\); wait for it"):
+            with paths.exclusive_run(workdir):
+                pass
+        with paths.exclusive_run(workdir, enabled=False):   # other processes of the same run
+            pass
+    with paths.exclusive_run(workdir):   # released: the next run may start
+        pass
+    paths.check_output_dir(str(workdir), "--workdir")
+    with paths.exclusive_run("gs://bucket/run"):   # no lock on object storage
+        pass
+
+
+def test_training_refuses_a_workdir_in_use_before_touching_it(in_tmp):
+    import sys
+    from udit_jax import train
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from configs import demo
+    workdir = in_tmp / "work"
+    workdir.mkdir()
+    config = demo.get_config()
+    config.sample_every_steps = 0
+    with paths.exclusive_run(workdir):
+        with pytest.raises(ValueError, match="is in use by another run"):
+            train.train_and_evaluate(config, str(workdir))
+    assert [p.name for p in workdir.iterdir()] == [paths.RUN_LOCK_FILE]

@@ -214,6 +214,20 @@ def test_interrupted_job_resumes_without_duplicates_or_losses(pixel_export, tmp_
         sample.run_sampling_job(export_dir, out, **dict(job, seed=4))
 
 
+def test_folder_no_job_wrote_is_refused_and_kept(pixel_export, tmp_path):
+    """A samples.npz in a folder without job.json (another tool's, a copied result) is never
+    replaced: the job refuses the folder before sampling."""
+    from udit_jax import sample
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "samples.npz").write_bytes(b"someone else's samples")
+    with pytest.raises(ValueError, match=r"sample.out_dir: .*results is a non-empty directory"):
+        sample.run_sampling_job(pixel_export[0], folder, num_images=2, seed=0, sampler="ddim",
+                                steps="ddim2", cfg_scale=1.0, per_device_batch=2)
+    assert (folder / "samples.npz").read_bytes() == b"someone else's samples"
+    assert sorted(p.name for p in folder.iterdir()) == ["samples.npz"]
+
+
 def test_grids_of_another_size_get_their_own_folder(pixel_export, tmp_path):
     """The README's grid, then the issue's 100-per-class protocol with default out_dirs: the
     second job must not be refused as "another job" in the first one's folder."""

@@ -321,6 +321,9 @@ class Checkpointer:
                  on_mismatch: str = "stop", save_retries: int = 2, retry_delay_s: float = 2.0):
         if on_mismatch not in ON_MISMATCH:
             raise ValueError(f"checkpoint.on_mismatch={on_mismatch!r}; use one of {ON_MISMATCH}")
+        if not read_only and not (isinstance(keep, int) and keep >= 1):
+            # orbax's max_to_keep=0 would delete every checkpoint in the workdir at each save.
+            raise ValueError(f"checkpoint.keep={keep!r} must be a positive integer")
         workdir = epath.Path(workdir)
         self.directory = workdir / "checkpoints"
         self.set_aside_dir = workdir / SET_ASIDE_DIR
@@ -381,8 +384,10 @@ class Checkpointer:
         raise CheckpointSaveError(
             f"could not save the checkpoint at step {step} to {self.directory / str(step)} "
             f"({len(causes)} attempts): {causes[-1]}. Training stopped so that no steps are "
-            f"trained without a checkpoint; the newest saved checkpoint is step "
-            f"{self.latest_step()}. Fix the storage (space, permissions, path) and restart.")
+            f"trained without a checkpoint; "
+            + (f"the newest saved checkpoint is step {latest}" if (latest := self.latest_step())
+               is not None else "no checkpoint of this run is saved yet")
+            + ". Fix the storage (space, permissions, path) and restart.")
 
     def _issue(self, step: int, state: Any, iterator: Any) -> str | None:
         items = {"state": ocp.args.StandardSave(state), "data": DataIteratorSave(iterator)}

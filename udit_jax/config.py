@@ -306,6 +306,9 @@ def check_values(config) -> None:
                   "diffusion.diffusion_steps", "sample.per_class", "eval.num_samples",
                   "eval.in_loop_num_samples"):
         positive_int(field)
+    need(isinstance(config.sample.num_images, int) and config.sample.num_images >= 0,
+         "sample.num_images", "must be a non-negative integer (0: the class grid "
+         "sample.classes x sample.per_class)")
     for field in ("seed", "sample.seed", "eval.seed"):
         value = _field(config, field)
         need(isinstance(value, int) and value >= 0, field, "seeds are non-negative integers")
@@ -371,6 +374,17 @@ def validate(config):
     for name in ("log_every_steps", "checkpoint_every_steps"):
         if config[name] <= 0:
             raise ValueError(f"{name}={config[name]} must be positive")
+    for name in ("sample_every_steps", "eval_every_steps"):
+        if not isinstance(config[name], int) or config[name] < 0:
+            raise ValueError(f"{name}={config[name]!r} must be a non-negative integer (0: off)")
+    # orbax's max_to_keep=0 deletes every checkpoint, older runs' included, at each save.
+    keep, keep_every = config.checkpoint.keep, config.checkpoint.keep_every
+    if not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"checkpoint.keep={keep!r} must be a positive integer (the last N "
+                         "checkpoints kept; a run needs at least its newest to resume)")
+    if not isinstance(keep_every, int) or keep_every < 0:
+        raise ValueError(f"checkpoint.keep_every={keep_every!r} must be a non-negative integer "
+                         "(0: keep no extra steps)")
     parallel.resolve_rules(config.mesh.rules, tuple(config.mesh.axes))
     if not isinstance(config.mesh.shard_update, bool):
         raise ValueError(f"mesh.shard_update={config.mesh.shard_update!r}: use True or False")

@@ -40,7 +40,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from udit_jax import errors, paths
+from udit_jax import errors, parallel, paths
 
 FORMAT_VERSION = 1
 INFO_FILE = "export.json"
@@ -283,6 +283,9 @@ def export_from_config(config, workdir: str) -> str:
     workdir = epath.Path(workdir)
     settings = config.export
     model = config_lib.build_model(config)
+    out_dir = epath.Path(settings.dir) if settings.dir else workdir / "export"
+    # Before the checkpoint is read: an export.dir that cannot be written fails at once.
+    paths.check_output_dir(str(out_dir), "export.dir", own_entries={INFO_FILE})
     step, ema = _restore_ema(workdir, settings.step or None, config)
     data = _data_section(config)
     vae = None
@@ -291,7 +294,6 @@ def export_from_config(config, workdir: str) -> str:
     metadata = {"source": "training", "step": step, "dataset": _dataset_name(config),
                 "config_hash": config_hash(config), "workdir": str(workdir),
                 "model_name": config.model.name}
-    out_dir = epath.Path(settings.dir) if settings.dir else workdir / "export"
     write_export(out_dir, model, ema, name=config.model.name,
                  diffusion=config_lib.diffusion_arguments(config),
                  data=data, vae=vae, metadata=metadata,
@@ -329,14 +331,19 @@ def import_state_dict(state_dict: Mapping[str, np.ndarray], model_name: str,
                       out_dir: str | os.PathLike, *, image_size: int = 256,
                       space: str = "latent", channels: int = 3, num_classes: int = 1000,
                       metadata: Mapping[str, Any] | None = None, torch_weights: bool = False,
-                      vae_weights: str = "", **model_overrides) -> epath.Path:
+                      vae_weights: str = "", diffusion: Mapping[str, Any] | None = None,
+                      objective: Mapping[str, Any] | None = None, latent_scale: float = 0.18215,
+                      vae_arguments: Mapping[str, Any] | None = None,
+                      **model_overrides) -> epath.Path:
     """Writes an export directory from an official state_dict (official key names).
 
     The model is `model_name` (registry name or family) built for `image_size` (latent
     models see image_size // 8) and `num_classes`, plus `model_overrides` (official
     argument names). A state_dict for another model raises ConversionError listing the
     missing, unexpected and wrongly shaped keys before any parameter is allocated.
-    Diffusion: the official linear 1000-step schedule with learned variance.
+    diffusion / objective / latent_scale / vae_arguments: as an export records them (an
+    export's round trip keeps its own); by default the official linear 1000-step schedule
+    (learned variance as the model has it), DDPM's objective, SD's latent scale and VAE.
     """
     from udit_jax import convert, models
     if space not in ("latent", "pixel"):
@@ -357,17 +364,20 @@ def import_state_dict(state_dict: Mapping[str, np.ndarray], model_name: str,
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
     data = {"space": space, "image_size": int(image_size),
             "channels": 3 if latent else int(channels), "num_classes": int(num_classes),
-            "latent_scale": 0.18215}
-    vae = {"arguments": {}, "weights": vae_weights} if latent else None
+            "latent_scale": float(latent_scale)}
+    vae = {"arguments": dict(vae_arguments or {}), "weights": vae_weights} if latent else None
+    diffusion = dict(diffusion or {"noise_schedule": "linear", "diffusion_steps": 1000})
+    if bool(diffusion.setdefault("learn_sigma", bool(model.learn_sigma))) != bool(model.learn_sigma):
+        raise ValueError(f"the diffusion has learn_sigma={diffusion['learn_sigma']} but the model "
+                         f"{model_name} has learn_sigma={model.learn_sigma}")
     description = model_description(model, model_name)
     meta = {"source": "import", "step": None, "dataset": "imagenet2012" if latent else None,
             "config_hash": "sha256:" + hashlib.sha256(json.dumps(
                 [description, data], sort_keys=True).encode()).hexdigest()}
     meta.update(metadata or {})
-    return write_export(out_dir, model, params, name=model_name,
-                        diffusion={"noise_schedule": "linear", "diffusion_steps": 1000,
-                                   "learn_sigma": bool(model.learn_sigma)},
-                        data=data, vae=vae, metadata=meta, torch_weights=torch_weights)
+    return write_export(out_dir, model, params, name=model_name, diffusion=diffusion,
+                        objective=objective, data=data, vae=vae, metadata=meta,
+                        torch_weights=torch_weights)
 
 
 def _file_sha256(path: str | os.PathLike) -> str:
@@ -408,8 +418,9 @@ def import_official(path: str | os.PathLike, model_name: str | None, out_dir: st
 
 
 def description_from_export(export_dir: str | os.PathLike) -> dict[str, Any]:
-    """import_official's keyword arguments that rebuild the model an export describes:
-    {model_name, image_size, space, channels, num_classes, vae_weights, **model arguments}."""
+    """import_official's keyword arguments that rebuild the export an export.json describes:
+    {model_name, image_size, space, channels, num_classes, vae_weights, vae_arguments,
+    latent_scale, diffusion, objective, **model arguments}."""
     info = read_info(export_dir)
     data, model = info["data"], info["model"]
     kwargs = {k: v for k, v in model["kwargs"].items()
@@ -417,7 +428,9 @@ def description_from_export(export_dir: str | os.PathLike) -> dict[str, Any]:
     vae = info.get("vae") or {}
     return dict(kwargs, model_name=model["family"], image_size=data["image_size"],
                 space=data["space"], channels=data["channels"], num_classes=data["num_classes"],
-                vae_weights=vae.get("weights") or "")
+                vae_weights=vae.get("weights") or "", vae_arguments=vae.get("arguments") or {},
+                latent_scale=data.get("latent_scale", 0.18215), diffusion=info["diffusion"],
+                objective=info.get("objective") or {"name": "ddpm"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -439,8 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image_size", type=int, default=None,
                         help="image size in pixels (default: from the file name, else 256)")
     parser.add_argument("--num_classes", type=int, default=None, help="default 1000")
-    parser.add_argument("--space", choices=("latent", "pixel"), default="latent")
-    parser.add_argument("--channels", type=int, default=3, help="image channels (pixel space)")
+    parser.add_argument("--space", choices=("latent", "pixel"), default=None,
+                        help="default latent")
+    parser.add_argument("--channels", type=int, default=None,
+                        help="image channels (pixel space; default 3)")
     parser.add_argument("--vae_weights", default="",
                         help="SD VAE weights file to record for sampling (latent models)")
     parser.add_argument("--torch_weights", action="store_true",
@@ -448,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model_kwargs", default="{}",
                         help='JSON of constructor overrides, e.g. \'{"learn_sigma": false}\'')
     args = parser.parse_args(argv)
+    parallel.skip_tpu_backend_without_tpu()   # no page of libtpu errors on a CPU/GPU host
     try:
         overrides = json.loads(args.model_kwargs)
     except json.JSONDecodeError as e:
@@ -464,15 +480,29 @@ def main(argv: list[str] | None = None) -> int:
         paths.check_output_dir(out_dir, "--out", own_entries={INFO_FILE})
     except ValueError as e:
         parser.error(str(e))
-    settings = dict(image_size=args.image_size, space=args.space, channels=args.channels,
+    given = dict(image_size=args.image_size, space=args.space, channels=args.channels,
+                 num_classes=num_classes)
+    settings = dict(image_size=args.image_size, space=args.space or "latent",
+                    channels=args.channels or 3,
                     num_classes=1000 if num_classes is None else num_classes,
                     vae_weights="", model_name=args.model)
     weights = paths.resolve(args.import_weights) if args.import_weights else None
     try:
         if args.from_export:
             from_export = paths.resolve(args.from_export)
-            settings.update(description_from_export(from_export))
-            weights = weights or os.path.join(from_export, TORCH_WEIGHTS_FILE)
+            described = description_from_export(from_export)
+            clash = [f"--{k}={v} (the export has {described[k]})" for k, v in given.items()
+                     if v is not None and v != described[k]]
+            if clash:
+                raise ValueError(f"{', '.join(clash)}: --from_export rebuilds the exported "
+                                 "model; drop the flag")
+            settings.update(described)
+            if not weights:
+                weights = os.path.join(from_export, TORCH_WEIGHTS_FILE)
+                if not os.path.exists(weights):
+                    raise FileNotFoundError(
+                        f"{from_export} has no {TORCH_WEIGHTS_FILE}: export it again with "
+                        "--config.export.torch_weights=True, or give --import_weights=FILE")
         if not weights:
             parser.error("give --import_weights=FILE (or --from_export=DIR)")
         if args.vae_weights:   # an explicit flag wins over an export's record

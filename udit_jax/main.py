@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import logging as py_logging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -106,21 +107,36 @@ def run_mode(mode: str, config, workdir: str) -> None:
     mode_function(mode)(config, workdir)
 
 
+def _missing_field(e: Exception) -> tuple[str, str]:
+    """(field, ml_collections' "Did you mean ..." or "") of a config override naming no field.
+
+    ml_collections raises AttributeError wrapping a KeyError whose text is "'name'" plus, for a
+    near miss, a second line with its suggestion."""
+    inner = e.args[0] if e.args and isinstance(e.args[0], KeyError) else e
+    text = str(inner.args[0]) if inner.args else str(inner)
+    first, _, rest = text.partition("\n")
+    return first.strip("\"' "), rest.strip()
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing with every mistake reported as one line `error: ...`: absl's own
     (a value of the wrong type, a missing required flag), and config-file and config-override
     mistakes (which ml_collections raises as plain exceptions) instead of a traceback."""
+    # The shell leaves a `~` after `--config=` unexpanded, as after `--workdir=` (which paths expands).
+    argv = [f"--config={os.path.expanduser(a[len('--config='):])}" if a.startswith("--config=") else a
+            for a in argv]
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:     # absl would print two lines: "FATAL Flags parsing error" + help
         print(f"error: {errors.one_line(e)} (python -m udit_jax.main --helpshort lists the flags)",
               file=sys.stderr)
     except (AttributeError, KeyError) as e:   # --config.<field> names no field
-        missing = str(e).strip("\"'")
+        missing, hint = _missing_field(e)
         given = [a.split("=")[0] for a in argv if a.startswith("--config.")]
         named = [g for g in given if missing in g.split(".")] or given
-        print(f"error: {', '.join(named)}: the config has no field {missing!r} (the fields are "
-              "those of the config file; see udit_jax/config.py base_config)", file=sys.stderr)
+        hint = f" {hint}" if hint else ""
+        print(f"error: {', '.join(named)}: the config has no field {missing!r}.{hint} (the fields "
+              "are those of the config file; see udit_jax/config.py base_config)", file=sys.stderr)
     except SyntaxError as e:
         print(f"error: config file {e.filename} line {e.lineno}: {e.msg}", file=sys.stderr)
     except errors.EXPECTED as e:

@@ -13,8 +13,11 @@ form (only trailing slashes go); their storage is checked by the job that opens 
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import errno
 import os
+import socket
 import tempfile
 
 # Entries of a directory written by udit_jax jobs (training, encode, export, sample, evaluate).
@@ -111,3 +114,40 @@ def prepare_job(config, workdir: str | None) -> str:
     returns the checked, resolved workdir."""
     resolve_config_paths(config)
     return prepare_workdir(workdir)
+
+
+RUN_LOCK_FILE = ".udit_jax.lock"   # hidden: a workdir holding only it still counts as empty
+
+
+@contextlib.contextmanager
+def exclusive_run(workdir: str | os.PathLike, enabled: bool = True):
+    """Holds an exclusive lock on a local workdir while a run writes there (flock on
+    <workdir>/.udit_jax.lock; the OS drops it when the process ends, however it ends).
+
+    A second run on the same workdir would save and delete the same checkpoint steps and set
+    aside the first one's save in progress as "incomplete": it is refused with one line naming
+    the run that holds the workdir. URLs and `enabled=False` (the other processes of a
+    multi-host run) take no lock."""
+    import fcntl
+    workdir = os.fspath(workdir)
+    if not enabled or is_url(workdir):
+        yield
+        return
+    path = os.path.join(workdir, RUN_LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise ValueError(f"--workdir: {workdir} is in use by another run ({holder}); wait "
+                             "for it to end or stop it, or pass another --workdir") from None
+        now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {now}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)   # releases the lock
+

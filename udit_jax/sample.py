@@ -38,7 +38,7 @@ from etils import epath
 
 from udit_jax import config as config_lib
 from udit_jax import diffusion as diffusion_lib
-from udit_jax import export, models, parallel
+from udit_jax import export, models, parallel, paths
 from udit_jax import sampler as sampler_lib
 from udit_jax.diffusion import guidance
 
@@ -152,7 +152,11 @@ _SPEC_DEFAULTS = {"objective": "ddpm", "guidance_interval": [0.0, 1.0], "transpo
 
 
 def _check_spec(path: epath.Path, spec: dict) -> None:
+    """Refuses an out_dir that holds another job's samples, or files no sampling job wrote."""
     if not path.exists():
+        # A folder without job.json may still hold a samples.npz (another tool's, or a
+        # moved job's): writing there would replace it.
+        paths.check_output_dir(str(path.parent), "sample.out_dir", own_entries=set())
         return
     old = json.loads(path.read_text())
     differs = [k for k in _SPEC_KEYS if old.get(k, _SPEC_DEFAULTS.get(k)) != spec.get(k)]
@@ -285,11 +289,13 @@ def run_sampling_job(export_dir, out_dir, *, num_images: int | None = None,
 
     parts_dir = out_dir / "parts"
     if jax.process_index() == 0:
+        # job.json first: a folder this job created always says whose it is.
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not (out_dir / "job.json").exists():
+            _write_atomic(out_dir / "job.json", json.dumps(spec, indent=2).encode())
         parts_dir.mkdir(parents=True, exist_ok=True)
         if write_png:
             (out_dir / "images").mkdir(exist_ok=True)
-        if not (out_dir / "job.json").exists():
-            _write_atomic(out_dir / "job.json", json.dumps(spec, indent=2).encode())
     _barrier("sample_job_dirs")
     todo = np.flatnonzero(~_finished_indices(parts_dir, num_images)).astype(np.int32)
     batch = per_device_batch * parallel.batch_ways(mesh)

@@ -53,6 +53,9 @@ def check_run(config, workdir) -> None:
     """The checks of a training run beyond config.validate (see validate)."""
     if config.eval_every_steps:
         in_training.check_requirements(config)
+    if config.sample_every_steps and config.eval.quality:
+        from udit_jax.evaluation.fashion_mnist_quality import check_quality_config
+        check_quality_config(config)   # before the workdir records the run's config
     paths.check_output_dir(paths.resolve(workdir), "--workdir")
 
 
@@ -542,6 +545,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     trainer = make_trainer(config)
     check_run(config, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with paths.exclusive_run(workdir, enabled=jax.process_index() == 0):
+        return _train(config, workdir, trainer)
+
+
+def _train(config, workdir: epath.Path, trainer: Trainer) -> TrainState:
+    """train_and_evaluate's run, in a checked workdir that this run holds."""
     model, mesh = trainer.model, trainer.mesh
     iterator = make_data_iterator(config, workdir)
     ckpt = checkpoints.Checkpointer(workdir, keep=config.checkpoint.keep,
@@ -554,6 +563,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                             relayouts=trainer.relayouts())
     start_step = int(jax.device_get(state.step))
     checkpoints.write_config_history(workdir, config, start_step)
+    if start_step >= config.total_steps:
+        logging.info("nothing to train: the checkpoint is at step %d and total_steps=%d "
+                     "(--config.total_steps=N trains on to step N)", start_step, config.total_steps)
 
     # ---- logging, previews, evaluation, preemption ------------------------------------
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract.params))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import pathlib
+import re
 from typing import Mapping
 
 import numpy as np
@@ -57,11 +59,18 @@ def load_state_dict(path: str | os.PathLike, prefer: str = "ema") -> dict[str, n
             raise ImportError(f"reading {path.name} needs PyTorch: pip install 'udit-jax[torch]', "
                               "or convert the file to .safetensors/.npz elsewhere") from e
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            # The official train.py saves its argparse.Namespace beside the weights ("args"):
+            # plain data, allowed; any other object is refused, never constructed.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises UnpicklingError (or others) for unsafe pickles
+            # torch's text is a page of advice; its "Unsupported global: X" line is the cause.
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            cause = (f"it holds a {found.group(1)} object" if found
+                     else re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().split("\n")[0])
             raise ValueError(f"refused to load {path}: it is not a plain tensor checkpoint "
-                             f"(torch.load with weights_only=True failed: {e}). "
-                             "Only trusted files holding tensors are read; code in pickles is never run.") from e
+                             f"(torch.load with weights_only=True failed: {cause}). "
+                             "Only files holding tensors are read; code in pickles is never run.") from e
         obj = _unwrap(obj, prefer)
         return {k: _torch_to_numpy(v) for k, v in obj.items() if hasattr(v, "detach")}
     raise ValueError(f"unknown weights format {suffix!r} for {path}: use .npz, .safetensors or .pt")

@@ -67,6 +67,8 @@ def _ddim_timesteps(num_timesteps: int, text: str) -> list[int]:
         steps = range(0, num_timesteps, stride)
         if len(steps) == desired:
             return list(steps)
+    if desired < 1:
+        raise ValueError(f"timestep respacing {text!r}: DDIM needs at least 1 step, e.g. 'ddim50'")
     raise ValueError(f"timestep respacing {text!r}: no integer stride gives exactly {desired} steps "
                      f"out of {num_timesteps}; pick another N or use a plain count such as "
                      f"'{desired}'")

@@ -25,7 +25,7 @@ from udit_jax.convert.common import (CONV, LINEAR, SAME, KeySpec, check_state_di
                                      torch_shape_of)
 from udit_jax.convert.io import load_state_dict, save_state_dict
 from udit_jax.evaluation.inception import InceptionV3
-from udit_jax import paths
+from udit_jax import errors, paths
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -82,17 +82,22 @@ def load_inception_variables(path: str | os.PathLike, model: InceptionV3 | None 
     return inception_variables_from_torch(load_state_dict(path))
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> int:
     if len(argv) != 2:
         raise SystemExit("usage: python -m udit_jax.evaluation.convert_inception IN OUT"
                          "  (IN: .pth/.npz/.safetensors; OUT: .safetensors or .npz)")
     src, dst = (paths.resolve(a) for a in argv)
-    state_dict = load_state_dict(src)
-    inception_variables_from_torch(state_dict)  # refuses a file that is not this network
-    save_state_dict(dst, {k: np.asarray(v, np.float32) for k, v in state_dict.items()
-                          if not k.endswith(_UNUSED_SUFFIX)})
+    try:
+        state_dict = load_state_dict(src)
+        inception_variables_from_torch(state_dict)  # refuses a file that is not this network
+        save_state_dict(dst, {k: np.asarray(v, np.float32) for k, v in state_dict.items()
+                              if not k.endswith(_UNUSED_SUFFIX)})
+    except errors.EXPECTED as e:
+        errors.report(e)
+        return 1
     print(f"wrote {dst}")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

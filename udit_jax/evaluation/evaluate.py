@@ -163,22 +163,25 @@ def evaluate_npz(sample_path, reference_path, inception_weights, *, preprocess: 
                  is_split_size: int = M.IS_SPLIT_SIZE, dtype: str = "float32",
                  mesh: jax.sharding.Mesh | None = None, output_json=None,
                  progress: bool = True, read_batch: int = 1000,
-                 fid_method: str = "sqrtm") -> dict:
+                 fid_method: str = "sqrtm", evaluator: Evaluator | None = None) -> dict:
     """Scores an ADM-layout sample .npz (arr_0 uint8 [N, H, W, 3]) against a reference batch.
 
     Returns (and, with `output_json`, writes from process 0) a dict with the metrics
     (inception_score, fid, sfid, precision, recall) and the settings that produced them;
-    prints a table.
+    prints a table. `evaluator`: one built with these settings already (its reference read).
     """
     t0 = time.time()
     sample_info = R.image_array_info(sample_path)
     R.check_image_array(sample_info, sample_path)
-    evaluator = Evaluator(reference_path, inception_weights, preprocess=preprocess,
-                          batch_size=batch_size, pr_distance=pr_distance,
-                          is_split_size=is_split_size, dtype=dtype, mesh=mesh,
-                          progress=progress, read_batch=read_batch,
-                          sample_count=sample_info.count,
-                          sample_resolution=sample_info.resolution, fid_method=fid_method)
+    if evaluator is None:
+        evaluator = Evaluator(reference_path, inception_weights, preprocess=preprocess,
+                              batch_size=batch_size, pr_distance=pr_distance,
+                              is_split_size=is_split_size, dtype=dtype, mesh=mesh,
+                              progress=progress, read_batch=read_batch,
+                              sample_count=sample_info.count,
+                              sample_resolution=sample_info.resolution, fid_method=fid_method)
+    else:
+        evaluator.check_samples(sample_info.count, sample_info.resolution)
     samples = evaluator.sample_activations(R.iter_images(sample_path, read_batch),
                                            sample_info.count)
     result = evaluator.score(samples)
@@ -196,29 +199,79 @@ def evaluate_npz(sample_path, reference_path, inception_weights, *, preprocess: 
     if jax.process_index() == 0:
         print(format_table(result))
         if output_json is not None:
-            output_json = epath.Path(output_json)
-            output_json.parent.mkdir(parents=True, exist_ok=True)
-            output_json.write_text(json.dumps(result, indent=2) + "\n")
-            print(f"wrote {output_json}")
+            _write_result(output_json, result)
     return result
+
+
+def _check_output(output_json, sample_path) -> None:
+    """Refuses to replace the scores of another sample file (two jobs' samples.npz share a
+    name); the same file's are replaced by its new scores."""
+    output_json = epath.Path(output_json)
+    if not output_json.exists():
+        return
+    try:
+        scored = json.loads(output_json.read_text()).get("sample_path")
+    except (ValueError, AttributeError):
+        scored = "?"
+    if scored != str(sample_path):
+        raise FileExistsError(f"{output_json} holds the scores of {scored}, not of {sample_path}; "
+                              "set --config.eval.output_json=FILE for these samples (or move "
+                              "that file)")
+
+
+def _write_result(output_json, result: dict) -> None:
+    output_json = epath.Path(output_json)
+    output_json.parent.mkdir(parents=True, exist_ok=True)
+    output_json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {output_json}")
+
+
+def _check_eval_fields(ev) -> None:
+    """The scoring settings of config.eval, named as fields, before anything is sampled."""
+    for field, allowed in (("fid_method", M.FRECHET_METHODS), ("pr_distance", M.DISTANCE_MODES),
+                           ("inception_dtype", tuple(DTYPES))):
+        if ev[field] not in allowed:
+            raise ValueError(f"config.eval.{field}={ev[field]!r}; use one of {tuple(allowed)}")
+    if not isinstance(ev.is_split_size, int) or ev.is_split_size < 1:
+        raise ValueError(f"config.eval.is_split_size={ev.is_split_size!r} must be a positive "
+                         f"integer (ADM's: {M.IS_SPLIT_SIZE})")
+
+
+def _export_dir(config, workdir: epath.Path) -> epath.Path:
+    return epath.Path(config.eval.export_dir) if config.eval.export_dir else workdir / "export"
+
+
+def _result_stem(sample: epath.Path, from_job: bool) -> str:
+    """A sampling job's folder name (its settings) for its samples.npz, else the file's stem."""
+    if from_job or (sample.name == "samples.npz" and (sample.parent / "job.json").exists()):
+        return sample.parent.name
+    return sample.stem
+
+
+def _eval_job(config, workdir: epath.Path) -> tuple[epath.Path, epath.Path, dict]:
+    """(export dir, job dir, sampling settings) of the evaluation's own sampling job: the job
+    dir's name is its settings, so other settings never share it."""
+    ev = config.eval
+    export_dir = _export_dir(config, workdir)
+    s = config_lib.sampling(config, "eval",
+                            config_lib.export_objective(export.read_info(export_dir)))
+    out_dir = (workdir / "eval" / "samples"
+               / f"{config_lib.sampling_tag(s)}-{s['dtype']}-{ev.num_samples}")
+    return export_dir, out_dir, s
 
 
 def _sample_export(config, workdir: epath.Path) -> epath.Path:
     """Samples config.eval.num_samples images of random classes from the export with the
     evaluation's sampling settings (config.sampling(config, "eval"): the papers' protocol by
     default) and returns the job's samples.npz (a finished job with the same settings is
-    reused, an interrupted one resumed; other settings never share a job directory)."""
+    reused, an interrupted one resumed)."""
     from udit_jax import sample as sample_lib
-    ev = config.eval
-    export_dir = epath.Path(ev.export_dir) if ev.export_dir else workdir / "export"
-    s = config_lib.sampling(config, "eval",
-                            config_lib.export_objective(export.read_info(export_dir)))
-    out_dir = (workdir / "eval" / "samples"
-               / f"{config_lib.sampling_tag(s)}-{s['dtype']}-{ev.num_samples}")
+    export_dir, out_dir, s = _eval_job(config, workdir)
     result = sample_lib.run_sampling_job(
-        export_dir, out_dir, num_images=ev.num_samples, seed=s["seed"], sampler=s["sampler"],
-        steps=s["steps"], cfg_scale=s["cfg_scale"], guidance_interval=s["guidance_interval"],
-        transport_options=s["transport_options"], guide_all_channels=s["guide_all_channels"],
+        export_dir, out_dir, num_images=config.eval.num_samples, seed=s["seed"],
+        sampler=s["sampler"], steps=s["steps"], cfg_scale=s["cfg_scale"],
+        guidance_interval=s["guidance_interval"], transport_options=s["transport_options"],
+        guide_all_channels=s["guide_all_channels"],
         per_device_batch=config.sample.per_device_batch, write_png=False,
         vae_weights=config.vae.weights or None, mesh=config_lib.make_mesh(config),
         dtype=s["dtype"])
@@ -240,7 +293,12 @@ def evaluate_from_config(config, workdir) -> dict:
                                        papers' protocol by default (DDPM-250, no guidance,
                                        float32; config.EVAL_PROTOCOL)
       inception_dtype                  the Inception network's compute dtype
-      output_json                      "" = <workdir>/eval/<sample stem or settings>.json
+      output_json                      "" = <workdir>/eval/<name>.json, <name> the sampling
+                                       job's folder (its settings) for a job's samples.npz,
+                                       else the sample file's stem; a file holding another
+                                       sample file's scores is never replaced
+    config.eval.quality='fashion_mnist' (the demo) scores with the project's classifier instead
+    and writes its table's numbers the same way.
     The metric names carry the sample count (FID-50K; FID-5K when fewer). The mesh is
     config.mesh's.
     """
@@ -257,32 +315,48 @@ def evaluate_from_config(config, workdir) -> dict:
             max_images=ev.reference_max_images or None, seed=ev.seed,
             with_images=ev.reference_with_images, preprocess=ev.preprocess,
             batch_size=ev.batch_size, dtype=ev.inception_dtype, mesh=mesh)
-    if ev.quality:
-        # Fashion-MNIST: recognised % and FD from the project's own classifier (no Inception).
+    if not ev.quality:
+        missing = [k for k in ("reference_npz", "inception_weights") if not ev[k]]
+        if missing:
+            raise ValueError(f"--mode=evaluate needs config.eval.{', config.eval.'.join(missing)} "
+                             "(ADM reference .npz, pytorch-fid Inception weights), and either "
+                             "config.eval.sample_npz or an export to sample from")
+        _check_eval_fields(ev)
+    else:
         from udit_jax.evaluation import fashion_mnist_quality
         fashion_mnist_quality.check_quality_config(config)
-        sample = (epath.Path(ev.sample_npz) if ev.sample_npz else _sample_export(config, workdir))
-        score = fashion_mnist_quality.evaluate_npz(sample, config.data.dir or None)
-        return score.scalars()
-    missing = [k for k in ("reference_npz", "inception_weights") if not ev[k]]
-    if missing:
-        raise ValueError(f"--mode=evaluate needs config.eval.{', config.eval.'.join(missing)} "
-                         "(ADM reference .npz, pytorch-fid Inception weights), and either "
-                         "config.eval.sample_npz or an export to sample from")
-    if ev.sample_npz:
-        sample = epath.Path(ev.sample_npz)
-    else:
-        # Everything cheap is checked before sampling (which can take hours).
-        M.check_split(ev.num_samples, ev.is_split_size)
-        R.npz_keys(ev.reference_npz)
+    # Everything that can be checked is checked before sampling from the export (which can
+    # take hours): the settings, the reference and the network, and where the result goes.
+    sample = (epath.Path(ev.sample_npz) if ev.sample_npz
+              else _eval_job(config, workdir)[1] / "samples.npz")
+    stem = _result_stem(sample, from_job=not ev.sample_npz)
+    output = epath.Path(ev.output_json or workdir / "eval" / f"{stem}.json")
+    _check_output(output, sample)
+    if ev.quality:
+        # Fashion-MNIST: recognised % and FD from the project's own classifier (no Inception).
+        classifier = fashion_mnist_quality.load_or_train_classifier(config.data.dir or None)
+        if not ev.sample_npz:
+            sample = _sample_export(config, workdir)
+        score = fashion_mnist_quality.evaluate_npz(sample, classifier=classifier)
+        result = dict(score.scalars(), num_samples=int(score.counts.sum()),
+                      sample_path=str(sample), metric="fashion_mnist_quality")
+        if jax.process_index() == 0:
+            _write_result(output, result)
+        return result
+    evaluator = None
+    if not ev.sample_npz:
         if not epath.Path(ev.inception_weights).exists():
             raise FileNotFoundError(f"config.eval.inception_weights={ev.inception_weights!r} "
                                     "not found (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
+        size = export.read_info(_export_dir(config, workdir))["data"]["image_size"]
+        evaluator = Evaluator(ev.reference_npz, ev.inception_weights, preprocess=ev.preprocess,
+                              batch_size=ev.batch_size, pr_distance=ev.pr_distance,
+                              is_split_size=ev.is_split_size, dtype=ev.inception_dtype,
+                              mesh=mesh, sample_count=ev.num_samples,
+                              sample_resolution=(size, size), fid_method=ev.fid_method)
         sample = _sample_export(config, workdir)
-    stem = sample.stem if ev.sample_npz else sample.parent.name
-    output = ev.output_json or workdir / "eval" / f"{stem}.json"
     return evaluate_npz(sample, ev.reference_npz, ev.inception_weights,
                         preprocess=ev.preprocess, batch_size=ev.batch_size,
                         pr_distance=ev.pr_distance, is_split_size=ev.is_split_size,
                         dtype=ev.inception_dtype, mesh=mesh, output_json=output,
-                        fid_method=ev.fid_method)
+                        fid_method=ev.fid_method, evaluator=evaluator)

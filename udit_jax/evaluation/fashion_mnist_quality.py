@@ -197,14 +197,23 @@ def check_quality_config(config) -> None:
                          f"data.space={config.data.space!r}. Set eval.quality=''")
 
 
-def evaluate_npz(sample_npz, data_dir: str | None = None) -> QualityScore:
-    """Scores a sample .npz (arr_0 uint8 [N, S, S, C], arr_1 labels [N]) and prints the table."""
-    with np.load(sample_npz) as f:
-        if "arr_1" not in f.files:
-            raise ValueError(f"{sample_npz} has no arr_1 (class labels); sample it with "
-                             "--mode=sample, which stores them")
-        images, labels = f["arr_0"], f["arr_1"]
-    score = load_or_train_classifier(data_dir).score(images, labels)
+def evaluate_npz(sample_npz, data_dir: str | None = None,
+                 classifier: FashionMnistClassifier | None = None) -> QualityScore:
+    """Scores a sample .npz (arr_0 uint8 [N, S, S, C], arr_1 labels [N]) and prints the table
+    (with `classifier`, or the one load_or_train_classifier(data_dir) gives)."""
+    if not os.path.exists(sample_npz):
+        raise FileNotFoundError(f"sample file {sample_npz} not found")
+    try:
+        with np.load(sample_npz, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files if k in ("arr_0", "arr_1")}
+    except (ValueError, OSError) as e:   # not an .npz at all, or one holding pickled objects
+        raise ValueError(f"{sample_npz} is not a sample .npz (arr_0 uint8 images, arr_1 labels, "
+                         f"as --mode=sample writes): {type(e).__name__}") from e
+    if set(arrays) != {"arr_0", "arr_1"}:
+        raise ValueError(f"{sample_npz} has no {'arr_1 (class labels)' if 'arr_0' in arrays else 'arr_0 (images)'}"
+                         "; sample it with --mode=sample, which stores images and labels")
+    images, labels = arrays["arr_0"], arrays["arr_1"]
+    score = (classifier or load_or_train_classifier(data_dir)).score(images, labels)
     print(f"Fashion-MNIST sample quality of {sample_npz}:\n{score.format_table()}")
     return score
 
