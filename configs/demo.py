@@ -19,8 +19,8 @@ the later sessions one step took 0.15 s (fast spells) to 0.31 s (slow spells).
 
 Measured end to end (the README command verbatim, fresh clone and virtualenv, empty caches,
 so the quality classifier is trained too) on 2-core VMs: **3 min 39 s to 5 min 15 s** at full
-speed (train-step compile 16-22 s, 4.4-7.7 steps/s), **8 min 34 s to 8 min 53 s** in their
-usual slow spells (compile 34-37 s, 1.3-3.9 steps/s), 12 min 57 s in the slowest spell seen
+speed (train-step compile 16-22 s, 4.4-7.7 steps/s), **7 min 3 s to 8 min 53 s** in their
+usual slow spells (compile 29-37 s, 1.3-4.7 steps/s), 12 min 57 s in the slowest spell seen
 (PyTorch too ran 2.5-3x slower; 2.3-2.8 steps/s); the README's table has each run. Every run
 ended "done at step 1200; final samples recognised 91.2% (worst: ... 50-62%), FD 18.39-19.65
 (n=80; ...)". The 1800-step recipe before it took 12 min 15 s and 13 min 4 s in slow spells.
@@ -31,7 +31,9 @@ slow-spell run (8 min 34 s): `--mode=sample --config.sample.per_class=100` (the 
 protocol, 100 per class) 96.7% recognised, every class >= 77% (Shirt; Coat 96%), FD 14.9;
 `--mode=evaluate` (1000 samples of random classes) 94.6% (Shirt 70.2%), FD 17.1 (the release
 before it: 96.2% / 16.1 and 95.1% / 18.1; the depthwise kernel gradient now sums its taps
-in another order, so the run's floating-point path differs). How quality moves with
+in another order, so the run's floating-point path differs). On a 2-core AMD EPYC VM (7 min
+3 s) a later release scored 94.5%, every class >= 61% (Shirt), FD 15.6 with 100 per class,
+and 94.5% (Shirt 61.7%), FD 17.8 on --mode=evaluate: shirts move most between CPUs. How quality moves with
 total_steps (this recipe, an earlier release, --mode=evaluate, fast-spell AVX2 VM; minutes =
 the training command's wall time, warm caches):
 
