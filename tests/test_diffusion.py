@@ -242,6 +242,7 @@ def test_respaced_process_keeps_original_alphas_cumprod():
     ("25x", "not understood"),
     ("ddimx", "ddimN"),
     ("ddim999", "no integer stride"),
+    ("ddim0", "DDIM needs at least 1 step"),   # not "use a plain count such as '0'"
     ("2000", "asks for 2000 steps"),
     ("0", "at least one step"),
     ("1", "at least 2"),

@@ -268,6 +268,7 @@ def test_in_loop_evaluation_requirements_fail_at_start(tmp_path):
     ("model.matmul_precision", "half", "use one of"),
     # keep=0 made orbax delete every checkpoint of the workdir at the next save.
     ("checkpoint.keep", 0, "positive integer"),
+    ("sample.num_images", -3, "non-negative integer"),
     ("checkpoint.keep_every", -1, "non-negative integer"),
     ("sample_every_steps", -1, "non-negative integer"),
     ("eval_every_steps", -1, "non-negative integer"),

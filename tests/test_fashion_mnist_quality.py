@@ -110,6 +110,19 @@ def test_bad_images_are_refused_with_the_expected_shape():
         Q.to_classifier_input(np.zeros((2, 64, 64, 1), np.uint8))
 
 
+def test_bad_sample_files_name_the_file(tmp_path):
+    """Before the classifier is loaded: a missing file, a file that is no .npz (numpy's own
+    message advised loading pickles), and one without labels."""
+    with pytest.raises(FileNotFoundError, match="sample file .*missing.npz not found"):
+        Q.evaluate_npz(tmp_path / "missing.npz")
+    (tmp_path / "garbage.npz").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"garbage.npz is not a sample .npz \(arr_0 uint8 images"):
+        Q.evaluate_npz(tmp_path / "garbage.npz")
+    np.savez(tmp_path / "images_only.npz", np.zeros((2, 28, 28, 1), np.uint8))
+    with pytest.raises(ValueError, match=r"images_only.npz has no arr_1 \(class labels\)"):
+        Q.evaluate_npz(tmp_path / "images_only.npz")
+
+
 @needs_data
 def test_preview_scorer_reads_the_training_grid(classifier, train_split):
     # A preview grid as train.make_sampler lays it out: one row per class, 4 per row.
