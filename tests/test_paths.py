@@ -166,6 +166,19 @@ def test_a_workdir_holds_one_run_at_a_time(in_tmp):
         pass
 
 
+def test_a_file_system_without_locks_does_not_stop_a_run(in_tmp, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    entered = []
+    with paths.exclusive_run(in_tmp):
+        entered.append(True)
+    assert entered and "nothing stops a second run" in caplog.text
+
+
 def test_training_refuses_a_workdir_in_use_before_touching_it(in_tmp):
     import sys
     from udit_jax import train

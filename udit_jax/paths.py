@@ -136,18 +136,24 @@ def exclusive_run(workdir: str | os.PathLike, enabled: bool = True):
     path = os.path.join(workdir, RUN_LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
+        locked = True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise ValueError(f"--workdir: {workdir} is in use by another run ({holder}); wait "
-                             "for it to end or stop it, or pass another --workdir") from None
-        now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {now}".encode(), 0)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                raise ValueError(f"--workdir: {workdir} is in use by another run ({holder}); wait "
+                                 "for it to end or stop it, or pass another --workdir") from None
+            # A file system without locks (NFS without lockd: ENOLCK) must not stop a run.
+            import logging
+            logging.getLogger(__name__).warning(
+                "cannot lock %s (%s): nothing stops a second run on this workdir",
+                path, os.strerror(e.errno) if e.errno else e)
+            locked = False
+        if locked:
+            now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {now}".encode(), 0)
         yield
     finally:
         os.close(fd)   # releases the lock
-
