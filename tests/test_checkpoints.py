@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import pathlib
 import shutil
 import subprocess
@@ -133,11 +134,15 @@ def test_resumable_fields_may_change_and_config_history_is_kept(workdir, base_ru
     assert history["config-6.json"]["optimizer"]["learning_rate"] == 1e-3
 
 
-def test_opt_ins_start_fresh_or_load_params_keep_the_old_checkpoints(workdir, base_run):
+def test_opt_ins_start_fresh_or_load_params_keep_the_old_checkpoints(workdir, base_run, caplog):
     from udit_jax import checkpoints
     before = snapshot(workdir / "checkpoints")
     wider = make_config({"optimizer.grad_clip_norm": 1.0, "checkpoint.on_mismatch": "load_params"})
-    step, state = _restore_with_init(workdir, wider)
+    with caplog.at_level(logging.WARNING):
+        step, state = _restore_with_init(workdir, wider)
+    # The warning says what was moved, without the refusal's "Nothing was moved" and ways out.
+    assert "starting at step 0 from the params of step 6" in caplog.text
+    assert "Nothing was moved" not in caplog.text and "Ways out" not in caplog.text
     assert step == 0 and int(state.step) == 0
     for key, value in base_run[1].items():
         if key.startswith((".params", ".ema_params")):
@@ -287,8 +292,11 @@ def test_export_with_a_mismatched_config_fails_and_the_old_export_still_loads(wo
     checkpoints_before = snapshot(workdir / "checkpoints")
     for overrides, expected in [({"model.kwargs.hidden_size": 16}, "hidden_size: 32 in the checkpoint"),
                                 ({"diffusion.noise_schedule": "cosine"}, "noise_schedule")]:
-        with pytest.raises(checkpoints.IncompatibleCheckpointError, match=expected):
+        with pytest.raises(checkpoints.IncompatibleCheckpointError, match=expected) as error:
             export.export_from_config(make_config(overrides), str(workdir))
+        # A reader's only way out is the checkpoint's config; the training opt-ins do not apply.
+        assert "Way out: restore those values" in str(error.value)
+        assert "on_mismatch" not in str(error.value) and "--workdir" not in str(error.value)
     assert snapshot(pathlib.Path(out)) == before
     _, again, _ = export.load_export(out)
     for a, b in zip(jax_leaves(params), jax_leaves(again)):

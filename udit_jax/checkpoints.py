@@ -506,9 +506,11 @@ class Checkpointer:
             if init is None or self.on_mismatch == "stop":
                 raise NoRestorableCheckpointError(
                     f"none of the checkpoints in {self.directory} can be read ({listing}). Nothing "
-                    "was moved or deleted. Restore the files, or set "
-                    "checkpoint.on_mismatch='start_fresh' to start this run over at step 0 with "
-                    f"these kept under {self.set_aside_dir}, or use a new --workdir")
+                    "was moved or deleted. " + (
+                        "Restore the files" if init is None else
+                        "Restore the files, or set checkpoint.on_mismatch='start_fresh' to start "
+                        f"this run over at step 0 with these kept under {self.set_aside_dir}, or "
+                        "use a new --workdir"))
             for s, m in corrupt:
                 self._set_aside(s, "corrupt", m)
             logging.warning("checkpoint.on_mismatch=%s and no checkpoint can be read: starting at "
@@ -611,9 +613,16 @@ class Checkpointer:
             "no run-defining config field differs, so the code that wrote it built another state"
             if has_config else "it stores no config (older version)")
         return (f"the checkpoint at step {step} in {self.directory} does not fit this config: "
-                f"{what}" + (f" (state leaves: {'; '.join(leaves)})" if leaves else "")
-                + ". Nothing was moved. Ways out: restore those values (the checkpoint's config: "
-                f"{self.directory / str(step) / 'config'}); or use a new --workdir; or set "
+                f"{what}" + (f" (state leaves: {'; '.join(leaves)})" if leaves else ""))
+
+    def _ways_out(self, step: int, training: bool) -> str:
+        """What a user can do about a mismatch; a reader (export, sampling) can only match the
+        config of the run that wrote the checkpoint."""
+        restore = ("restore those values (the checkpoint's config: "
+                   f"{self.directory / str(step) / 'config'})")
+        if not training:
+            return f". Nothing was moved. Way out: {restore}"
+        return (f". Nothing was moved. Ways out: {restore}; or use a new --workdir; or set "
                 "checkpoint.on_mismatch='start_fresh' (start at step 0, the old checkpoints kept "
                 f"in {self.set_aside_dir}) or 'load_params' (fine-tune: its params and EMA with a "
                 "fresh optimizer and data state, from step 0)")
@@ -621,7 +630,8 @@ class Checkpointer:
     def _incompatible(self, step: int, message: str, target, iterator, initial_data, init,
                       relayouts: Sequence[Relayout]):
         if init is None or self.read_only or self.on_mismatch == "stop":
-            raise IncompatibleCheckpointError(message)
+            raise IncompatibleCheckpointError(
+                message + self._ways_out(step, training=init is not None and not self.read_only))
         state = init()
         if self.on_mismatch == "load_params":
             subtrees = lambda t: {"params": t.params, "ema_params": t.ema_params}  # noqa: E731
