@@ -540,3 +540,14 @@ def test_convert_inception_errors_are_one_line(tmp_path, capsys):
     assert len(lines) == 2 and all(line.startswith("error: ") for line in lines), lines
     assert "missing.pth" in lines[0] and "does not fit pytorch-fid's FID InceptionV3" in lines[1]
     assert not (tmp_path / "out.npz").exists()
+
+
+def test_convert_inception_command_prints_only_its_error(tmp_path):
+    # As users type it: `python -m` of a module the package imported first made runpy warn.
+    run = subprocess.run([sys.executable, "-m", "udit_jax.evaluation.convert_inception",
+                          str(tmp_path / "missing.pth"), str(tmp_path / "out.npz")],
+                         capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines() == [line for line in run.stderr.strip().splitlines()
+                                               if line.startswith("error: ")], run.stderr
+    assert "RuntimeWarning" not in run.stderr and "missing.pth" in run.stderr

@@ -19,7 +19,7 @@ from udit_jax import config as config_lib
 from udit_jax.data.preprocess import center_crop_arr
 from udit_jax.evaluation import metrics as M
 from udit_jax.evaluation import reference as R
-from udit_jax.evaluation.convert_inception import load_inception_variables
+from udit_jax.evaluation.inception_weights import load_inception_variables
 from udit_jax.evaluation.evaluate import evaluate_from_config
 from udit_jax.evaluation.features import InceptionFeatures
 

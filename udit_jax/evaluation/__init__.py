@@ -19,7 +19,8 @@
     from udit_jax.evaluation import fashion_mnist_quality
     score = fashion_mnist_quality.load_or_train_classifier().score(images_u8, labels)
 
-Modules: inception (network), convert_inception (weights), preprocess (ADM / pytorch-fid
+Modules: inception (network), inception_weights (its weights; `convert_inception` is the
+command line that makes a torch-free copy), preprocess (ADM / pytorch-fid
 resize), metrics (FID, sFID, IS, precision/recall), features (sharded extraction),
 reference (ADM .npz files), dataset_reference (reference statistics of a training dataset),
 evaluate (end-to-end scoring, `--mode=evaluate`, from a sample .npz or an export), in_training
@@ -27,7 +28,7 @@ evaluate (end-to-end scoring, `--mode=evaluate`, from a sample .npz or an export
 recognised fraction and FD, config.eval.quality).
 """
 
-from udit_jax.evaluation.convert_inception import (inception_key_specs,
+from udit_jax.evaluation.inception_weights import (inception_key_specs,
                                                    inception_variables_from_torch,
                                                    load_inception_variables)
 from udit_jax.evaluation.dataset_reference import write_dataset_reference

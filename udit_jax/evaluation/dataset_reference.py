@@ -90,7 +90,7 @@ def write_dataset_reference(config, out_path, inception_weights, *, max_images: 
     features; process 0 writes the file.
     """
     from udit_jax.data.sources import source_from_config
-    from udit_jax.evaluation.convert_inception import load_inception_variables
+    from udit_jax.evaluation.inception_weights import load_inception_variables
     from udit_jax.evaluation.features import DTYPES, InceptionFeatures
 
     t0 = time.time()

@@ -25,7 +25,7 @@ from udit_jax import config as config_lib
 from udit_jax import export
 from udit_jax.evaluation import metrics as M
 from udit_jax.evaluation import reference as R
-from udit_jax.evaluation.convert_inception import load_inception_variables
+from udit_jax.evaluation.inception_weights import load_inception_variables
 from udit_jax.evaluation.features import DTYPES, Activations, InceptionFeatures
 from udit_jax.evaluation.inception import POOL3_DIM
 

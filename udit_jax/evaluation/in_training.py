@@ -29,7 +29,7 @@ from udit_jax import config as config_lib
 from udit_jax import sampler as sampler_lib
 from udit_jax.evaluation import metrics as M
 from udit_jax.evaluation import reference as R
-from udit_jax.evaluation.convert_inception import load_inception_variables
+from udit_jax.evaluation.inception_weights import load_inception_variables
 from udit_jax.evaluation.evaluate import Evaluator, metric_names
 
 
