@@ -361,6 +361,63 @@ def test_failing_storage_is_retried_then_stops_the_run_naming_path_and_cause(tmp
     assert len(calls) == 3
 
 
+def test_the_quieting_of_failed_writes_leaves_other_errors_alone(tmp_path, monkeypatch):
+    """The filters a writing Checkpointer installs drop only the repeats of a failed save."""
+    import types
+    from udit_jax import checkpoints
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    monkeypatch.setattr(checkpoints, "_quieted", set())
+    loggers = [logging.getLogger("asyncio"), logging.getLogger("absl")]
+    before = [list(logger.filters) for logger in loggers]
+    try:
+        checkpoints.Checkpointer(tmp_path / "run").close()
+        ckpt_dir = str(tmp_path / "run" / "checkpoints")
+
+        def unraisable_from(fn):
+            try:
+                fn()
+            except RuntimeError as e:
+                return types.SimpleNamespace(exc_type=type(e), exc_value=e,
+                                             exc_traceback=e.__traceback__, err_msg=None, object=None)
+
+        def call_soon_threadsafe():   # asyncio's frame that meets the closed loop
+            raise RuntimeError("Event loop is closed")
+
+        def elsewhere():
+            raise RuntimeError("Event loop is closed")
+
+        sys.unraisablehook(unraisable_from(call_soon_threadsafe))
+        assert seen == []
+        other = unraisable_from(elsewhere)
+        sys.unraisablehook(other)
+        assert seen == [other]
+
+        def passes(logger, record):
+            return all(f.filter(record) for f in logger.filters)
+
+        def asyncio_record(error):
+            return logging.LogRecord("asyncio", logging.ERROR, "base_events.py", 1,
+                                     "Task exception was never retrieved", (),
+                                     (type(error), error, None))
+
+        failed_write = ValueError(f'Error writing "params/0" in {ckpt_dir}/3.orbax-checkpoint-tmp')
+        assert not passes(loggers[0], asyncio_record(failed_write))
+        assert passes(loggers[0], asyncio_record(ValueError("the user's own task")))
+        # orbax's report of the failed write keeps its line and the cause, not the traceback.
+        record = logging.LogRecord("absl", logging.ERROR, "/lib/orbax/checkpoint/future.py", 1,
+                                   "save thread raised: %s", ("boom",),
+                                   (ValueError, failed_write, None))
+        assert passes(loggers[1], record) and record.exc_info is None
+        assert "save thread raised: boom" in record.getMessage() and ckpt_dir in record.getMessage()
+        unrelated = logging.LogRecord("absl", logging.ERROR, "/lib/udit_jax/train.py", 1, "x", (),
+                                      (ValueError, ValueError("elsewhere"), None))
+        assert passes(loggers[1], unrelated) and unrelated.exc_info is not None
+    finally:
+        for logger, filters in zip(loggers, before):
+            logger.filters[:] = filters
+
+
 def test_unwritable_checkpoint_directory_stops_the_run_at_that_step(tmp_path, monkeypatch):
     from udit_jax import checkpoints, train
     workdir = tmp_path / "run"

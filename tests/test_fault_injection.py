@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 import pathlib
 import random
+import resource
 import shutil
 import signal
+import subprocess
 import sys
 
 import numpy as np
@@ -21,7 +23,8 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from test_checkpoints import FILE_KINDS, flip_bit, snapshot  # noqa: E402
-from test_train import _main_process, _wait_for, _write_config_file, make_config  # noqa: E402
+from test_train import (REPO, _env, _main_process, _wait_for, _write_config_file,  # noqa: E402
+                        make_config)
 
 # Eight steps, a checkpoint after every step (async), so kills hit saves in flight.
 RUN = {"total_steps": 8, "checkpoint_every_steps": 1, "log_every_steps": 1, "checkpoint.keep": 20}
@@ -124,6 +127,29 @@ def test_sigterm_whose_save_fails_says_so_and_exits_non_zero(setup):
     # main prints expected errors as one line (no exception name, no traceback).
     assert "error: " in output and "could not save the checkpoint at step" in output
     assert "checkpoints/" in output and (workdir / "notes.txt").exists()
+
+
+def test_full_disk_stops_the_run_with_its_error_last_and_no_traceback_flood(setup):
+    """A disk that fills up, as a file-size limit (writes fail as on a full disk, EFBIG for
+    ENOSPC): orbax's writes then printed ~1,200 tracebacks, most after the run's error line."""
+    root, config_file, cache, _ = setup
+    workdir = _new_workdir(root, "full_disk")
+
+    # Files over 4 KiB fail to write (SIGXFSZ ignored, so a failed write, not a killed process).
+    small_files_only = ("import os, resource, signal, sys; "
+                        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
+                        "os.execv(sys.executable, [sys.executable, '-m', 'udit_jax.main', *sys.argv[1:]])")
+    proc = subprocess.run([sys.executable, "-c", small_files_only, f"--config={config_file}",
+                           f"--workdir={workdir}", "--config.compile.cache=False"], cwd=REPO,
+                          env=_env(1, cache), capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1, output[-4000:]
+    assert lines[-1].startswith("error: could not save the checkpoint at step "), output[-4000:]
+    assert "Traceback" not in output and "Event loop is closed" not in output, output[-4000:]
+    assert "never retrieved" not in output and len(lines) < 80, output[-4000:]
+    assert (workdir / "notes.txt").exists()
 
 
 @pytest.mark.slow
