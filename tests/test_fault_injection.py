@@ -129,16 +129,21 @@ def test_sigterm_whose_save_fails_says_so_and_exits_non_zero(setup):
     assert "checkpoints/" in output and (workdir / "notes.txt").exists()
 
 
-def test_full_disk_stops_the_run_with_its_error_last_and_no_traceback_flood(setup):
+def test_full_disk_stops_the_run_soon_with_its_error_last_and_no_traceback_flood(setup):
     """A disk that fills up, as a file-size limit (writes fail as on a full disk, EFBIG for
-    ENOSPC): orbax's writes then printed ~1,200 tracebacks, most after the run's error line."""
-    root, config_file, cache, _ = setup
+    ENOSPC). The step-100 save fails in the background: the run learns it at a log step and
+    stops there, not at its next checkpoint (step 200). orbax's writes used to print ~1,200
+    tracebacks, most after the run's error line."""
+    import re
+    root, _, cache, _ = setup
     workdir = _new_workdir(root, "full_disk")
-
-    # Files over 4 KiB fail to write (SIGXFSZ ignored, so a failed write, not a killed process).
+    config_file = _write_config_file(root / "full_disk.py", {
+        **RUN, "total_steps": 300, "checkpoint_every_steps": 100, "log_every_steps": 10})
+    # Files over 16 KiB fail to write (SIGXFSZ ignored: a failed write, not a killed process);
+    # the checkpoint's data files are larger, the logs and configs smaller.
     small_files_only = ("import os, resource, signal, sys; "
                         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-                        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
+                        "resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384)); "
                         "os.execv(sys.executable, [sys.executable, '-m', 'udit_jax.main', *sys.argv[1:]])")
     proc = subprocess.run([sys.executable, "-c", small_files_only, f"--config={config_file}",
                            f"--workdir={workdir}", "--config.compile.cache=False"], cwd=REPO,
@@ -146,7 +151,9 @@ def test_full_disk_stops_the_run_with_its_error_last_and_no_traceback_flood(setu
     output = proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1, output[-4000:]
-    assert lines[-1].startswith("error: could not save the checkpoint at step "), output[-4000:]
+    stopped = re.match(r"error: could not save the checkpoint at step (\d+) ", lines[-1])
+    assert stopped and 100 < int(stopped.group(1)) < 200, output[-4000:]
+    assert "the checkpoint save at step 100 to" in output   # the background failure, logged
     assert "Traceback" not in output and "Event loop is closed" not in output, output[-4000:]
     assert "never retrieved" not in output and len(lines) < 80, output[-4000:]
     assert (workdir / "notes.txt").exists()

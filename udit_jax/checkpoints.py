@@ -416,6 +416,7 @@ class Checkpointer:
         self.async_save = async_save and not read_only
         self.save_retries, self.retry_delay_s = save_retries, retry_delay_s
         self._pending: int | None = None            # step of the save not yet confirmed
+        self._failed: tuple[int, str] | None = None  # (step, cause) learned between saves
         self._saving: int | None = None             # step the async manifest callback hashes
         self._hashing = concurrent.futures.ThreadPoolExecutor(1, "checkpoint-manifest")
         self._manifest_job: concurrent.futures.Future | None = None
@@ -447,7 +448,8 @@ class Checkpointer:
         naming the path and the cause when the retries fail too.
         """
         wait = wait or not self.async_save   # a sync save is committed: hash it right away
-        failure = self._settle()
+        failure, self._failed = self._failed, None
+        failure = failure or self._settle()
         if failure is not None:
             logging.error("the checkpoint save at step %d to %s failed (%s); saving step %d now and "
                           "waiting for it", failure[0], self.directory, failure[1], step)
@@ -473,6 +475,21 @@ class Checkpointer:
             + (f"the newest saved checkpoint is step {latest}" if (latest := self.latest_step())
                is not None else "no checkpoint of this run is saved yet")
             + ". Fix the storage (space, permissions, path) and restart.")
+
+    def learn_finished_save(self, step: int, state: Any, iterator: Any) -> None:
+        """Between saves (the train loop calls it at its log steps): once the pending asynchronous
+        save has finished on every process, learns how it ended. A failed one is handled now, as
+        the next save() would handle it: this step is saved synchronously (with retries), or
+        CheckpointSaveError stops the run. Without it a run would train on until its next
+        checkpoint (5,000 steps by default) with nothing saved since the failure."""
+        if self._pending is None or not self.async_save:
+            return
+        busy = self.manager.is_saving_in_progress()
+        if _agree(_CORRUPT if busy else _OK, "")[0] != _OK:   # not finished on every process
+            return
+        self._failed = self._settle()
+        if self._failed is not None:
+            self.save(step, state, iterator, wait=True)
 
     def _issue(self, step: int, state: Any, iterator: Any) -> str | None:
         items = {"state": ocp.args.StandardSave(state), "data": DataIteratorSave(iterator)}

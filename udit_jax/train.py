@@ -607,10 +607,13 @@ def _train(config, workdir: epath.Path, trainer: Trainer) -> TrainState:
                 log.restart_clock()  # do not count compilation in the throughput
                 logging.info("first step done (compiled)")
             preempted = (sigterm is not None and sigterm.received) or ckpt.reached_preemption(step)
+            saving = every(config.checkpoint_every_steps) or preempted
             if every(config.log_every_steps) or preempted:
                 drain()
                 log.flush(step)
-            if every(config.checkpoint_every_steps) or preempted:
+                if not saving:   # a failed asynchronous save stops the run now, not at the next
+                    ckpt.learn_finished_save(step, state, iterator)
+            if saving:
                 drain()   # never save a state that went non-finite
                 ckpt.save(step, state, iterator, wait=step == config.total_steps or preempted)
             if preempted:
