@@ -18,8 +18,8 @@ CPU-s (22-25 s), one train step 0.32-0.35 CPU-s (0.18-0.21 s) on two XLA devices
 the later sessions one step took 0.15 s (fast spells) to 0.31 s (slow spells).
 
 Measured end to end (the README command verbatim, fresh clone and virtualenv, empty caches,
-so the quality classifier is trained too) on 2-core VMs: **3 min 39 s to 5 min 15 s** at full
-speed (train-step compile 16-22 s, 4.4-7.7 steps/s), **7 min 3 s to 8 min 53 s** in their
+so the quality classifier is trained too) on 2-core VMs: **3 min 39 s to 6 min 3 s** at full
+speed (train-step compile 16-22 s, 4.2-7.7 steps/s), **7 min 3 s to 8 min 53 s** in their
 usual slow spells (compile 29-37 s, 1.3-4.7 steps/s), 12 min 57 s in the slowest spell seen
 (PyTorch too ran 2.5-3x slower; 2.3-2.8 steps/s); the README's table has each run. Every run
 ended "done at step 1200; final samples recognised 91.2% (worst: ... 50-62%), FD 18.39-19.65
