@@ -22,7 +22,7 @@ so the quality classifier is trained too) on 2-core VMs, at 1200 steps (the rele
 this one): **3 min 39 s to 6 min 3 s** at full speed (train-step compile 16-22 s, 4.2-7.7
 steps/s), **7 min 3 s to 8 min 53 s** in their usual slow spells (compile 29-37 s, 1.3-4.7
 steps/s), 12 min 57 s in the slowest spell seen (PyTorch too ran 2.5-3x slower; 2.3-2.8
-steps/s); the README's table has each run. The 200 steps added since cost 35-45 s at full
+steps/s); the README's table has each run. The 200 steps added since cost 26-45 s at full
 speed and, at those spells' step times, 51-62 s in the slow ones (8 min to 9 min 55 s).
 Every 1200-step run ended "done at step 1200; final samples recognised 91.2% (worst: ...
 50-62%), FD 18.39-19.65 (n=80; ...)". The 1800-step recipe before it took 12 min 15 s and
