@@ -320,32 +320,30 @@ def _tree_differences(stored: dict, wanted: dict, partial: bool) -> list[str]:
 _quieted: set[str] = set()     # the directories of the Checkpointers that write
 
 
+def _traceback_codes(tb) -> list:
+    codes = []
+    while tb is not None:
+        codes.append(tb.tb_frame.f_code)
+        tb = tb.tb_next
+    return codes
+
+
 def _from_a_save(error: BaseException | None) -> bool:
     """Raised in orbax's code, or (tensorstore's futures carry no Python frames) about a file
     in a checkpoint directory."""
     if error is None:
         return False
-    if any(directory in str(error) for directory in _quieted):
-        return True
-    tb = error.__traceback__
-    while tb is not None:
-        if "orbax" in tb.tb_frame.f_code.co_filename.replace("\\", "/").split("/"):
-            return True
-        tb = tb.tb_next
-    return False
+    return (any(directory in str(error) for directory in _quieted)
+            or any("orbax" in code.co_filename.replace("\\", "/").split("/")
+                   for code in _traceback_codes(error.__traceback__)))
 
 
 def _closed_loop_callback(unraisable) -> bool:
     """A callback that reached an event loop already closed (asyncio's call_soon_threadsafe)."""
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == "Event loop is closed"):
-        return False
-    tb = unraisable.exc_traceback
-    while tb is not None:
-        if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
-            return True
-        tb = tb.tb_next
-    return False
+    return (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"
+            and any(code.co_name == "call_soon_threadsafe"
+                    for code in _traceback_codes(unraisable.exc_traceback)))
 
 
 class _FailedWriteRepeats(std_logging.Filter):

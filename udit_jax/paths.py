@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import logging
 import os
 import socket
 import tempfile
@@ -145,7 +146,6 @@ def exclusive_run(workdir: str | os.PathLike, enabled: bool = True):
                 raise ValueError(f"--workdir: {workdir} is in use by another run ({holder}); wait "
                                  "for it to end or stop it, or pass another --workdir") from None
             # A file system without locks (NFS without lockd: ENOLCK) must not stop a run.
-            import logging
             logging.getLogger(__name__).warning(
                 "cannot lock %s (%s): nothing stops a second run on this workdir",
                 path, os.strerror(e.errno) if e.errno else e)
