@@ -106,9 +106,11 @@ def official_worker(repo: str, batch: int, steps: int, precision: str) -> dict:
 
 
 def ours_worker(batch: int, steps: int, cpu_devices: int, scan_blocks: bool, precision: str) -> dict:
-    from udit_jax import parallel
+    from udit_jax import cpu_host, parallel
     parallel.skip_tpu_backend_without_tpu()
     parallel.set_cpu_devices(cpu_devices)   # before JAX starts its CPU backend
+    cpu_host.run_single_device_steps_inline()   # as main.py runs on a CPU
+    cpu_host.keep_freed_memory_on_cpu()
     import jax
     import jax.numpy as jnp
     from benchmarks.bench_train import bench

@@ -15,7 +15,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "udit_jax"
 # lower or its own, never a higher one.
 LAYERS = {
     "models": 0, "diffusion": 0, "data": 0, "parallel": 0, "checkpoints": 0, "convert": 0,
-    "errors": 0, "paths": 0, "executables": 0, "hlo_cost": 0, "memory_fit": 0,
+    "errors": 0, "paths": 0, "cpu_host": 0, "executables": 0, "hlo_cost": 0, "memory_fit": 0,
     "config": 1, "sampler": 1,
     "train": 2, "export": 2, "sample": 2, "evaluation": 2, "compile": 2,
     "main": 3,

@@ -89,12 +89,13 @@ def main(argv):
 
 def run_mode(mode: str, config, workdir: str) -> None:
     from udit_jax import config as config_lib
-    from udit_jax import parallel
+    from udit_jax import cpu_host, parallel
     config_lib.check_values(config)   # every mode: bad values fail before any work
     # Off a TPU VM, JAX starts on the CPU without loading libtpu (whose start there prints a
     # page of TPU worker-hostname errors); --mode=compile's TPU topologies load it later.
     parallel.skip_tpu_backend_without_tpu()
     parallel.set_cpu_devices(config.mesh.cpu_devices)   # before JAX starts its CPU backend
+    cpu_host.run_single_device_steps_inline()            # likewise
     local_ids = None if _LOCAL_DEVICE_IDS.value is None else [int(i) for i in _LOCAL_DEVICE_IDS.value]
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                     local_ids)
@@ -102,6 +103,7 @@ def run_mode(mode: str, config, workdir: str) -> None:
     logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  parallel.device_kind())
+    cpu_host.keep_freed_memory_on_cpu()   # CPU steps reuse their buffers, no page faults
     if mode != "compile":   # --mode=compile reports what compiling costs: never from a cache
         parallel.use_compilation_cache(config.compile)
     mode_function(mode)(config, workdir)
