@@ -18,8 +18,11 @@ CPU-s (22-25 s), one train step 0.32-0.35 CPU-s (0.18-0.21 s) on two XLA devices
 the later sessions one step took 0.15 s (fast spells) to 0.31 s (slow spells).
 
 Measured end to end (the README command verbatim, fresh clone and virtualenv, empty caches,
-so the quality classifier is trained too) on 2-core VMs, at 1200 steps (the release before
-this one): **3 min 39 s to 6 min 3 s** at full speed (train-step compile 16-22 s, 4.2-7.7
+so the quality classifier is trained too): at 1400 steps on a 2-core AMD EPYC VM **6 min 19 s**
+(compile 26 s, 1400 steps 4 min 9 s, 5.0-7.0 steps/s; the steps reuse their buffers,
+udit_jax/cpu_host.py), against 5 min 15 s for the 1400 steps of the release before in the same
+hour, which took 6 min 30 s and 7 min 17 s in all. On 2-core VMs at 1200 steps (two releases
+before): **3 min 39 s to 6 min 3 s** at full speed (train-step compile 16-22 s, 4.2-7.7
 steps/s), **7 min 3 s to 8 min 53 s** in their usual slow spells (compile 29-37 s, 1.3-4.7
 steps/s), 12 min 57 s in the slowest spell seen (PyTorch too ran 2.5-3x slower; 2.3-2.8
 steps/s); the README's table has each run. The 200 steps added since cost 26-45 s at full
