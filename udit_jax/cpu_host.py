@@ -5,7 +5,7 @@ device for the demo's train step, about 1.6 GB for U-DiT-S's at batch 4) with ma
 call and frees it at the end. glibc's malloc serves sizes like these with mmap and returns them
 with munmap, so each step faults the whole buffer in again, one 4 KiB page at a time, and the
 kernel zeroes every page: a quarter to a third of the step on a 2-core host (demo train step
-0.21 -> 0.15 s, U-DiT-S 4.0 -> 3.0 s, measured with both calls below). The two calls:
+0.21 -> 0.15 s, U-DiT-S 3.3-4.1 -> 2.9-3.2 s; measured with both calls below). The two calls:
 
 - `run_single_device_steps_inline` (before JAX starts its CPU backend): one-device programs run
   on the thread that calls them, the main thread, whose malloc arena can hold a buffer of any
