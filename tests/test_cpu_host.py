@@ -6,6 +6,7 @@ per call (getrusage) after two warm-up calls. glibc without the settings maps an
 intermediate each call: one fault per 4 KiB page of it.
 """
 
+import json
 import os
 import pathlib
 import subprocess
@@ -59,7 +60,6 @@ def _faults_per_call(settings: str, devices: int, mib_per_device: int, tmp_path)
     proc = subprocess.run([sys.executable, "-c", _PROBE, settings, str(devices), str(rows),
                            str(tmp_path)], env=env, cwd=REPO_ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["devices"] == devices
     return out["faults_per_call"]
