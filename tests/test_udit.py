@@ -700,13 +700,10 @@ def test_model_matmul_precision_reaches_every_matmul():
                         depth=(1, 1, 1, 1, 1), num_heads=2)
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
     t, y = jnp.array([3, 700]), jnp.array([1, 2])
-    params = model.init(jax.random.key(1), x, t, y)["params"]
-    leaves, tree = jax.tree_util.tree_flatten(params)   # no zero-initialised output layer
-    params = jax.tree_util.tree_unflatten(tree, [p + 0.05 * jax.random.normal(jax.random.key(i), p.shape)
-                                                 for i, p in enumerate(leaves)])
+    params = random_params(model, seed=1)   # no zero-initialised output layer
     low_model = model.clone(matmul_precision="bfloat16")
-    full = model.apply({"params": params}, x, t, y)
-    low = low_model.apply({"params": params}, x, t, y)
+    full = jax.jit(model.apply)({"params": params}, x, t, y)
+    low = jax.jit(low_model.apply)({"params": params}, x, t, y)
     assert low.dtype == jnp.float32
     assert 1e-4 < np.abs(np.asarray(low - full)).max() < 5e-2 * np.abs(np.asarray(full)).max()
     loss = lambda m: (lambda p: jnp.sum(m.apply({"params": p}, x, t, y) ** 2))  # noqa: E731
