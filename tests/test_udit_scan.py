@@ -145,7 +145,7 @@ def test_relayout_converts_every_params_tree_of_a_train_state(models_and_params)
 
 # A tiny pixel-space U-DiT trained on synthetic data; checkpoints at steps 2 and 4.
 RUN = {"model.name": "U-DiT",
-       "model.kwargs": dict(hidden_size=16, depth=(1, 2, 1, 2, 1), num_heads=2, mlp_ratio=2,
+       "model.kwargs": dict(hidden_size=16, depth=DEPTH, num_heads=2, mlp_ratio=2,
                             down_factor=2, ffn_type="rep", rep=1, attn_type="v2",
                             posemb_type="rope2d", downsampler="dwconv5", down_shortcut=1),
        "data.source": "synthetic", "data.space": "pixel", "data.image_size": 8,
