@@ -144,10 +144,11 @@ def test_relayout_converts_every_params_tree_of_a_train_state(models_and_params)
 
 
 # A tiny pixel-space U-DiT trained on synthetic data; checkpoints at steps 2 and 4.
+# The model is the file's (KWARGS) at hidden size 16; the data sets its input size and classes.
 RUN = {"model.name": "U-DiT",
-       "model.kwargs": dict(hidden_size=16, depth=DEPTH, num_heads=2, mlp_ratio=2,
-                            down_factor=2, ffn_type="rep", rep=1, attn_type="v2",
-                            posemb_type="rope2d", downsampler="dwconv5", down_shortcut=1),
+       "model.kwargs": {**{k: v for k, v in KWARGS.items()
+                           if k not in ("input_size", "in_channels", "num_classes")},
+                        "hidden_size": 16, "down_factor": 2},
        "data.source": "synthetic", "data.space": "pixel", "data.image_size": 8,
        "data.channels": 1, "data.num_classes": 3, "batch_size": 4, "total_steps": 4,
        "log_every_steps": 2, "checkpoint_every_steps": 2, "sample_every_steps": 0,
