@@ -450,15 +450,16 @@ def test_patch_size_runs_the_network_on_unshuffled_patches():
 
 def test_depthwise_taps_equal_grouped_convolution():
     """Values and both gradients (the hand-written VJP) against lax's grouped convolution, for
-    heights that take each row-block size of the kernel gradient (7: 1 row, 6: 2, 8: 4)."""
+    channel counts that take each channel-block size of the kernel gradient (6: blocks of 2,
+    16: two blocks of 8, 5: blocks of 1) and non-square sizes."""
     grouped = lambda x, kernel: jax.lax.conv_general_dilated(   # noqa: E731
         x, kernel, (1, 1), "SAME", feature_group_count=x.shape[-1],
         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST)
-    for h, w in ((7, 9), (6, 5), (8, 8)):
-        x = jax.random.normal(jax.random.key(h), (2, h, w, 6))
-        g = jax.random.normal(jax.random.key(h + 1), (2, h, w, 6))
+    for h, w, c in ((7, 9, 6), (6, 5, 16), (8, 8, 5)):
+        x = jax.random.normal(jax.random.key(h), (2, h, w, c))
+        g = jax.random.normal(jax.random.key(h + 1), (2, h, w, c))
         for k in (1, 3, 5):
-            kernel = jax.random.normal(jax.random.key(k), (k, k, 1, 6))
+            kernel = jax.random.normal(jax.random.key(k), (k, k, 1, c))
             np.testing.assert_allclose(layers.depthwise_taps(x, kernel), grouped(x, kernel), atol=1e-5)
             grads = lambda fn: jax.jit(jax.grad(   # noqa: E731
                 lambda x, kernel: jnp.sum(fn(x, kernel) * g), argnums=(0, 1)))(x, kernel)
